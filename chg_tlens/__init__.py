@@ -1,0 +1,21 @@
+"""chg_tlens: Causal Head Gating for TransformerLens.
+
+Learned soft gates on every attention head's ``hook_z`` sort heads into facilitating, interfering and
+irrelevant for a task (Nam et al., 2025).
+"""
+
+from chg_tlens.data import GateData
+from chg_tlens.fit import CHGConfig, fit_chg
+from chg_tlens.gates import HeadGates
+from chg_tlens.result import CHGResult, ResultFileError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CHGConfig",
+    "CHGResult",
+    "GateData",
+    "HeadGates",
+    "ResultFileError",
+    "fit_chg",
+]

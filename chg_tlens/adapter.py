@@ -1,0 +1,182 @@
+"""The one place that knows which TransformerLens it is talking to.
+
+TransformerLens 4.x gives a ``TransformerBridge`` (hook names such as ``blocks.0.attn.hook_z`` are
+aliases of the wrapped module's own hook points); 3.9 gives a ``HookedTransformer`` (the names are the
+keys of ``hook_dict``). Everything else in the package asks this module, never the model's class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def hook_z_name(layer: int) -> str:
+    """Name of the hook on a layer's per-head attention output before W_O."""
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def is_transformer_lens_model(model: Any) -> bool:
+    """True for a TransformerBridge (TL 4) or HookedTransformer (TL 3.9)."""
+    return (
+        isinstance(model, nn.Module)
+        and hasattr(model, "cfg")
+        and hasattr(model, "hooks")
+        and hasattr(model, "hook_dict")
+    )
+
+
+def is_bridge(model: Any) -> bool:
+    """True for a TL 4 TransformerBridge."""
+    return type(model).__name__ == "TransformerBridge" or hasattr(model, "original_model")
+
+
+def _canonical_hook_names(model: nn.Module) -> set[str]:
+    hook_dict = model.hook_dict
+    names = set(hook_dict.keys())
+    if is_bridge(model):
+        from transformer_lens.model_bridge.bridge_core import build_alias_to_canonical_map
+
+        aliases = build_alias_to_canonical_map(hook_dict)
+        names |= {alias for alias, canonical in aliases.items() if canonical in hook_dict}
+        names |= _bridge_alias_names(model)
+    return names
+
+
+def _bridge_alias_names(model: nn.Module) -> set[str]:
+    """hook_z on a bridge is an alias registered on the attention component, not a key."""
+    names = set()
+    for layer in range(model.cfg.n_layers):
+        name = hook_z_name(layer)
+        getter = getattr(model, "get_hook_point", None)
+        try:
+            if getter is not None and getter(name) is not None:
+                names.add(name)
+        except (AttributeError, KeyError, IndexError):
+            continue
+    return names
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where the heads are: the shape every per-head result in the package shares."""
+
+    n_layers: int
+    n_heads: int
+    d_head: int
+    n_ctx: int
+    d_vocab: int
+
+
+def require_model(model: Any, argument: str = "model") -> HeadLayout:
+    """Check that ``model`` is a TransformerLens model with hook_z on every layer.
+
+    Fails before any compute, naming what was found, so a wrong object never reaches a fit.
+    """
+    if not is_transformer_lens_model(model):
+        raise TypeError(
+            f"{argument}: expected a TransformerLens model (TransformerBridge or HookedTransformer), "
+            f"got {type(model).__name__}. Load one with chg_tlens.load_model(...)."
+        )
+    cfg = model.cfg
+    n_layers = int(getattr(cfg, "n_layers", 0) or 0)
+    n_heads = int(getattr(cfg, "n_heads", 0) or 0)
+    if n_layers <= 0 or n_heads <= 0:
+        raise ValueError(
+            f"{argument}: the model has no attention heads to gate "
+            f"(cfg.n_layers={n_layers}, cfg.n_heads={n_heads})."
+        )
+    names = _canonical_hook_names(model)
+    missing = [hook_z_name(layer) for layer in range(n_layers) if hook_z_name(layer) not in names]
+    if missing:
+        raise ValueError(
+            f"{argument}: the model has no per-head attention output hooks "
+            f"(missing {missing[:3]}{' ...' if len(missing) > 3 else ''}); CHG gates hook_z "
+            f"[batch, pos, head_index, d_head] on every layer."
+        )
+    return HeadLayout(
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_head=int(cfg.d_head),
+        n_ctx=int(cfg.n_ctx),
+        d_vocab=int(getattr(cfg, "d_vocab_out", -1) if getattr(cfg, "d_vocab_out", -1) > 0
+                    else cfg.d_vocab),
+    )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless model)."""
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def model_name(model: Any) -> str:
+    """A name for provenance records."""
+    cfg = getattr(model, "cfg", None)
+    return str(getattr(cfg, "model_name", None) or type(model).__name__)
+
+
+def tokenizer_of(model: Any, purpose: str) -> Any:
+    """The model's tokenizer, or a clear error saying what needed it."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(
+            f"{purpose} needs a tokenizer, but the model has none (model.tokenizer is None). "
+            "Pass token ids with GateData.from_tokens(...) instead."
+        )
+    return tokenizer
+
+
+def prepends_bos(model: Any) -> bool:
+    """Whether the model expects a BOS token at the start of every sequence."""
+    return bool(getattr(model.cfg, "default_prepend_bos", True))
+
+
+def pad_token_id(model: Any) -> int:
+    """Token used for right padding; never a target, so its value does not matter to the loss."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        for attribute in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            value = getattr(tokenizer, attribute, None)
+            if value is not None:
+                return int(value)
+    return 0
+
+
+def encode(model: Any, text: str, prepend_bos: bool) -> list[int]:
+    """Token ids of ``text`` as the model's own tokenizer makes them."""
+    tokenizer = tokenizer_of(model, "Tokenizing text")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if prepend_bos:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            bos = getattr(tokenizer, "eos_token_id", None)
+        if bos is not None:
+            ids = [int(bos), *ids]
+    return [int(i) for i in ids]
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Freeze the weights and switch to eval for a fit, then restore both as they were.
+
+    Gradients then reach only the gates, and dropout never perturbs a fit.
+    """
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for parameter, _ in requires_grad:
+            parameter.requires_grad_(False)
+        model.eval()
+        yield model
+    finally:
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
+        for module, training in modes:
+            module.train(training)

@@ -1,0 +1,315 @@
+"""GateData: token ids plus which positions count in the loss.
+
+``target_mask[i, t]`` is True when token ``t`` of example ``i`` is a target, i.e. predicted from
+position ``t - 1``. Prompt tokens, BOS and padding are never targets, so right padding is safe for
+causal models: no target ever attends to a pad.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from chg_tlens import adapter
+
+
+@dataclass(frozen=True)
+class GateData:
+    """A task as CHG sees it: right-padded tokens, a target mask, and optional matched twins.
+
+    ``corrupt`` is a counterfactual twin (same shapes) for activation and path patching; ``meta`` holds
+    free-form per-dataset facts (task name, answers) carried into provenance.
+    """
+
+    tokens: Int[Tensor, "example pos"]
+    target_mask: Bool[Tensor, "example pos"]
+    lengths: Int[Tensor, " example"]
+    pad_token_id: int = 0
+    corrupt: GateData | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_tokens_and_mask(self.tokens, self.target_mask)
+        if self.lengths.shape != (self.tokens.shape[0],):
+            raise ValueError(
+                f"GateData: lengths must have shape [{self.tokens.shape[0]}], "
+                f"got {list(self.lengths.shape)}."
+            )
+        positions = torch.arange(self.tokens.shape[1])[None, :]
+        if (self.target_mask & (positions >= self.lengths[:, None])).any():
+            raise ValueError("GateData: target_mask marks padding (a position past an example's length).")
+        if self.corrupt is not None and self.corrupt.tokens.shape[0] != self.tokens.shape[0]:
+            raise ValueError(
+                f"GateData: corrupt twin has {self.corrupt.tokens.shape[0]} examples, "
+                f"clean has {self.tokens.shape[0]}."
+            )
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def from_tokens(
+        cls,
+        tokens: Int[Tensor, "example pos"] | Sequence[Sequence[int]],
+        target_mask: Bool[Tensor, "example pos"] | Sequence[Sequence[bool]],
+        pad_token_id: int = 0,
+        lengths: Int[Tensor, " example"] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> GateData:
+        """Wrap token ids and a target mask you built yourself; everything is checked."""
+        tokens = _as_token_tensor(tokens)
+        target_mask = _as_mask_tensor(target_mask, tokens.shape)
+        if lengths is None:
+            lengths = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long)
+        return cls(tokens, target_mask, torch.as_tensor(lengths, dtype=torch.long),
+                   int(pad_token_id), meta=dict(meta or {}))
+
+    @classmethod
+    def from_sequences(
+        cls,
+        sequences: Sequence[Sequence[int]],
+        target_masks: Sequence[Sequence[bool]],
+        pad_token_id: int = 0,
+        meta: dict[str, Any] | None = None,
+    ) -> GateData:
+        """Right-pad ragged token lists (and their masks) into one batch."""
+        if len(sequences) == 0:
+            raise ValueError("GateData: no examples were given (the dataset is empty).")
+        if len(sequences) != len(target_masks):
+            raise ValueError(
+                f"GateData: {len(sequences)} sequences but {len(target_masks)} target masks."
+            )
+        width = max(len(s) for s in sequences)
+        if width == 0:
+            raise ValueError("GateData: every sequence is empty.")
+        tokens = torch.full((len(sequences), width), int(pad_token_id), dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+        for i, (seq, seq_mask) in enumerate(zip(sequences, target_masks, strict=True)):
+            if len(seq) != len(seq_mask):
+                raise ValueError(
+                    f"GateData: example {i} has {len(seq)} tokens but a target mask of "
+                    f"{len(seq_mask)}."
+                )
+            if len(seq) == 0:
+                raise ValueError(f"GateData: example {i} is empty.")
+            tokens[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[i, : len(seq)] = torch.as_tensor(list(seq_mask), dtype=torch.bool)
+        lengths = torch.as_tensor([len(s) for s in sequences], dtype=torch.long)
+        return cls.from_tokens(tokens, mask, pad_token_id, lengths, meta)
+
+    @classmethod
+    def from_pairs(
+        cls,
+        model: Any,
+        prompts: Sequence[str],
+        targets: Sequence[str],
+        prepend_bos: bool | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> GateData:
+        """Prompt/target text pairs: the loss counts the target tokens only.
+
+        Prompt and target are tokenized separately (the target without BOS) and concatenated, so the
+        target's tokens are exactly what the tokenizer makes of the target string.
+        """
+        if len(prompts) != len(targets):
+            raise ValueError(f"GateData.from_pairs: {len(prompts)} prompts but {len(targets)} targets.")
+        if len(prompts) == 0:
+            raise ValueError("GateData.from_pairs: no examples were given (the dataset is empty).")
+        bos = adapter.prepends_bos(model) if prepend_bos is None else prepend_bos
+        sequences, masks = [], []
+        for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+            prompt_ids = adapter.encode(model, prompt, prepend_bos=bos)
+            target_ids = adapter.encode(model, target, prepend_bos=False)
+            if not target_ids:
+                raise ValueError(
+                    f"GateData.from_pairs: target {i} ({target!r}) tokenizes to nothing."
+                )
+            if not prompt_ids:
+                raise ValueError(
+                    f"GateData.from_pairs: prompt {i} ({prompt!r}) tokenizes to nothing and no BOS "
+                    "is prepended, so the first target token has nothing to be predicted from."
+                )
+            sequences.append(prompt_ids + target_ids)
+            masks.append([False] * len(prompt_ids) + [True] * len(target_ids))
+        data = cls.from_sequences(sequences, masks, adapter.pad_token_id(model),
+                                  {"source": "pairs", **(meta or {})})
+        return data.checked_for(model)
+
+    @classmethod
+    def from_text(
+        cls,
+        model: Any,
+        texts: Sequence[str],
+        prepend_bos: bool | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> GateData:
+        """Plain text: every next-token prediction counts (all tokens after the first)."""
+        if len(texts) == 0:
+            raise ValueError("GateData.from_text: no texts were given (the dataset is empty).")
+        bos = adapter.prepends_bos(model) if prepend_bos is None else prepend_bos
+        sequences, masks = [], []
+        for i, text in enumerate(texts):
+            ids = adapter.encode(model, text, prepend_bos=bos)
+            if len(ids) < 2:
+                raise ValueError(
+                    f"GateData.from_text: text {i} ({text!r}) has fewer than two tokens, so it has "
+                    "no next-token prediction to count."
+                )
+            sequences.append(ids)
+            masks.append([False] + [True] * (len(ids) - 1))
+        data = cls.from_sequences(sequences, masks, adapter.pad_token_id(model),
+                                  {"source": "text", **(meta or {})})
+        return data.checked_for(model)
+
+    @classmethod
+    def from_hf(
+        cls,
+        model: Any,
+        dataset: Any,
+        prompt_field: str = "prompt",
+        target_field: str | None = "target",
+        text_field: str | None = None,
+        prepend_bos: bool | None = None,
+    ) -> GateData:
+        """A ``datasets.Dataset`` (or any list of dicts) with prompt/target fields, or a text field."""
+        rows = list(dataset)
+        if not rows:
+            raise ValueError("GateData.from_hf: the dataset is empty.")
+        columns = set(rows[0].keys())
+        if text_field is not None:
+            _require_fields(columns, [text_field])
+            return cls.from_text(model, [str(r[text_field]) for r in rows], prepend_bos,
+                                 {"source": "hf", "text_field": text_field})
+        if target_field is None:
+            raise ValueError("GateData.from_hf: give target_field, or text_field for plain text.")
+        _require_fields(columns, [prompt_field, target_field])
+        return cls.from_pairs(
+            model,
+            [str(r[prompt_field]) for r in rows],
+            [str(r[target_field]) for r in rows],
+            prepend_bos,
+            {"source": "hf", "prompt_field": prompt_field, "target_field": target_field},
+        )
+
+    # ----------------------------------------------------------------- use
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.target_mask.sum())
+
+    def checked_for(self, model: Any, argument: str = "data") -> GateData:
+        """Fail early if a sequence exceeds the model's context or a token is outside its vocabulary."""
+        layout = adapter.require_model(model)
+        longest = int(self.lengths.max())
+        if longest > layout.n_ctx:
+            worst = int(self.lengths.argmax())
+            raise ValueError(
+                f"{argument}: example {worst} is {longest} tokens long, longer than the model's "
+                f"context n_ctx={layout.n_ctx}."
+            )
+        biggest = int(self.tokens.max())
+        if biggest >= layout.d_vocab or int(self.tokens.min()) < 0:
+            raise ValueError(
+                f"{argument}: token ids must lie in [0, {layout.d_vocab}) for this model, "
+                f"found {int(self.tokens.min())}..{biggest}."
+            )
+        if self.corrupt is not None:
+            self.corrupt.checked_for(model, f"{argument}.corrupt")
+        return self
+
+    def subset(self, index: Int[Tensor, " n"] | Sequence[int] | slice) -> GateData:
+        """The examples at ``index`` (twins follow), trimmed to their longest length."""
+        if isinstance(index, slice):
+            index = torch.arange(len(self))[index]
+        index = torch.as_tensor(index, dtype=torch.long)
+        width = int(self.lengths[index].max()) if len(index) else 1
+        if self.corrupt is not None:
+            width = max(width, int(self.corrupt.lengths[index].max()) if len(index) else 1)
+        return replace(
+            self,
+            tokens=self.tokens[index, :width],
+            target_mask=self.target_mask[index, :width],
+            lengths=self.lengths[index],
+            corrupt=None if self.corrupt is None else self.corrupt.subset(index),
+        )
+
+    def with_corrupt(self, corrupt: GateData) -> GateData:
+        """This data with a counterfactual twin attached (same number of examples)."""
+        return replace(self, corrupt=corrupt)
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True
+    ) -> Iterator[GateData]:
+        """Endless stream of batches: reshuffled epochs when ``shuffle``, else in order."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        while True:
+            order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+            for start in range(0, len(self), batch_size):
+                chunk = order[start : start + batch_size]
+                if len(chunk) < batch_size and len(self) >= batch_size:
+                    chunk = torch.cat([chunk, order[: batch_size - len(chunk)]])
+                yield self.subset(chunk)
+
+    def fingerprint(self) -> str:
+        """A short hash of tokens and target mask, recorded with every result."""
+        digest = hashlib.sha256()
+        digest.update(self.tokens.numpy().tobytes())
+        digest.update(self.target_mask.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def _require_fields(columns: set[str], fields: list[str]) -> None:
+    missing = [f for f in fields if f not in columns]
+    if missing:
+        raise ValueError(
+            f"dataset has no field(s) {missing}; its fields are {sorted(columns)}."
+        )
+
+
+def _as_token_tensor(tokens: Any) -> Tensor:
+    tokens = torch.as_tensor(tokens)
+    if tokens.is_floating_point() or tokens.dtype == torch.bool or tokens.is_complex():
+        raise TypeError(f"GateData: tokens must be integer ids, got dtype {tokens.dtype}.")
+    if tokens.ndim != 2:
+        raise ValueError(
+            f"GateData: tokens must be [example, pos], got shape {list(tokens.shape)}."
+        )
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(
+            f"GateData: tokens are empty (shape {list(tokens.shape)}); the dataset is empty."
+        )
+    return tokens.long().cpu()
+
+
+def _as_mask_tensor(mask: Any, shape: torch.Size) -> Tensor:
+    mask = torch.as_tensor(mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"GateData: target_mask must be bool, got dtype {mask.dtype}.")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(
+            f"GateData: target_mask shape {list(mask.shape)} does not match tokens shape {list(shape)}."
+        )
+    return mask.cpu()
+
+
+def _check_tokens_and_mask(tokens: Tensor, mask: Tensor) -> None:
+    if mask[:, 0].any():
+        raise ValueError(
+            "GateData: target_mask marks position 0, which no earlier position can predict."
+        )
+    per_example = mask.sum(dim=1)
+    if int(per_example.sum()) == 0:
+        raise ValueError("GateData: target_mask marks no target tokens; the loss would be empty.")
+    empty = torch.nonzero(per_example == 0).flatten()
+    if len(empty):
+        raise ValueError(
+            f"GateData: example(s) {empty[:5].tolist()} have no target tokens; every example needs "
+            "at least one."
+        )

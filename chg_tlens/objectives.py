@@ -1,0 +1,133 @@
+"""The CHG objective, as pure functions of logits, masks and gate logits.
+
+Eq. 1 of Nam et al. (2025), one gate set:
+
+    L(theta) = NLL(targets | prompt; G) - lambda * mean_{l,h} clamp(theta_{l,h}, -c, c)
+
+``lambda > 0`` rewards open gates (G+, retention), ``lambda < 0`` rewards closed gates (G-, removal).
+Every function keeps a leading ``mask`` axis: mask ``m`` owns replica ``m`` of the repeated batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+ClampMode = Literal["one_sided", "two_sided"]
+
+
+def target_logprobs(
+    logits: Float[Tensor, "mask_batch pos vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    target_mask: Bool[Tensor, "batch pos"],
+    n_masks: int = 1,
+) -> Float[Tensor, "mask batch"]:
+    """Mean log-probability of each example's target tokens, per mask.
+
+    Only target positions go through the softmax: with a 49k-128k vocabulary that is most of the cost.
+    """
+    batch, pos = tokens.shape
+    logits = logits.reshape(n_masks, batch, logits.shape[-2], logits.shape[-1])
+    # Position t is predicted from t - 1.
+    example, position = torch.nonzero(target_mask[:, 1:], as_tuple=True)
+    picked = logits[:, example, position].float().log_softmax(dim=-1)  # [mask, target, vocab]
+    answer = tokens[example, position + 1]
+    token_logprob = picked.gather(-1, answer.expand(n_masks, -1).unsqueeze(-1)).squeeze(-1)
+    return _mean_per_example(token_logprob, example, batch)
+
+
+def target_accuracy(
+    logits: Float[Tensor, "mask_batch pos vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    target_mask: Bool[Tensor, "batch pos"],
+    n_masks: int = 1,
+) -> Float[Tensor, "mask batch"]:
+    """Share of each example's target tokens that are the top-1 prediction, per mask."""
+    batch, _ = tokens.shape
+    logits = logits.reshape(n_masks, batch, logits.shape[-2], logits.shape[-1])
+    example, position = torch.nonzero(target_mask[:, 1:], as_tuple=True)
+    predicted = logits[:, example, position].argmax(dim=-1)  # [mask, target]
+    correct = (predicted == tokens[example, position + 1]).float()
+    return _mean_per_example(correct, example, batch)
+
+
+def _mean_per_example(
+    per_token: Float[Tensor, "mask target"], example: Int[Tensor, " target"], batch: int
+) -> Float[Tensor, "mask batch"]:
+    totals = per_token.new_zeros(per_token.shape[0], batch).index_add(1, example, per_token)
+    counts = torch.bincount(example, minlength=batch).clamp(min=1).to(per_token.dtype)
+    return totals / counts
+
+
+def target_nll(
+    logits: Float[Tensor, "mask_batch pos vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    target_mask: Bool[Tensor, "batch pos"],
+    n_masks: int = 1,
+) -> Float[Tensor, " mask"]:
+    """Per-token mean NLL over each example's targets, then mean over the batch, per mask."""
+    return -target_logprobs(logits, tokens, target_mask, n_masks).mean(dim=1)
+
+
+def gate_reward(
+    theta: Float[Tensor, "mask layer head"], lam: float, clamp: float, mode: ClampMode = "one_sided"
+) -> Float[Tensor, " mask"]:
+    """``mean_{l,h}`` of the clamped gate logits that the regulariser rewards.
+
+    ``two_sided`` is the paper's ``clamp(theta, -c, c)``. Its gradient vanishes outside [-c, c], so a
+    gate pushed past -c in stage 1 can never be reopened by G+ (an irrelevant head then reads as
+    interfering). ``one_sided`` clamps only on the side the regulariser pushes towards: G+ rewards
+    ``min(theta, c)``, G- rewards ``max(theta, -c)``, so the pull stops only once the gate is clearly
+    where the regulariser wants it.
+    """
+    if mode == "two_sided":
+        clamped = theta.clamp(-clamp, clamp)
+    elif mode == "one_sided":
+        clamped = theta.clamp(max=clamp) if lam >= 0 else theta.clamp(min=-clamp)
+    else:
+        raise ValueError(f"clamp mode must be 'one_sided' or 'two_sided', got {mode!r}.")
+    return clamped.flatten(1).mean(dim=1)
+
+
+def chg_loss(
+    nll: Float[Tensor, " mask"],
+    theta: Float[Tensor, "mask layer head"],
+    lam: float,
+    clamp: float,
+    mode: ClampMode = "one_sided",
+) -> Float[Tensor, " mask"]:
+    """Eq. 1 per mask: ``NLL - lambda * mean clamp(theta)``."""
+    if lam == 0:
+        return nll
+    return nll - lam * gate_reward(theta, lam, clamp, mode)
+
+
+def contrastive_loss(
+    retain_logprob: Float[Tensor, "mask batch"],
+    forget_logprob: Float[Tensor, "mask batch"],
+    theta: Float[Tensor, "mask layer head"],
+    lam: float,
+    clamp: float,
+    logprob_clamp: float,
+    mode: ClampMode = "one_sided",
+) -> Float[Tensor, " mask"]:
+    """Contrastive CHG: keep the retain version, push the forget version below it.
+
+    ``NLL_retain + mean(clamp(logp_forget - stopgrad(logp_retain), min=-k)) - lam * mean clamp(theta)``.
+    The difference is clamped so a forget item already ``k`` nats below its retain twin stops pulling.
+    """
+    nll_retain = -retain_logprob.mean(dim=1)
+    gap = (forget_logprob - retain_logprob.detach()).clamp(min=-logprob_clamp).mean(dim=1)
+    return chg_loss(nll_retain + gap, theta, lam, clamp, mode)
+
+
+def per_mask_grad_clip_(grad: Float[Tensor, "mask layer head"], max_norm: float) -> Tensor:
+    """Clip each mask's gradient to ``max_norm`` on its own, so masks stay independent fits."""
+    norms = grad.flatten(1).norm(dim=1)
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    grad.mul_(scale[:, None, None])
+    return norms
+

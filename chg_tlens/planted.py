@@ -1,0 +1,205 @@
+"""Planted-circuit models: tiny TransformerBridges with hand-set weights whose head roles are known.
+
+The residual stream is split into named subspaces:
+
+    [ token one-hot | position one-hot | constant 1 | answer | scratch ]
+
+The unembedding reads only ``answer``. A head attends by position (a fixed position, or a fixed offset
+back) and copies the attended token into ``answer`` with a positive sign (facilitating), a negative sign
+(interfering), or into ``scratch`` (irrelevant: nothing downstream ever reads it). Without layer norms
+the heads' contributions add linearly, so the right answer to "what does each head do" is known exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from chg_tlens.data import GateData
+
+Write = Literal["answer", "scratch"]
+ROLE_OF_SIGN = {1: "facilitating", -1: "interfering", 0: "irrelevant"}
+
+
+@dataclass(frozen=True)
+class PlantedHead:
+    """One head's planted behaviour.
+
+    ``attend=("fixed", p)`` looks at position p from every query; ``("offset", k)`` looks k positions
+    back. ``sign`` +1 / -1 writes the attended token for / against the answer; 0 writes to scratch.
+    """
+
+    layer: int
+    head: int
+    attend: tuple[str, int]
+    sign: int
+    strength: float = 3.0
+
+    @property
+    def role(self) -> str:
+        return ROLE_OF_SIGN[self.sign]
+
+
+@dataclass
+class PlantedCircuit:
+    """A planted model, a way to make its task data, and the roles that are true by construction."""
+
+    name: str
+    model: nn.Module
+    heads: list[PlantedHead]
+    make_data: Callable[[int, int], GateData]
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def data(self, n_examples: int = 64, seed: int = 0) -> GateData:
+        return self.make_data(n_examples, seed)
+
+    def true_roles(self) -> np.ndarray:
+        """``[layer, head]`` array of role names; heads not planted are irrelevant (all-zero)."""
+        cfg = self.model.cfg
+        roles = np.full((cfg.n_layers, cfg.n_heads), "irrelevant", dtype=object)
+        for head in self.heads:
+            roles[head.layer, head.head] = head.role
+        return roles
+
+    def heads_with_role(self, role: str) -> list[tuple[int, int]]:
+        roles = self.true_roles()
+        return [(int(a), int(b)) for a, b in zip(*np.nonzero(roles == role), strict=True)]
+
+
+def build_planted_model(
+    n_layers: int,
+    n_heads: int,
+    heads: list[PlantedHead],
+    vocab: int = 10,
+    n_ctx: int = 16,
+    sharpness: float = 60.0,
+    name: str = "planted",
+) -> nn.Module:
+    """A TransformerBridge (attention only, no norms) whose planted heads do what ``heads`` says."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    spaces = _Subspaces(vocab, n_ctx)
+    d_head = max(vocab, n_ctx)
+    cfg = TransformerBridgeConfig(
+        d_model=spaces.d_model, d_head=d_head, n_layers=n_layers, n_ctx=n_ctx, n_heads=n_heads,
+        d_vocab=vocab, attn_only=True, normalization_type=None, seed=0, model_name=name,
+        positional_embedding_type="standard",
+    )
+    bridge = TransformerBridge.boot_native(cfg)
+    native = bridge.original_model
+    with torch.no_grad():
+        for parameter in native.parameters():
+            parameter.zero_()
+        native.tok_embed.weight[:, spaces.token] = torch.eye(vocab)
+        native.pos.weight[:, spaces.position] = torch.eye(n_ctx)
+        native.pos.weight[:, spaces.constant] = 1.0
+        native.head.weight[:, spaces.answer] = torch.eye(vocab)
+        for planted in heads:
+            _plant(native.layers[planted.layer].attn, planted, spaces, d_head, sharpness)
+    bridge.eval()
+    return bridge
+
+
+def recall_circuit(vocab: int = 10, seq_len: int = 8, alpha: float = 3.0, beta: float = 1.5
+                   ) -> PlantedCircuit:
+    """Task: the last token repeats the token at position 1. One layer, four heads.
+
+    0.0 copies it for the answer (facilitating), 0.1 against it (interfering), 0.2 and 0.3 write to
+    scratch (irrelevant).
+    """
+    heads = [
+        PlantedHead(0, 0, ("fixed", 1), +1, alpha),
+        PlantedHead(0, 1, ("fixed", 1), -1, beta),
+        PlantedHead(0, 2, ("fixed", 1), 0, alpha),
+        PlantedHead(0, 3, ("offset", 0), 0, alpha),
+    ]
+    model = build_planted_model(1, 4, heads, vocab=vocab, n_ctx=max(16, seq_len), name="planted-recall")
+
+    def make(n: int, seed: int) -> GateData:
+        rng = np.random.default_rng(seed)
+        tokens = rng.integers(1, vocab, size=(n, seq_len))
+        tokens[:, 0] = 0
+        tokens[:, -1] = tokens[:, 1]
+        mask = np.zeros_like(tokens, dtype=bool)
+        mask[:, -1] = True
+        return GateData.from_tokens(torch.as_tensor(tokens), torch.as_tensor(mask),
+                                    meta={"task": "planted-recall"})
+
+    return PlantedCircuit("recall", model, heads, make,
+                          "last token = token at position 1; one layer, 4 heads")
+
+
+def repeat_circuit(vocab: int = 10, period: int = 4, alpha: float = 3.0, beta: float = 1.5
+                   ) -> PlantedCircuit:
+    """Task: a random block of ``period`` tokens is repeated; predict the repeat. Two layers.
+
+    1.1 copies the token ``period - 1`` back for the answer (facilitating), 0.2 against it
+    (interfering), 0.0 and 1.3 write to scratch (irrelevant); the rest are empty.
+    """
+    shift = period - 1
+    heads = [
+        PlantedHead(1, 1, ("offset", shift), +1, alpha),
+        PlantedHead(0, 2, ("offset", shift), -1, beta),
+        PlantedHead(0, 0, ("offset", shift), 0, alpha),
+        PlantedHead(1, 3, ("offset", 1), 0, alpha),
+    ]
+    seq_len = 1 + 2 * period
+    model = build_planted_model(2, 4, heads, vocab=vocab, n_ctx=max(16, seq_len), name="planted-repeat")
+
+    def make(n: int, seed: int) -> GateData:
+        rng = np.random.default_rng(seed)
+        block = rng.integers(1, vocab, size=(n, period))
+        tokens = np.concatenate([np.zeros((n, 1), dtype=block.dtype), block, block], axis=1)
+        mask = np.zeros_like(tokens, dtype=bool)
+        mask[:, 1 + period :] = True
+        return GateData.from_tokens(torch.as_tensor(tokens), torch.as_tensor(mask),
+                                    meta={"task": "planted-repeat"})
+
+    return PlantedCircuit("repeat", model, heads, make,
+                          f"second copy of a {period}-token block; two layers, 4 heads each")
+
+
+class _Subspaces:
+    """Index ranges of the residual stream's named parts."""
+
+    def __init__(self, vocab: int, n_ctx: int) -> None:
+        self.token = slice(0, vocab)
+        self.position = slice(vocab, vocab + n_ctx)
+        self.constant = vocab + n_ctx
+        self.answer = slice(self.constant + 1, self.constant + 1 + vocab)
+        self.scratch = slice(self.answer.stop, self.answer.stop + vocab)
+        self.d_model = self.scratch.stop
+        self.n_ctx = n_ctx
+        self.vocab = vocab
+
+
+def _plant(attn: nn.Module, planted: PlantedHead, spaces: _Subspaces, d_head: int,
+           sharpness: float) -> None:
+    """Write one head's Q, K, V, O blocks (nn.Linear weights are [out, in])."""
+    rows = slice(planted.head * d_head, (planted.head + 1) * d_head)
+    q = attn.q.weight[rows]
+    k = attn.k.weight[rows]
+    v = attn.v.weight[rows]
+    o = attn.o.weight[:, rows]
+    kind, where = planted.attend
+    n_ctx = spaces.n_ctx
+    if kind == "fixed":
+        q[0, spaces.constant] = sharpness
+        k[0, spaces.position.start + where] = 1.0
+    elif kind == "offset":
+        for query_pos in range(where, n_ctx):
+            q[query_pos - where, spaces.position.start + query_pos] = sharpness
+        k[:n_ctx, spaces.position] = torch.eye(n_ctx)
+    else:
+        raise ValueError(f"PlantedHead.attend must be ('fixed', p) or ('offset', k), got {planted.attend}.")
+    v[: spaces.vocab, spaces.token] = torch.eye(spaces.vocab)
+    target = spaces.scratch if planted.sign == 0 else spaces.answer
+    sign = 1.0 if planted.sign == 0 else float(planted.sign)
+    o[target, : spaces.vocab] = sign * planted.strength * torch.eye(spaces.vocab)
