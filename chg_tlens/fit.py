@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 import math
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _dist_version
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
 from typing import Any
 
 import torch
@@ -95,10 +95,25 @@ class StageLog:
         return {"loss": torch.stack(self.loss), "nll": torch.stack(self.nll)}
 
 
-def fit_chg(model: Any, data: GateData, config: CHGConfig | None = None) -> CHGResult:
-    """Fit G0, then G+ and G- from it, for ``config.n_seeds`` seeds at once; return the roles."""
+def fit_chg(
+    model: Any,
+    data: GateData,
+    config: CHGConfig | None = None,
+    init_theta: Float[Tensor, "seed layer head"] | None = None,
+) -> CHGResult:
+    """Fit G0, then G+ and G- from it, for ``config.n_seeds`` seeds at once; return the roles.
+
+    ``init_theta`` replaces the uniform initial draw (a warm start, or a planted starting point).
+    """
     config = (config or CHGConfig()).validate()
     layout = adapter.require_model(model)
+    if init_theta is not None:
+        expected = [config.n_seeds, layout.n_layers, layout.n_heads]
+        if list(init_theta.shape) != expected:
+            raise ValueError(
+                f"init_theta must have shape [seed, layer, head] = {expected}, "
+                f"got {list(init_theta.shape)}."
+            )
     if not isinstance(data, GateData):
         raise TypeError(f"data: expected a chg_tlens.GateData, got {type(data).__name__}.")
     data.checked_for(model)
@@ -106,7 +121,8 @@ def fit_chg(model: Any, data: GateData, config: CHGConfig | None = None) -> CHGR
     started = time.time()
 
     with adapter.frozen(model):
-        gates = HeadGates(layout.n_layers, layout.n_heads, config.n_seeds, config.seed).to(device)
+        gates = HeadGates(layout.n_layers, layout.n_heads, config.n_seeds, config.seed,
+                          theta=init_theta).to(device)
         log_zero = train_gates(model, gates, data, 0.0, config.lr_zero, config, stage="zero")
         theta_zero = gates.theta.detach().clone()
         results = {"zero": (theta_zero, log_zero)}

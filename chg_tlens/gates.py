@@ -61,7 +61,7 @@ class HeadGates(nn.Module):
 
     @classmethod
     def fixed(cls, values: Float[Tensor, "*mask layer head"]) -> HeadGates:
-        """Non-trainable gates with the given values in [0, 1]: ``[layer, head]`` or ``[mask, layer, head]``."""
+        """Non-trainable gates with values in [0, 1], ``[layer, head]`` or ``[mask, layer, head]``."""
         values = torch.as_tensor(values, dtype=torch.float32)
         if values.ndim == 2:
             values = values.unsqueeze(0)

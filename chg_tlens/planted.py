@@ -92,7 +92,7 @@ def build_planted_model(
         d_vocab=vocab, attn_only=True, normalization_type=None, seed=0, model_name=name,
         positional_embedding_type="standard",
     )
-    bridge = TransformerBridge.boot_native(cfg)
+    bridge = TransformerBridge.boot_native(cfg, model_name=name)
     native = bridge.original_model
     with torch.no_grad():
         for parameter in native.parameters():

@@ -1,0 +1,135 @@
+"""GateData: which tokens count, checked before any compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models_for_tests import WORDS, random_bridge, word_model
+
+from chg_tlens import GateData
+from chg_tlens.objectives import target_nll
+
+PROMPT = "when mary and john went to the store john gave a drink to"
+
+
+@pytest.fixture(scope="module")
+def words():
+    return word_model()
+
+
+def test_from_pairs_marks_exactly_the_target_tokens(words):
+    data = GateData.from_pairs(words, [PROMPT, "the keys to the cabinet"], [" mary", " are"])
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    assert data.tokens[0, 0] == vocab["<bos>"]
+    first = data.tokens[0, : data.lengths[0]]
+    assert first[-1] == vocab["mary"]
+    assert data.target_mask[0].nonzero().flatten().tolist() == [int(data.lengths[0]) - 1]
+    second_end = int(data.lengths[1]) - 1
+    assert data.target_mask[1].nonzero().flatten().tolist() == [second_end]
+    assert data.tokens[1, second_end] == vocab["are"]
+    assert (data.tokens[1, second_end + 1 :] == data.pad_token_id).all()
+
+
+def test_from_text_counts_every_next_token(words):
+    data = GateData.from_text(words, ["the keys are", "mary and john went"])
+    assert data.target_mask[0].tolist()[:4] == [False, True, True, True]
+    assert data.n_targets == 3 + 4
+
+
+def test_from_hf_reads_named_fields_and_names_missing_ones(words):
+    dataset = Dataset.from_dict({"question": [PROMPT], "answer": [" mary"]})
+    data = GateData.from_hf(words, dataset, prompt_field="question", target_field="answer")
+    assert data.n_targets == 1
+    with pytest.raises(ValueError, match="no field\\(s\\) \\['prompt'\\]"):
+        GateData.from_hf(words, dataset, target_field="answer")
+
+
+def test_bad_inputs_get_clear_errors(words):
+    with pytest.raises(ValueError, match="empty"):
+        GateData.from_pairs(words, [], [])
+    with pytest.raises(ValueError, match="tokenizes to nothing"):
+        GateData.from_pairs(words, [PROMPT], [""])
+    with pytest.raises(ValueError, match="longer than the model's context n_ctx=16"):
+        GateData.from_pairs(words, [PROMPT + " and the keys to the cabinet"], [" are"])
+    with pytest.raises(ValueError, match="marks no target tokens"):
+        GateData.from_tokens(torch.ones(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not match tokens shape"):
+        GateData.from_tokens(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="must be bool"):
+        GateData.from_tokens(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer ids"):
+        GateData.from_tokens(torch.ones(2, 4), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="the dataset is empty"):
+        GateData.from_tokens(torch.ones(0, 4, dtype=torch.long), torch.ones(0, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="position 0"):
+        GateData.from_tokens(torch.ones(1, 3, dtype=torch.long), torch.tensor([[True, False, False]]))
+    with pytest.raises(ValueError, match="example\\(s\\) \\[1\\] have no target"):
+        GateData.from_tokens(torch.ones(2, 3, dtype=torch.long), torch.tensor([[0, 0, 1], [0, 0, 0]]).bool())
+    with pytest.raises(ValueError, match="marks padding"):
+        GateData.from_sequences([[1, 2], [1, 2, 3]], [[False, True], [False, True, True]]).__class__(
+            torch.ones(1, 3, dtype=torch.long), torch.tensor([[False, False, True]]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        GateData.from_pairs(random_bridge(), ["a"], ["b"])
+    too_big = GateData.from_tokens(torch.full((1, 3), 99), torch.tensor([[False, True, True]]))
+    with pytest.raises(ValueError, match="token ids must lie in \\[0, 20\\)"):
+        too_big.checked_for(random_bridge())
+
+
+def test_batches_are_seeded_and_cover_every_example():
+    data = GateData.from_tokens(torch.arange(20).reshape(10, 2), torch.tensor([[False, True]] * 10))
+    first = [b.tokens[:, 0].tolist() for b, _ in zip(data.batches(5, torch.Generator().manual_seed(3)),
+                                                      range(4), strict=False)]
+    again = [b.tokens[:, 0].tolist() for b, _ in zip(data.batches(5, torch.Generator().manual_seed(3)),
+                                                      range(4), strict=False)]
+    assert first == again
+    assert sorted(first[0] + first[1]) == list(range(0, 20, 2))
+
+
+ragged = st.lists(
+    st.tuples(st.integers(1, 6), st.integers(1, 4)), min_size=1, max_size=6
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ragged, st.integers(0, 2**16))
+def test_masks_never_mark_prompt_or_padding(shapes, seed):
+    generator = torch.Generator().manual_seed(seed)
+    sequences, masks = [], []
+    for prompt_len, target_len in shapes:
+        sequences.append(torch.randint(1, 19, (prompt_len + target_len,), generator=generator).tolist())
+        masks.append([False] * prompt_len + [True] * target_len)
+    data = GateData.from_sequences(sequences, masks, pad_token_id=0)
+    for i, (prompt_len, target_len) in enumerate(shapes):
+        row = data.target_mask[i]
+        assert not row[:prompt_len].any()
+        assert row[prompt_len : prompt_len + target_len].all()
+        assert not row[prompt_len + target_len :].any()
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 2**16))
+def test_padding_never_changes_an_examples_loss(extra_pad, seed):
+    model = _small_model()
+    generator = torch.Generator().manual_seed(seed)
+    seq = torch.randint(1, 20, (6,), generator=generator).tolist()
+    mask = [False, False, False, True, True, True]
+    alone = GateData.from_sequences([seq], [mask])
+    longer = GateData.from_sequences([seq, seq[:3] + [1] * (3 + extra_pad)],
+                                     [mask, [False, False, False] + [True] * (3 + extra_pad)])
+    with torch.no_grad():
+        nll_alone = target_nll(model(alone.tokens), alone.tokens, alone.target_mask)
+        nll_padded = target_nll(model(longer.tokens)[:1], longer.tokens[:1], longer.target_mask[:1])
+    assert longer.tokens.shape[1] > alone.tokens.shape[1]
+    assert torch.allclose(nll_alone, nll_padded, atol=1e-5)
+
+
+_cached = {}
+
+
+def _small_model():
+    if "model" not in _cached:
+        _cached["model"] = random_bridge()
+    return _cached["model"]
