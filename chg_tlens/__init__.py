@@ -5,17 +5,20 @@ irrelevant for a task (Nam et al., 2025).
 """
 
 from chg_tlens.data import GateData
-from chg_tlens.fit import CHGConfig, fit_chg
+from chg_tlens.fit import CHGConfig, ContrastiveConfig, fit_chg, fit_contrastive_chg
 from chg_tlens.gates import HeadGates
-from chg_tlens.result import CHGResult, ResultFileError
+from chg_tlens.result import CHGResult, ContrastiveResult, ResultFileError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CHGConfig",
     "CHGResult",
+    "ContrastiveConfig",
+    "ContrastiveResult",
     "GateData",
     "HeadGates",
     "ResultFileError",
     "fit_chg",
+    "fit_contrastive_chg",
 ]

@@ -23,8 +23,9 @@ from chg_tlens import adapter
 class GateData:
     """A task as CHG sees it: right-padded tokens, a target mask, and optional matched twins.
 
-    ``corrupt`` is a counterfactual twin (same shapes) for activation and path patching; ``meta`` holds
-    free-form per-dataset facts (task name, answers) carried into provenance.
+    ``corrupt`` is a counterfactual twin for activation and path patching; ``forget`` is the matched
+    forget version of each item for contrastive CHG. ``meta`` holds free-form facts (task name,
+    answers) carried into provenance.
     """
 
     tokens: Int[Tensor, "example pos"]
@@ -32,6 +33,7 @@ class GateData:
     lengths: Int[Tensor, " example"]
     pad_token_id: int = 0
     corrupt: GateData | None = None
+    forget: GateData | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -44,11 +46,11 @@ class GateData:
         positions = torch.arange(self.tokens.shape[1])[None, :]
         if (self.target_mask & (positions >= self.lengths[:, None])).any():
             raise ValueError("GateData: target_mask marks padding (a position past an example's length).")
-        if self.corrupt is not None and self.corrupt.tokens.shape[0] != self.tokens.shape[0]:
-            raise ValueError(
-                f"GateData: corrupt twin has {self.corrupt.tokens.shape[0]} examples, "
-                f"clean has {self.tokens.shape[0]}."
-            )
+        for name, twin in (("corrupt", self.corrupt), ("forget", self.forget)):
+            if twin is not None and len(twin) != len(self):
+                raise ValueError(
+                    f"GateData: {name} twin has {len(twin)} examples, this data has {len(self)}."
+                )
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -195,6 +197,50 @@ class GateData:
             {"source": "hf", "prompt_field": prompt_field, "target_field": target_field},
         )
 
+    @classmethod
+    def contrastive(cls, retain: GateData, forget: GateData) -> GateData:
+        """Matched items posed two ways (same answers): the retain side with the forget side attached.
+
+        Contrastive CHG keeps performance on ``retain`` while destroying it on ``forget``.
+        """
+        for name, side in (("retain", retain), ("forget", forget)):
+            if not isinstance(side, GateData):
+                raise TypeError(
+                    f"GateData.contrastive: {name} must be a GateData, got {type(side).__name__}."
+                )
+        if len(retain) != len(forget):
+            raise ValueError(
+                f"GateData.contrastive: {len(retain)} retain items but {len(forget)} forget items; "
+                "each item needs both versions."
+            )
+        for i in range(len(retain)):
+            a = retain.tokens[i][retain.target_mask[i]]
+            b = forget.tokens[i][forget.target_mask[i]]
+            if not torch.equal(a, b):
+                raise ValueError(
+                    f"GateData.contrastive: item {i} has different answers on the two sides "
+                    f"(retain targets {a.tolist()}, forget targets {b.tolist()}); the sides must differ "
+                    "only in how the task is posed."
+                )
+        return replace(retain, forget=replace(forget, corrupt=None, forget=None))
+
+    @classmethod
+    def stack_padded(cls, parts: Sequence[GateData]) -> GateData:
+        """Several datasets as one batch, right-padded to the widest (twins are dropped)."""
+        width = max(p.tokens.shape[1] for p in parts)
+        pad = parts[0].pad_token_id
+
+        def widen(x: Tensor, fill: int | bool) -> Tensor:
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=fill)
+
+        return cls(
+            tokens=torch.cat([widen(p.tokens, pad) for p in parts]),
+            target_mask=torch.cat([widen(p.target_mask, False) for p in parts]),
+            lengths=torch.cat([p.lengths for p in parts]),
+            pad_token_id=pad,
+            meta=dict(parts[0].meta),
+        )
+
     # ----------------------------------------------------------------- use
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -219,8 +265,9 @@ class GateData:
                 f"{argument}: token ids must lie in [0, {layout.d_vocab}) for this model, "
                 f"found {int(self.tokens.min())}..{biggest}."
             )
-        if self.corrupt is not None:
-            self.corrupt.checked_for(model, f"{argument}.corrupt")
+        for name, twin in (("corrupt", self.corrupt), ("forget", self.forget)):
+            if twin is not None:
+                twin.checked_for(model, f"{argument}.{name}")
         return self
 
     def subset(self, index: Int[Tensor, " n"] | Sequence[int] | slice) -> GateData:
@@ -229,33 +276,43 @@ class GateData:
             index = torch.arange(len(self))[index]
         index = torch.as_tensor(index, dtype=torch.long)
         width = int(self.lengths[index].max()) if len(index) else 1
-        if self.corrupt is not None:
-            width = max(width, int(self.corrupt.lengths[index].max()) if len(index) else 1)
         return replace(
             self,
             tokens=self.tokens[index, :width],
             target_mask=self.target_mask[index, :width],
             lengths=self.lengths[index],
             corrupt=None if self.corrupt is None else self.corrupt.subset(index),
+            forget=None if self.forget is None else self.forget.subset(index),
         )
 
     def with_corrupt(self, corrupt: GateData) -> GateData:
         """This data with a counterfactual twin attached (same number of examples)."""
         return replace(self, corrupt=corrupt)
 
-    def batches(
-        self, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True
-    ) -> Iterator[GateData]:
-        """Endless stream of batches: reshuffled epochs when ``shuffle``, else in order."""
+    def batch_indices(self, step: int, batch_size: int, seed: int = 0) -> Int[Tensor, " batch"]:
+        """Example indices of update ``step``: a pure function of (seed, step), so a resumed fit sees
+        exactly the batches an uninterrupted one would.
+
+        Examples are drawn from an endless chain of seeded epoch permutations; batch ``t`` is items
+        ``t*B .. (t+1)*B - 1`` of that chain (a batch larger than the data wraps into the next epoch).
+        """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        n = len(self)
+        first, last = step * batch_size, (step + 1) * batch_size
+        picked = []
+        for epoch in range(first // n, (last - 1) // n + 1):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))
+            lo, hi = max(first - epoch * n, 0), min(last - epoch * n, n)
+            picked.append(order[lo:hi])
+        return torch.cat(picked)
+
+    def batches(self, batch_size: int, seed: int = 0) -> Iterator[GateData]:
+        """Endless stream of batches in the order :meth:`batch_indices` defines."""
+        step = 0
         while True:
-            order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
-            for start in range(0, len(self), batch_size):
-                chunk = order[start : start + batch_size]
-                if len(chunk) < batch_size and len(self) >= batch_size:
-                    chunk = torch.cat([chunk, order[: batch_size - len(chunk)]])
-                yield self.subset(chunk)
+            yield self.subset(self.batch_indices(step, batch_size, seed))
+            step += 1
 
     def fingerprint(self) -> str:
         """A short hash of tokens and target mask, recorded with every result."""
@@ -263,6 +320,10 @@ class GateData:
         digest.update(self.tokens.numpy().tobytes())
         digest.update(self.target_mask.numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_033 + epoch * 104_729 + 7) % (2**63 - 1)
 
 
 def _require_fields(columns: set[str], fields: list[str]) -> None:

@@ -1,8 +1,11 @@
-"""Fitting gates: the three CHG stages, all seeds in one pass.
+"""Fitting gates: the three CHG stages (all seeds in one pass), and contrastive CHG.
 
     theta_zero  = fit(lambda = 0)                      # shared starting point
     theta_plus  = fit(lambda = +lam, from theta_zero)  # G+: opening rewarded
     theta_minus = fit(lambda = -lam, from theta_zero)  # G-: closing rewarded
+
+Each stage is Adam on the gate logits with a linearly decaying learning rate. With a ``run_dir`` the
+loop checkpoints every ``checkpoint_every`` steps and ``resume=True`` continues where it stopped.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,28 +26,33 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from chg_tlens import adapter
+from chg_tlens.checkpoint import load_checkpoint, save_checkpoint
 from chg_tlens.data import GateData
 from chg_tlens.gates import HeadGates
-from chg_tlens.objectives import ClampMode, chg_loss, per_mask_grad_clip_, target_nll
-from chg_tlens.result import CHGResult
+from chg_tlens.objectives import (
+    ClampMode,
+    chg_loss,
+    contrastive_loss,
+    per_mask_grad_clip_,
+    target_accuracy,
+    target_logprobs,
+    target_nll,
+)
+from chg_tlens.result import CHGResult, ContrastiveResult
 
 
 @dataclass
-class CHGConfig:
-    """Settings of a three-stage CHG fit; defaults are the paper's (Nam et al. 2025)."""
+class GateFitConfig:
+    """Settings every gate fit shares."""
 
     n_seeds: int = 10
     """Independent gate sets (masks), each with its own uniform initial draw; trained in one pass."""
     batch_size: int = 64
     """Examples per update (each repeated once per seed inside the forward pass)."""
     steps: int = 500
-    """Adam updates in each of the three stages."""
-    lr_zero: tuple[float, float] = (0.1, 0.01)
-    """Stage 1 (lambda = 0) learning rate, decaying linearly from the first to the second value."""
-    lr_reg: tuple[float, float] = (0.5, 0.1)
-    """G+ and G- learning rate, decaying linearly from the first to the second value."""
+    """Adam updates in each stage."""
     lam: float = 0.1
-    """Regulariser strength: G+ uses +lam (rewards open gates), G- uses -lam (rewards closed)."""
+    """Regulariser strength (>= 0); the sign each stage uses is part of the method, not a setting."""
     clamp: float = 4.0
     """Clamp on the gate logits inside the regulariser, so it stops once a gate is clearly set."""
     clamp_mode: ClampMode = "one_sided"
@@ -56,32 +66,191 @@ class CHGConfig:
     """Where to run; None means the model's own device."""
     progress: bool = True
     """Show tqdm progress bars."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints when the fit is given a run folder."""
 
-    def validate(self) -> CHGConfig:
+    def validate(self) -> GateFitConfig:
         """Reject impossible settings before any compute, naming the field."""
-        for name in ("n_seeds", "batch_size", "steps"):
-            value = getattr(self, name)
+        name = type(self).__name__
+        for key in ("n_seeds", "batch_size", "steps", "checkpoint_every"):
+            value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"CHGConfig.{name} must be a positive integer, got {value!r}.")
-        for name in ("lr_zero", "lr_reg"):
-            value = tuple(getattr(self, name))
+                raise ValueError(f"{name}.{key} must be a positive integer, got {value!r}.")
+        for key in self._learning_rates():
+            value = tuple(getattr(self, key)) if isinstance(getattr(self, key), (tuple, list)) else ()
             if len(value) != 2 or not all(_positive(v) for v in value):
                 raise ValueError(
-                    f"CHGConfig.{name} must be two positive learning rates (start, end), got {value!r}."
+                    f"{name}.{key} must be two positive learning rates (start, end), "
+                    f"got {getattr(self, key)!r}."
                 )
-        if not math.isfinite(self.lam) or self.lam < 0:
-            raise ValueError(
-                f"CHGConfig.lam must be >= 0 (G- uses -lam itself), got {self.lam!r}."
-            )
-        if not _positive(self.clamp):
-            raise ValueError(f"CHGConfig.clamp must be positive, got {self.clamp!r}.")
+        if not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam) or self.lam < 0:
+            raise ValueError(f"{name}.lam must be >= 0 (each stage applies its own sign), got {self.lam!r}.")
+        for key in ("clamp", "grad_clip"):
+            if not _positive(getattr(self, key)):
+                raise ValueError(f"{name}.{key} must be positive, got {getattr(self, key)!r}.")
         if self.clamp_mode not in ("one_sided", "two_sided"):
             raise ValueError(
-                f"CHGConfig.clamp_mode must be 'one_sided' or 'two_sided', got {self.clamp_mode!r}."
+                f"{name}.clamp_mode must be 'one_sided' or 'two_sided', got {self.clamp_mode!r}."
             )
-        if not _positive(self.grad_clip):
-            raise ValueError(f"CHGConfig.grad_clip must be positive, got {self.grad_clip!r}.")
         return self
+
+    def _learning_rates(self) -> tuple[str, ...]:
+        return ()
+
+
+@dataclass
+class CHGConfig(GateFitConfig):
+    """Settings of a three-stage CHG fit; defaults are the paper's (Nam et al. 2025)."""
+
+    lr_zero: tuple[float, float] = (0.1, 0.01)
+    """Stage 1 (lambda = 0) learning rate, decaying linearly from the first to the second value."""
+    lr_reg: tuple[float, float] = (0.5, 0.1)
+    """G+ and G- learning rate, decaying linearly from the first to the second value."""
+
+    def _learning_rates(self) -> tuple[str, ...]:
+        return ("lr_zero", "lr_reg")
+
+
+@dataclass
+class ContrastiveConfig(GateFitConfig):
+    """Settings of contrastive CHG; defaults are the paper's."""
+
+    n_seeds: int = 4
+    """Independent gate sets trained at once."""
+    lr: tuple[float, float] = (0.1, 0.01)
+    """Learning rate, decaying linearly from the first to the second value."""
+    logprob_clamp: float = 5.0
+    """The forget-minus-retain log-prob gap stops pulling once it is this many nats below zero."""
+    threshold: float = 0.5
+    """A head counts as closed when its gate ends below this value."""
+
+    def validate(self) -> ContrastiveConfig:
+        super().validate()
+        if not _positive(self.logprob_clamp):
+            raise ValueError(f"ContrastiveConfig.logprob_clamp must be positive, got {self.logprob_clamp!r}.")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"ContrastiveConfig.threshold must be within [0, 1], got {self.threshold!r}.")
+        return self
+
+    def _learning_rates(self) -> tuple[str, ...]:
+        return ("lr",)
+
+
+# ----------------------------------------------------------------------------------- CHG
+def fit_chg(
+    model: Any,
+    data: GateData,
+    config: CHGConfig | None = None,
+    init_theta: Float[Tensor, "seed layer head"] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+) -> CHGResult:
+    """Fit G0, then G+ and G- from it, for ``config.n_seeds`` seeds at once; return the roles.
+
+    ``init_theta`` replaces the uniform initial draw (a warm start, or a planted starting point).
+    ``run_dir`` turns on checkpoints there; ``resume=True`` continues from its checkpoint.
+    """
+    config = (config or CHGConfig()).validate()
+    stages = [
+        Stage("zero", "init", config.lr_zero, chg_objective(0.0, config)),
+        Stage("plus", "zero", config.lr_reg, chg_objective(+config.lam, config)),
+        Stage("minus", "zero", config.lr_reg, chg_objective(-config.lam, config)),
+    ]
+    fitted, logs, seconds = run_stages(model, data, config, stages, "chg", init_theta, run_dir, resume)
+    return CHGResult(
+        theta_zero=fitted["zero"],
+        theta_plus=fitted["plus"],
+        theta_minus=fitted["minus"],
+        losses=logs,
+        config=config_record(config),
+        provenance=provenance(model, data, seconds),
+    )
+
+
+def chg_objective(lam: float, config: GateFitConfig) -> Objective:
+    """Eq. 1 with the stage's lambda: target NLL minus the clamped reward for open (or closed) gates."""
+
+    def objective(model: Any, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
+        device = gates.theta.device
+        tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
+        nll = target_nll(gated_logits(model, gates, tokens), tokens, target_mask, gates.n_masks)
+        return chg_loss(nll, gates.theta, lam, config.clamp, config.clamp_mode), nll
+
+    return objective
+
+
+# ----------------------------------------------------------------------------------- contrastive
+def fit_contrastive_chg(
+    model: Any,
+    data: GateData,
+    config: ContrastiveConfig | None = None,
+    eval_data: GateData | None = None,
+    init_theta: Float[Tensor, "seed layer head"] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+) -> ContrastiveResult:
+    """One gate set per seed that keeps the retain version of a task and destroys the forget version.
+
+    ``data`` is the retain side with its matched forget side attached (``GateData.contrastive``).
+    Accuracy and log-prob before and after gating are measured on ``eval_data`` (held-out items) when
+    given, else on ``data``.
+    """
+    config = (config or ContrastiveConfig()).validate()
+    for name, value in (("data", data), ("eval_data", eval_data)):
+        if value is not None and (not isinstance(value, GateData) or value.forget is None):
+            raise ValueError(
+                f"{name}: contrastive CHG needs matched retain/forget items; build it with "
+                "GateData.contrastive(retain=..., forget=...)."
+            )
+    stages = [Stage("contrastive", "init", config.lr, contrastive_objective(config))]
+    fitted, logs, seconds = run_stages(model, data, config, stages, "contrastive", init_theta, run_dir,
+                                       resume)
+    theta = fitted["contrastive"]
+    evaluation = eval_data if eval_data is not None else data
+    device = torch.device(config.device) if config.device else adapter.model_device(model)
+    ones = HeadGates.fixed(torch.ones(1, theta.shape[1], theta.shape[2])).to(device)
+    gated = HeadGates.fixed(torch.sigmoid(theta)).to(device)
+    metrics = {}
+    for side, side_data in (("retain", evaluation), ("forget", evaluation.forget)):
+        for when, gates in (("before", ones), ("after", gated)):
+            logprob, accuracy = score_gates(model, side_data, gates, config.batch_size)
+            metrics[f"{side}_{when}_logprob"] = logprob.mean(dim=1)
+            metrics[f"{side}_{when}_accuracy"] = accuracy.mean(dim=1)
+    return ContrastiveResult(
+        theta=theta, losses=logs, metrics=metrics, config=config_record(config),
+        provenance=provenance(model, data, seconds) | {"evaluated_on": "eval_data" if eval_data else "data"},
+    )
+
+
+def contrastive_objective(config: ContrastiveConfig) -> Objective:
+    """Retain NLL + clamped (forget - stopgrad retain) log-prob gap - lam * clamped gate reward."""
+
+    def objective(model: Any, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
+        device = gates.theta.device
+        both = GateData.stack_padded([batch, batch.forget])
+        tokens, target_mask = both.tokens.to(device), both.target_mask.to(device)
+        logprob = target_logprobs(gated_logits(model, gates, tokens), tokens, target_mask, gates.n_masks)
+        retain, forget = logprob[:, : len(batch)], logprob[:, len(batch) :]
+        loss = contrastive_loss(retain, forget, gates.theta, config.lam, config.clamp,
+                                config.logprob_clamp, config.clamp_mode)
+        return loss, -retain.mean(dim=1)
+
+    return objective
+
+
+# ----------------------------------------------------------------------------------- the loop
+Objective = Callable[[Any, HeadGates, GateData], tuple[Tensor, Tensor]]
+"""(model, gates, batch) -> (loss per mask, task NLL per mask)."""
+
+
+@dataclass
+class Stage:
+    """One Adam run on the gate logits: its name, where it starts, its learning rates and loss."""
+
+    name: str
+    start_from: str
+    lr: tuple[float, float]
+    objective: Objective
 
 
 @dataclass
@@ -95,99 +264,132 @@ class StageLog:
         return {"loss": torch.stack(self.loss), "nll": torch.stack(self.nll)}
 
 
-def fit_chg(
+def run_stages(
     model: Any,
     data: GateData,
-    config: CHGConfig | None = None,
-    init_theta: Float[Tensor, "seed layer head"] | None = None,
-) -> CHGResult:
-    """Fit G0, then G+ and G- from it, for ``config.n_seeds`` seeds at once; return the roles.
-
-    ``init_theta`` replaces the uniform initial draw (a warm start, or a planted starting point).
-    """
-    config = (config or CHGConfig()).validate()
+    config: GateFitConfig,
+    stages: list[Stage],
+    kind: str,
+    init_theta: Tensor | None,
+    run_dir: str | Path | None,
+    resume: bool,
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], float]:
+    """Check everything, then run the stages in order with checkpoints; return thetas and curves."""
     layout = adapter.require_model(model)
-    if init_theta is not None:
-        expected = [config.n_seeds, layout.n_layers, layout.n_heads]
-        if list(init_theta.shape) != expected:
-            raise ValueError(
-                f"init_theta must have shape [seed, layer, head] = {expected}, "
-                f"got {list(init_theta.shape)}."
-            )
     if not isinstance(data, GateData):
         raise TypeError(f"data: expected a chg_tlens.GateData, got {type(data).__name__}.")
     data.checked_for(model)
+    shape = [config.n_seeds, layout.n_layers, layout.n_heads]
+    if init_theta is not None and list(init_theta.shape) != shape:
+        raise ValueError(f"init_theta must have shape [seed, layer, head] = {shape}, "
+                         f"got {list(init_theta.shape)}.")
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs the run_dir of the interrupted fit.")
+    folder = Path(run_dir) if run_dir is not None else None
+    record, fingerprint = config_record(config), data.fingerprint()
+    state: dict[str, Any] = {"kind": kind, "config": record, "data_fingerprint": fingerprint,
+                             "stage": stages[0].name, "step": 0, "finished": {}, "logs": {},
+                             "theta": None, "optimizer": None, "seconds": 0.0}
+    if resume:
+        state = load_checkpoint(folder, kind, record, fingerprint)
+        torch.set_rng_state(state["rng"])
+    if init_theta is None:
+        init_theta = HeadGates(layout.n_layers, layout.n_heads, config.n_seeds, config.seed).theta.detach()
     device = torch.device(config.device) if config.device else adapter.model_device(model)
-    started = time.time()
+    started = time.time() - state["seconds"]
 
     with adapter.frozen(model):
-        gates = HeadGates(layout.n_layers, layout.n_heads, config.n_seeds, config.seed,
-                          theta=init_theta).to(device)
-        log_zero = train_gates(model, gates, data, 0.0, config.lr_zero, config, stage="zero")
-        theta_zero = gates.theta.detach().clone()
-        results = {"zero": (theta_zero, log_zero)}
-        for stage, lam in (("plus", config.lam), ("minus", -config.lam)):
-            gates = HeadGates(layout.n_layers, layout.n_heads, config.n_seeds, theta=theta_zero)
-            gates = gates.to(device)
-            log = train_gates(model, gates, data, lam, config.lr_reg, config, stage=stage)
-            results[stage] = (gates.theta.detach().clone(), log)
+        for stage in stages:
+            if stage.name in state["finished"]:
+                continue
+            resuming_this = state["stage"] == stage.name and state["theta"] is not None
+            if resuming_this:
+                theta = state["theta"]
+            else:
+                theta = init_theta if stage.start_from == "init" else state["finished"][stage.start_from]
+                state.update(stage=stage.name, step=0, optimizer=None)
+                state["logs"][stage.name] = {"loss": [], "nll": []}
+            gates = HeadGates(layout.n_layers, layout.n_heads, config.n_seeds, theta=theta).to(device)
+            _train_stage(model, gates, data, stage, config, state, folder, started)
+            state["finished"][stage.name] = gates.theta.detach().cpu().clone()
+            state.update(theta=None, optimizer=None)
+            if folder is not None:
+                _save(folder, state, started)
 
-    return CHGResult(
-        theta_zero=results["zero"][0].cpu(),
-        theta_plus=results["plus"][0].cpu(),
-        theta_minus=results["minus"][0].cpu(),
-        losses={stage: log.as_tensors() for stage, (_, log) in results.items()},
-        config=config_record(config),
-        provenance=provenance(model, data, seconds=time.time() - started),
-    )
+    logs = {name: {k: torch.stack(v) for k, v in curves.items()} for name, curves in state["logs"].items()}
+    return state["finished"], logs, time.time() - started
 
 
-def train_gates(
-    model: Any,
-    gates: HeadGates,
-    data: GateData,
-    lam: float,
-    lr: tuple[float, float],
-    config: CHGConfig,
-    stage: str,
-) -> StageLog:
-    """One stage: Adam on the gate logits with a linearly decaying learning rate."""
-    optimizer = torch.optim.Adam([gates.theta], lr=lr[0])
-    generator = torch.Generator().manual_seed(config.seed * 1009 + _STAGE_SALT.get(stage, 0))
-    stream = data.batches(config.batch_size, generator=generator)
-    device = gates.theta.device
-    log = StageLog()
-    for step in tqdm(range(config.steps), desc=f"CHG {stage}", disable=not config.progress,
-                     leave=False):
+def _train_stage(model: Any, gates: HeadGates, data: GateData, stage: Stage, config: GateFitConfig,
+                 state: dict[str, Any], folder: Path | None, started: float) -> None:
+    optimizer = torch.optim.Adam([gates.theta], lr=stage.lr[0])
+    if state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    log = state["logs"][stage.name]
+    salt = _STAGE_SALT.get(stage.name, 0)
+    first = state["step"]
+    for step in tqdm(range(first, config.steps), desc=f"CHG {stage.name}", disable=not config.progress,
+                     leave=False, initial=first, total=config.steps):
+        if folder is not None and step > first and step % config.checkpoint_every == 0:
+            _save(folder, _snapshot(state, stage, step, gates, optimizer), started)
         for group in optimizer.param_groups:
-            group["lr"] = linear_lr(lr, step, config.steps)
-        batch = next(stream)
-        tokens = batch.tokens.to(device)
-        target_mask = batch.target_mask.to(device)
-        logits = gated_logits(model, gates, tokens)
-        nll = target_nll(logits, tokens, target_mask, gates.n_masks)
-        loss = chg_loss(nll, gates.theta, lam, config.clamp, config.clamp_mode)
+            group["lr"] = linear_lr(stage.lr, step, config.steps)
+        index = data.batch_indices(step, config.batch_size, seed=config.seed * 1009 + salt)
+        loss, nll = stage.objective(model, gates, data.subset(index))
         if not torch.isfinite(loss).all():
+            if folder is not None:
+                _save(folder, _snapshot(state, stage, step, gates, optimizer), started)
             bad = torch.nonzero(~torch.isfinite(loss)).flatten().tolist()
             raise FloatingPointError(
-                f"CHG stage '{stage}', step {step}: the loss is not finite for seed(s) {bad} "
-                f"(values {loss.detach().cpu().tolist()}). Check the data and the model's dtype."
+                f"CHG stage '{stage.name}', step {step}: the loss is not finite for seed(s) {bad} "
+                f"(values {loss.detach().cpu().tolist()}) on the batch of example indices "
+                f"{index.tolist()}. Check the data and the model's dtype."
+                + (f" The last good state is checkpointed in {folder}." if folder is not None else "")
             )
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         per_mask_grad_clip_(gates.theta.grad, config.grad_clip)
         optimizer.step()
-        log.loss.append(loss.detach().cpu())
-        log.nll.append(nll.detach().cpu())
-    return log
+        log["loss"].append(loss.detach().cpu())
+        log["nll"].append(nll.detach().cpu())
 
 
+def _snapshot(state: dict[str, Any], stage: Stage, step: int, gates: HeadGates,
+              optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    state.update(stage=stage.name, step=step, theta=gates.theta.detach().cpu().clone(),
+                 optimizer=optimizer.state_dict())
+    return state
+
+
+def _save(folder: Path, state: dict[str, Any], started: float) -> None:
+    state["seconds"] = time.time() - started
+    state["rng"] = torch.get_rng_state()
+    save_checkpoint(folder, state)
+
+
+# ----------------------------------------------------------------------------------- helpers
 def gated_logits(
     model: Any, gates: HeadGates, tokens: Int[Tensor, "batch pos"]
 ) -> Float[Tensor, "mask_batch pos vocab"]:
     """Logits of the batch repeated once per mask, each replica under its own gates."""
     with model.hooks(fwd_hooks=gates.hooks()):
         return model(gates.repeat_batch(tokens))
+
+
+@torch.no_grad()
+def score_gates(
+    model: Any, data: GateData, gates: HeadGates, batch_size: int = 32
+) -> tuple[Float[Tensor, "mask example"], Float[Tensor, "mask example"]]:
+    """Mean target log-prob and top-1 accuracy of every example under each mask's gates."""
+    device = gates.theta.device
+    logprobs, accuracies = [], []
+    for start in range(0, len(data), batch_size):
+        batch = data.subset(slice(start, start + batch_size))
+        tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
+        logits = gated_logits(model, gates, tokens)
+        logprobs.append(target_logprobs(logits, tokens, target_mask, gates.n_masks).cpu())
+        accuracies.append(target_accuracy(logits, tokens, target_mask, gates.n_masks).cpu())
+    return torch.cat(logprobs, dim=1), torch.cat(accuracies, dim=1)
 
 
 def linear_lr(lr: tuple[float, float], step: int, steps: int) -> float:
@@ -235,9 +437,9 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-_STAGE_SALT = {"zero": 1, "plus": 2, "minus": 3}
+_STAGE_SALT = {"zero": 1, "plus": 2, "minus": 3, "contrastive": 4}
 
 
 def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and value > 0
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)

@@ -166,6 +166,44 @@ def repeat_circuit(vocab: int = 10, period: int = 4, alpha: float = 3.0, beta: f
                           f"second copy of a {period}-token block; two layers, 4 heads each")
 
 
+def contrastive_circuit(vocab: int = 10, seq_len: int = 8, alpha: float = 3.0) -> PlantedCircuit:
+    """Task posed two ways: the answer (the last token) sits at position 1 (retain) or 2 (forget).
+
+    Head 0.0 reads position 1 and serves the retain mode, 0.1 reads position 2 and serves the forget
+    mode; 0.2 and 0.3 write to scratch. The unused slot holds token 0 (no content), so each mode's head
+    is useless to the other mode, and the model falls back on a default guess. Contrastive CHG
+    retaining mode 1 should close 0.1 and keep 0.0.
+    """
+    heads = [
+        PlantedHead(0, 0, ("fixed", 1), +1, alpha),
+        PlantedHead(0, 1, ("fixed", 2), +1, alpha),
+        PlantedHead(0, 2, ("fixed", 1), 0, alpha),
+        PlantedHead(0, 3, ("offset", 0), 0, alpha),
+    ]
+    model = build_planted_model(1, 4, heads, vocab=vocab, n_ctx=max(16, seq_len), name="planted-two-modes")
+    with torch.no_grad():  # a default guess (token 1, logit +1) that wins once neither mode's head reads
+        model.original_model.head.weight[1, _Subspaces(vocab, max(16, seq_len)).constant] = 1.0
+
+    def make(n: int, seed: int) -> GateData:
+        rng = np.random.default_rng(seed)
+        answer = rng.integers(1, vocab, size=n)
+        sides = []
+        for slot in (1, 2):
+            tokens = rng.integers(1, vocab, size=(n, seq_len))
+            tokens[:, :3] = 0
+            tokens[:, slot] = answer
+            tokens[:, -1] = answer
+            mask = np.zeros_like(tokens, dtype=bool)
+            mask[:, -1] = True
+            sides.append(GateData.from_tokens(torch.as_tensor(tokens), torch.as_tensor(mask),
+                                              meta={"task": f"planted-answer-at-{slot}"}))
+        return GateData.contrastive(retain=sides[0], forget=sides[1])
+
+    return PlantedCircuit("two-modes", model, heads, make,
+                          "answer at position 1 (retain, head 0.0) or 2 (forget, head 0.1)",
+                          extra={"retain_head": (0, 0), "forget_head": (0, 1)})
+
+
 class _Subspaces:
     """Index ranges of the residual stream's named parts."""
 
@@ -200,6 +238,7 @@ def _plant(attn: nn.Module, planted: PlantedHead, spaces: _Subspaces, d_head: in
     else:
         raise ValueError(f"PlantedHead.attend must be ('fixed', p) or ('offset', k), got {planted.attend}.")
     v[: spaces.vocab, spaces.token] = torch.eye(spaces.vocab)
+    v[0, spaces.token.start] = 0.0  # token 0 (BOS / empty slot) carries no content
     target = spaces.scratch if planted.sign == 0 else spaces.answer
     sign = 1.0 if planted.sign == 0 else float(planted.sign)
     o[target, : spaces.vocab] = sign * planted.strength * torch.eye(spaces.vocab)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from chg_tlens.checkpoint import atomic_write_bytes
 
 ROLES = ("facilitating", "interfering", "irrelevant")
 UNCLASSIFIED = "unclassified"
@@ -180,7 +181,7 @@ class CHGResult:
                 tensors[f"losses.{stage}.{name}"] = values
         tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
         tensor_path = folder / TENSORS_FILE
-        _atomic_write(tensor_path, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write_bytes(tensor_path, lambda tmp: save_file(tensors, str(tmp)))
         meta = {
             "format": "chg_tlens.CHGResult",
             "format_version": FORMAT_VERSION,
@@ -190,7 +191,7 @@ class CHGResult:
             "provenance": self.provenance,
         }
         text = json.dumps(meta, indent=2, sort_keys=True, default=str)
-        _atomic_write(folder / META_FILE, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_bytes(folder / META_FILE, lambda tmp: Path(tmp).write_text(text))
         return folder
 
     @classmethod
@@ -244,13 +245,40 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(target: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@dataclass
+class ContrastiveResult:
+    """Contrastive CHG gates ``[seed, layer, head]`` and task performance before/after applying them.
+
+    ``metrics`` maps e.g. ``"retain_after_accuracy"`` to a per-seed tensor ("before" = all gates open,
+    the same for every seed).
+    """
+
+    theta: Float[Tensor, "seed layer head"]
+    losses: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gates(self) -> Float[Tensor, "seed layer head"]:
+        return torch.sigmoid(self.theta)
+
+    def closed_heads(self, threshold: float | None = None, seed: int | None = None) -> list[tuple[int, int]]:
+        """Heads whose gate ends below ``threshold``: in one seed, or (``seed=None``) in every seed."""
+        threshold = self.config.get("threshold", 0.5) if threshold is None else threshold
+        _check_threshold(threshold)
+        closed = self.gates < threshold
+        closed = closed[seed] if seed is not None else closed.all(dim=0)
+        return [(int(a), int(b)) for a, b in torch.nonzero(closed).tolist()]
+
+    def table(self) -> pd.DataFrame:
+        """Accuracy and log-prob, retain/forget x before/after, mean and spread over seeds."""
+        rows = []
+        for side in ("retain", "forget"):
+            for when in ("before", "after"):
+                accuracy = self.metrics[f"{side}_{when}_accuracy"].float()
+                logprob = self.metrics[f"{side}_{when}_logprob"].float()
+                rows.append({"side": side, "when": when, "accuracy": float(accuracy.mean()),
+                             "accuracy_min": float(accuracy.min()), "accuracy_max": float(accuracy.max()),
+                             "logprob": float(logprob.mean())})
+        return pd.DataFrame(rows)

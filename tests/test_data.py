@@ -80,12 +80,14 @@ def test_bad_inputs_get_clear_errors(words):
 
 def test_batches_are_seeded_and_cover_every_example():
     data = GateData.from_tokens(torch.arange(20).reshape(10, 2), torch.tensor([[False, True]] * 10))
-    first = [b.tokens[:, 0].tolist() for b, _ in zip(data.batches(5, torch.Generator().manual_seed(3)),
-                                                      range(4), strict=False)]
-    again = [b.tokens[:, 0].tolist() for b, _ in zip(data.batches(5, torch.Generator().manual_seed(3)),
-                                                      range(4), strict=False)]
-    assert first == again
+    first = [b.tokens[:, 0].tolist() for b, _ in zip(data.batches(5, seed=3), range(4), strict=False)]
+    again = [b.tokens[:, 0].tolist() for b, _ in zip(data.batches(5, seed=3), range(4), strict=False)]
+    other = [b.tokens[:, 0].tolist() for b, _ in zip(data.batches(5, seed=4), range(4), strict=False)]
+    assert first == again and first != other
     assert sorted(first[0] + first[1]) == list(range(0, 20, 2))
+    assert data.batch_indices(3, 5, seed=3).tolist() == [x // 2 for x in first[3]]
+    wide = data.batch_indices(0, 25, seed=1)  # larger than the data: wraps into the next epoch
+    assert len(wide) == 25 and sorted(wide[:10].tolist()) == list(range(10))
 
 
 ragged = st.lists(
