@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def hook_z_name(layer: int) -> str:
@@ -180,3 +180,53 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             parameter.requires_grad_(flag)
         for module, training in modes:
             module.train(training)
+
+
+class _StopForward(Exception):
+    """Raised from a hook once the final residual is captured: the full unembedding is never run."""
+
+
+def final_residual_hook(model: Any) -> str | None:
+    """Hook whose activation is the unembedding's input, or None if this model has no such hook."""
+    names = set(model.hook_dict.keys())
+    for name in ("unembed.hook_in", "ln_final.hook_normalized"):
+        if name in names:
+            return name
+    return None
+
+
+def logits_at(
+    model: Any,
+    tokens: Tensor,
+    example: Tensor,
+    position: Tensor,
+    fwd_hooks: list | None = None,
+) -> Tensor:
+    """Logits ``[n, vocab]`` at ``(example, position)`` pairs only, under ``fwd_hooks``.
+
+    The forward stops at the unembedding's input and only the requested rows are unembedded: the
+    unembedding and its softmax dominate small models with large vocabularies. Models without a hook
+    there (or with an output soft-cap folded into their forward) fall back to full logits.
+    """
+    hook_name = final_residual_hook(model)
+    soft_cap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
+    if hook_name is None:
+        with model.hooks(fwd_hooks=list(fwd_hooks or [])):
+            return model(tokens)[example, position]
+    captured: dict[str, Tensor] = {}
+
+    def capture(resid: Tensor, hook: Any) -> Tensor:
+        captured["resid"] = resid
+        raise _StopForward
+
+    try:
+        with model.hooks(fwd_hooks=[*(fwd_hooks or []), (hook_name, capture)]):
+            model(tokens)
+    except _StopForward:
+        pass
+    if "resid" not in captured:
+        raise RuntimeError(f"the forward pass never reached {hook_name}; cannot take target logits.")
+    logits = model.unembed(captured["resid"][example, position].unsqueeze(0)).squeeze(0)
+    if soft_cap > 0:
+        logits = soft_cap * torch.tanh(logits / soft_cap)
+    return logits

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -34,9 +34,9 @@ from chg_tlens.objectives import (
     chg_loss,
     contrastive_loss,
     per_mask_grad_clip_,
-    target_accuracy,
-    target_logprobs,
-    target_nll,
+    picked_accuracy,
+    picked_logprobs,
+    target_positions,
 )
 from chg_tlens.result import CHGResult, ContrastiveResult
 
@@ -173,7 +173,8 @@ def chg_objective(lam: float, config: GateFitConfig) -> Objective:
     def objective(model: Any, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
         device = gates.theta.device
         tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
-        nll = target_nll(gated_logits(model, gates, tokens), tokens, target_mask, gates.n_masks)
+        picked = gated_target_logits(model, gates, tokens, target_mask)
+        nll = -picked_logprobs(picked, tokens, target_mask).mean(dim=1)
         return chg_loss(nll, gates.theta, lam, config.clamp, config.clamp_mode), nll
 
     return objective
@@ -229,7 +230,7 @@ def contrastive_objective(config: ContrastiveConfig) -> Objective:
         device = gates.theta.device
         both = GateData.stack_padded([batch, batch.forget])
         tokens, target_mask = both.tokens.to(device), both.target_mask.to(device)
-        logprob = target_logprobs(gated_logits(model, gates, tokens), tokens, target_mask, gates.n_masks)
+        logprob = picked_logprobs(gated_target_logits(model, gates, tokens, target_mask), tokens, target_mask)
         retain, forget = logprob[:, : len(batch)], logprob[:, len(batch) :]
         loss = contrastive_loss(retain, forget, gates.theta, config.lam, config.clamp,
                                 config.logprob_clamp, config.clamp_mode)
@@ -376,6 +377,18 @@ def gated_logits(
         return model(gates.repeat_batch(tokens))
 
 
+def gated_target_logits(
+    model: Any, gates: HeadGates, tokens: Int[Tensor, "batch pos"], target_mask: Bool[Tensor, "batch pos"]
+) -> Float[Tensor, "mask target vocab"]:
+    """Only the logits that predict target tokens, per mask: the loss needs nothing else."""
+    example, position = target_positions(target_mask)
+    replica = torch.arange(gates.n_masks, device=tokens.device)[:, None] * tokens.shape[0]
+    rows = (replica + example[None, :]).flatten()
+    logits = adapter.logits_at(model, gates.repeat_batch(tokens), rows, position.repeat(gates.n_masks),
+                               gates.hooks())
+    return logits.reshape(gates.n_masks, len(example), logits.shape[-1])
+
+
 @torch.no_grad()
 def score_gates(
     model: Any, data: GateData, gates: HeadGates, batch_size: int = 32
@@ -386,9 +399,9 @@ def score_gates(
     for start in range(0, len(data), batch_size):
         batch = data.subset(slice(start, start + batch_size))
         tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
-        logits = gated_logits(model, gates, tokens)
-        logprobs.append(target_logprobs(logits, tokens, target_mask, gates.n_masks).cpu())
-        accuracies.append(target_accuracy(logits, tokens, target_mask, gates.n_masks).cpu())
+        picked = gated_target_logits(model, gates, tokens, target_mask)
+        logprobs.append(picked_logprobs(picked, tokens, target_mask).cpu())
+        accuracies.append(picked_accuracy(picked, tokens, target_mask).cpu())
     return torch.cat(logprobs, dim=1), torch.cat(accuracies, dim=1)
 
 

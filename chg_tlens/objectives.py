@@ -19,24 +19,59 @@ from torch import Tensor
 ClampMode = Literal["one_sided", "two_sided"]
 
 
+def target_positions(
+    target_mask: Bool[Tensor, "batch pos"],
+) -> tuple[Int[Tensor, " target"], Int[Tensor, " target"]]:
+    """(example, position) of every logit that predicts a target: token ``t`` is predicted at ``t - 1``."""
+    return torch.nonzero(target_mask[:, 1:], as_tuple=True)
+
+
+def pick_target_logits(
+    logits: Float[Tensor, "mask_batch pos vocab"],
+    target_mask: Bool[Tensor, "batch pos"],
+    n_masks: int = 1,
+) -> Float[Tensor, "mask target vocab"]:
+    """The logits that predict targets, per mask, from full logits."""
+    batch = target_mask.shape[0]
+    example, position = target_positions(target_mask)
+    return logits.reshape(n_masks, batch, logits.shape[-2], logits.shape[-1])[:, example, position]
+
+
+def picked_logprobs(
+    picked: Float[Tensor, "mask target vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    target_mask: Bool[Tensor, "batch pos"],
+) -> Float[Tensor, "mask batch"]:
+    """Mean log-probability of each example's target tokens, from the target logits only.
+
+    Only target positions go through the softmax: with a 49k-128k vocabulary that is most of the cost.
+    """
+    example, position = target_positions(target_mask)
+    answer = tokens[example, position + 1]
+    logprob = picked.float().log_softmax(dim=-1)
+    token_logprob = logprob.gather(-1, answer.expand(picked.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+    return _mean_per_example(token_logprob, example, tokens.shape[0])
+
+
+def picked_accuracy(
+    picked: Float[Tensor, "mask target vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    target_mask: Bool[Tensor, "batch pos"],
+) -> Float[Tensor, "mask batch"]:
+    """Share of each example's target tokens that are the top-1 prediction, per mask."""
+    example, position = target_positions(target_mask)
+    correct = (picked.argmax(dim=-1) == tokens[example, position + 1]).float()
+    return _mean_per_example(correct, example, tokens.shape[0])
+
+
 def target_logprobs(
     logits: Float[Tensor, "mask_batch pos vocab"],
     tokens: Int[Tensor, "batch pos"],
     target_mask: Bool[Tensor, "batch pos"],
     n_masks: int = 1,
 ) -> Float[Tensor, "mask batch"]:
-    """Mean log-probability of each example's target tokens, per mask.
-
-    Only target positions go through the softmax: with a 49k-128k vocabulary that is most of the cost.
-    """
-    batch, pos = tokens.shape
-    logits = logits.reshape(n_masks, batch, logits.shape[-2], logits.shape[-1])
-    # Position t is predicted from t - 1.
-    example, position = torch.nonzero(target_mask[:, 1:], as_tuple=True)
-    picked = logits[:, example, position].float().log_softmax(dim=-1)  # [mask, target, vocab]
-    answer = tokens[example, position + 1]
-    token_logprob = picked.gather(-1, answer.expand(n_masks, -1).unsqueeze(-1)).squeeze(-1)
-    return _mean_per_example(token_logprob, example, batch)
+    """Mean log-probability of each example's target tokens, per mask, from full logits."""
+    return picked_logprobs(pick_target_logits(logits, target_mask, n_masks), tokens, target_mask)
 
 
 def target_accuracy(
@@ -45,13 +80,8 @@ def target_accuracy(
     target_mask: Bool[Tensor, "batch pos"],
     n_masks: int = 1,
 ) -> Float[Tensor, "mask batch"]:
-    """Share of each example's target tokens that are the top-1 prediction, per mask."""
-    batch, _ = tokens.shape
-    logits = logits.reshape(n_masks, batch, logits.shape[-2], logits.shape[-1])
-    example, position = torch.nonzero(target_mask[:, 1:], as_tuple=True)
-    predicted = logits[:, example, position].argmax(dim=-1)  # [mask, target]
-    correct = (predicted == tokens[example, position + 1]).float()
-    return _mean_per_example(correct, example, batch)
+    """Share of each example's target tokens that are the top-1 prediction, per mask, from full logits."""
+    return picked_accuracy(pick_target_logits(logits, target_mask, n_masks), tokens, target_mask)
 
 
 def _mean_per_example(

@@ -136,3 +136,18 @@ def test_wrong_batch_for_masks_and_wrong_model_are_named():
             model(torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(TypeError, match="expected a TransformerLens model"):
         HeadGates.from_model(nn.Linear(3, 3))
+
+
+def test_target_logits_fast_path_equals_full_logits_for_every_mask():
+    from chg_tlens.fit import gated_logits, gated_target_logits
+    from chg_tlens.objectives import pick_target_logits
+
+    model = random_bridge()
+    tokens = torch.randint(0, 20, (3, 9), generator=torch.Generator().manual_seed(6))
+    target_mask = torch.zeros(3, 9, dtype=torch.bool)
+    target_mask[0, 8] = target_mask[1, 2:5] = target_mask[2, 1] = True
+    gates = HeadGates(2, 4, n_masks=2, seed=1)
+    fast = gated_target_logits(model, gates, tokens, target_mask)
+    full = pick_target_logits(gated_logits(model, gates, tokens), target_mask, n_masks=2)
+    assert fast.shape == (2, 5, 20)
+    assert torch.allclose(fast, full, atol=1e-6)
