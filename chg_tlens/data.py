@@ -7,9 +7,12 @@ causal models: no target ever attends to a pad.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -241,6 +244,18 @@ class GateData:
             meta=dict(parts[0].meta),
         )
 
+    @classmethod
+    def from_file(
+        cls,
+        model: Any,
+        path: str | Path,
+        prompt_field: str = "prompt",
+        target_field: str | None = "target",
+        text_field: str | None = None,
+    ) -> GateData:
+        """A JSONL, JSON, or CSV file, or a folder saved with ``datasets.Dataset.save_to_disk``."""
+        return cls.from_hf(model, load_records(path), prompt_field, target_field, text_field)
+
     # ----------------------------------------------------------------- use
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -320,6 +335,46 @@ class GateData:
         digest.update(self.tokens.numpy().tobytes())
         digest.update(self.target_mask.numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a data file as dicts, with errors that name the file and the line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        try:
+            return list(load_from_disk(str(path)))
+        except Exception as error:  # datasets raises many types for a folder it cannot read
+            raise ValueError(f"{path} is not a folder written by datasets' save_to_disk: {error}") from None
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+    elif suffix == ".json":
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}).") from None
+    elif suffix == ".csv":
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        raise ValueError(
+            f"{path}: unknown data format {suffix!r}; use .jsonl, .json, .csv or a datasets folder."
+        )
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: expected a list of records (objects with named fields).")
+    if not rows:
+        raise ValueError(f"{path}: the file holds no records (the dataset is empty).")
+    return rows
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -1,0 +1,7 @@
+"""``python -m chg_tlens`` (and ``torchrun ... -m chg_tlens``) runs the CLI."""
+
+import sys
+
+from chg_tlens.cli import main
+
+sys.exit(main())

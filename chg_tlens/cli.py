@@ -1,0 +1,314 @@
+"""``chg-tlens``: the command line. Library code stays silent; the words live here.
+
+Exit codes: 0 ok, 2 bad usage or bad input (one clear line on stderr), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import sys
+import textwrap
+import time
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+
+DEMO_SETTINGS = dict(task="sva", n_examples=64, n_seeds=2, batch_size=8, steps=100)
+"""The CPU-sized main job: SmolLM2-135M on subject-verb agreement (README, 'make demo')."""
+
+
+class UsageError(ValueError):
+    """Bad usage the parser could not see (e.g. a combination of flags)."""
+
+
+# ----------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from chg_tlens.fit import CHGConfig, ContrastiveConfig
+
+    parser = argparse.ArgumentParser(
+        prog="chg-tlens",
+        description="Causal Head Gating for TransformerLens: which attention heads facilitate, "
+        "interfere with, or are irrelevant to a task.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fit = commands.add_parser("fit", help="three-stage CHG fit; writes a run folder",
+                              description="Fit G0, G+ and G- gates on a task or data file and write a "
+                              "run folder (results, roles.csv, pictures, report.html).")
+    _model_arguments(fit)
+    _data_arguments(fit)
+    _config_arguments(fit, CHGConfig)
+    fit.add_argument("--threshold", type=float, default=0.5, help="role score cut-off (default 0.5)")
+    fit.add_argument("--out", type=Path, required=True, help="run folder to write")
+    fit.add_argument("--resume", action="store_true", help="continue the interrupted fit in --out")
+    fit.add_argument("--no-pictures", action="store_true", help="skip PNGs and report.html")
+    fit.set_defaults(handler=run_fit)
+
+    contrastive = commands.add_parser(
+        "contrastive", help="contrastive CHG on a function task (ICL vs instruction)",
+        description="Keep one way of posing a function task (in-context examples or an instruction) "
+        "and remove the other; report accuracies before and after gating on held-out items.")
+    _model_arguments(contrastive)
+    contrastive.add_argument("--function", default="plural",
+                             help="function task: plural, antonym, capital (default plural)")
+    contrastive.add_argument("--retain", choices=["icl", "instruction"], default="icl",
+                             help="the view to keep; the other is removed (default icl)")
+    contrastive.add_argument("--n", type=int, default=64, help="training items (default 64)")
+    contrastive.add_argument("--n-eval", type=int, default=32, help="held-out items (default 32)")
+    _config_arguments(contrastive, ContrastiveConfig)
+    contrastive.add_argument("--out", type=Path, required=True, help="folder to write")
+    contrastive.add_argument("--resume", action="store_true", help="continue the interrupted fit in --out")
+    contrastive.set_defaults(handler=run_contrastive)
+
+    report = commands.add_parser("report", help="write report.html for a run folder")
+    report.add_argument("run_dir", type=Path, help="run folder written by 'chg-tlens fit'")
+    report.add_argument("--threshold", type=float, default=None, help="role cut-off (default: the run's)")
+    report.set_defaults(handler=run_report)
+
+    demo = commands.add_parser(
+        "demo", help="the main job: CHG on the embedded SmolLM2-135M, subject-verb agreement",
+        description="Fit CHG on the embedded SmolLM2-135M-Instruct (offline) on subject-verb "
+        f"agreement with a CPU-sized configuration ({_settings_text(DEMO_SETTINGS)}), print the "
+        "role table and write a run folder.")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    demo.add_argument("--planted", action="store_true",
+                      help="run on a planted-circuit toy model instead (seconds, known answer)")
+    demo.add_argument("--device", default=None, help="torch device (default: the model's)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(handler=run_demo)
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="'smollm2-135m' (embedded, default), a hub name, a local HF folder, or a .gguf")
+    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--task", help="built-in task name (see chg_tlens.tasks.TASKS)")
+    group.add_argument("--data", type=Path, help="JSONL / JSON / CSV file or a datasets folder")
+    parser.add_argument("--n", type=int, default=64, help="examples to generate for --task (default 64)")
+    parser.add_argument("--prompt-field", default="prompt", help="prompt column of --data")
+    parser.add_argument("--target-field", default="target", help="target column of --data")
+    parser.add_argument("--text-field", default=None, help="plain-text column of --data (every token counts)")
+
+
+def _config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per config field, with the field's docstring as help, so --help is always complete."""
+    docs = field_docs(config_class)
+    group = parser.add_argument_group(f"{config_class.__name__} (paper defaults)")
+    hints = typing.get_type_hints(config_class)
+    for spec in fields(config_class):
+        if spec.name == "progress":
+            continue
+        flag = "--" + spec.name.replace("_", "-")
+        default = spec.default if spec.default is not MISSING else None
+        help_text = f"{docs.get(spec.name, '')} (default {default})"
+        hint = hints[spec.name]
+        origin = typing.get_origin(hint)
+        if origin is typing.Literal:
+            group.add_argument(flag, choices=typing.get_args(hint), default=default, help=help_text)
+        elif origin is tuple:
+            group.add_argument(flag, type=float, nargs=2, metavar=("START", "END"), default=default,
+                               help=help_text)
+        elif hint in (int, float):
+            group.add_argument(flag, type=hint, default=default, help=help_text)
+        else:
+            group.add_argument(flag, default=default, help=help_text)
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def field_docs(config_class: type) -> dict[str, str]:
+    """The docstring under each dataclass field (read from source, base classes included)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(config_class.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for first, second in zip(body, body[1:], strict=False):
+            if (isinstance(first, ast.AnnAssign) and isinstance(first.target, ast.Name)
+                    and isinstance(second, ast.Expr) and isinstance(second.value, ast.Constant)):
+                docs[first.target.id] = " ".join(str(second.value.value).split())
+    return docs
+
+
+def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
+    values = {}
+    for spec in fields(config_class):
+        if spec.name == "progress":
+            values["progress"] = not args.quiet
+        elif hasattr(args, spec.name):
+            value = getattr(args, spec.name)
+            values[spec.name] = tuple(value) if isinstance(value, list) else value
+    return config_class(**values).validate()
+
+
+# ----------------------------------------------------------------------------------- commands
+def run_fit(args: argparse.Namespace) -> int:
+    from chg_tlens.data import GateData
+    from chg_tlens.fit import CHGConfig, fit_chg
+    from chg_tlens.models import load_model
+    from chg_tlens.runs import write_run_folder
+    from chg_tlens.tasks import make_task
+
+    config = config_from_args(CHGConfig, args)
+    _check_threshold(args.threshold)
+    if args.data is not None and not args.data.exists():
+        raise FileNotFoundError(f"--data: file not found: {args.data}")
+    model = load_model(args.model, device=config.device, dtype=args.dtype)
+    if args.task is not None:
+        data = make_task(args.task, model, n=args.n, seed=config.seed)
+        source = {"task": args.task, "n": args.n}
+    else:
+        data = GateData.from_file(model, args.data, args.prompt_field, args.target_field, args.text_field)
+        source = {"data": str(args.data)}
+    started = time.time()
+    result = fit_chg(model, data, config, run_dir=args.out, resume=args.resume)
+    info = {"command": _command_line(), "model": args.model, **source, "seconds": time.time() - started}
+    write_run_folder(result, args.out, info, args.threshold, pictures=not args.no_pictures,
+                     report=not args.no_pictures)
+    _print_roles(result, args.threshold, args.out)
+    return EXIT_OK
+
+
+def run_contrastive(args: argparse.Namespace) -> int:
+    from chg_tlens.fit import ContrastiveConfig, fit_contrastive_chg
+    from chg_tlens.models import load_model
+    from chg_tlens.runs import write_json
+    from chg_tlens.tasks import function_views
+
+    config = config_from_args(ContrastiveConfig, args)
+    model = load_model(args.model, device=config.device, dtype=args.dtype)
+    train, held_out = contrastive_data(function_views, model, args.function, args.retain, args.n,
+                                       args.n_eval, config.seed)
+    result = fit_contrastive_chg(model, train, config, eval_data=held_out, run_dir=args.out,
+                                 resume=args.resume)
+    table = result.table()
+    write_json({"function": args.function, "retain": args.retain, "table": table.to_dict("records"),
+                "closed_heads_every_seed": result.closed_heads(), "config": result.config,
+                "provenance": result.provenance}, args.out / "contrastive.json")
+    print(f"contrastive CHG, {args.function}: retain {args.retain}, remove the other view")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"heads closed in every seed: {result.closed_heads()}")
+    return EXIT_OK
+
+
+def contrastive_data(function_views: Callable, model: Any, function: str, retain: str, n: int, n_eval: int,
+                     seed: int) -> tuple[Any, Any]:
+    """Training items and held-out items (queries never seen in training) for one function task."""
+    keep = "in_context" if retain == "icl" else "instruction"
+    train = function_views(model, n=n, seed=seed, function=function, split="train")
+    held_out = function_views(model, n=n_eval, seed=seed + 1, function=function, split="test")
+    return train.contrastive(keep), held_out.contrastive(keep)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from chg_tlens.report import write_report
+
+    if args.threshold is not None:
+        _check_threshold(args.threshold)
+    path = write_report(args.run_dir, threshold=args.threshold)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from chg_tlens.fit import CHGConfig, fit_chg
+    from chg_tlens.runs import write_run_folder
+
+    started = time.time()
+    if args.planted:
+        from chg_tlens.planted import repeat_circuit
+
+        circuit = repeat_circuit()
+        model, data, name = circuit.model, circuit.data(128, 0), "planted-repeat"
+        config = CHGConfig(n_seeds=4, steps=150, batch_size=32, progress=not args.quiet, device=args.device)
+    else:
+        from chg_tlens.models import load_model
+        from chg_tlens.tasks import make_task
+
+        model = load_model("smollm2-135m", device=args.device)
+        data = make_task(DEMO_SETTINGS["task"], model, n=DEMO_SETTINGS["n_examples"], seed=0)
+        name = "smollm2-135m"
+        config = CHGConfig(n_seeds=DEMO_SETTINGS["n_seeds"], batch_size=DEMO_SETTINGS["batch_size"],
+                           steps=DEMO_SETTINGS["steps"], progress=not args.quiet, device=args.device)
+    loaded = time.time()
+    print(f"CHG demo: {name}, task {data.meta.get('task', '?')}, {len(data)} examples, "
+          f"{config.n_seeds} seeds x {config.steps} steps x 3 stages, batch {config.batch_size}")
+    result = fit_chg(model, data, config)
+    fitted = time.time()
+    info = {"command": _command_line(), "model": name, "task": data.meta.get("task"),
+            "load_seconds": loaded - started, "fit_seconds": fitted - loaded}
+    write_run_folder(result, args.out, info)
+    _print_roles(result, 0.5, args.out)
+    print(f"time: load {loaded - started:.1f} s, fit {fitted - loaded:.1f} s, "
+          f"total {time.time() - started:.1f} s")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------- output
+def _print_roles(result: Any, threshold: float, out: Path) -> None:
+    summary = result.summary(threshold)
+    print("\nShare of heads per role (rows: seeds; last row: same role in every seed)")
+    print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
+    consensus = result.roles(threshold)
+    for role in ("facilitating", "interfering"):
+        heads = consensus[role]
+        shown = ", ".join(f"{layer}.{head}" for layer, head in heads[:20])
+        more = f" (+{len(heads) - 20} more)" if len(heads) > 20 else ""
+        print(f"{role} in every seed ({len(heads)}): {shown or '-'}{more}")
+    print(f"\nrun folder: {out}  (report: {out / 'report.html'})")
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items())
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold must be within [0, 1], got {threshold}.")
+
+
+def _command_line() -> str:
+    return " ".join(["chg-tlens", *sys.argv[1:]])
+
+
+# ----------------------------------------------------------------------------------- entry
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run, and map failures to exit codes: bad input is one line, a bug is a traceback."""
+    from chg_tlens.checkpoint import CheckpointError
+    from chg_tlens.result import ResultFileError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, OSError, CheckpointError,
+            ResultFileError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"chg-tlens {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"chg-tlens {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"chg-tlens {args.command}: internal error (a bug; please report it with the trace above)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
