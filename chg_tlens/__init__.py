@@ -7,6 +7,7 @@ irrelevant for a task (Nam et al., 2025).
 from chg_tlens.data import GateData
 from chg_tlens.fit import CHGConfig, ContrastiveConfig, fit_chg, fit_contrastive_chg
 from chg_tlens.gates import HeadGates
+from chg_tlens.models import load_model
 from chg_tlens.result import CHGResult, ContrastiveResult, ResultFileError
 
 __version__ = "0.1.0"
@@ -21,4 +22,5 @@ __all__ = [
     "ResultFileError",
     "fit_chg",
     "fit_contrastive_chg",
+    "load_model",
 ]

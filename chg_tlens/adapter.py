@@ -230,3 +230,74 @@ def logits_at(
     if soft_cap > 0:
         logits = soft_cap * torch.tanh(logits / soft_cap)
     return logits
+
+
+# ----------------------------------------------------------------------------------- toy models
+def build_native_model(model_name: str = "native", seed: int = 0, **config: Any) -> nn.Module:
+    """A randomly initialised TransformerLens model from config fields, on either TL version.
+
+    TL 4: ``TransformerBridge.boot_native``; TL 3.9: ``HookedTransformer``. Planted circuits and tests
+    build their models here so the same code runs against both.
+    """
+    try:
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        torch.manual_seed(seed)
+        model = HookedTransformer(HookedTransformerConfig(model_name=model_name, seed=seed, **config))
+    else:
+        model = TransformerBridge.boot_native(
+            TransformerBridgeConfig(model_name=model_name, seed=seed, **config), model_name=model_name
+        )
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def write_weights(
+    model: nn.Module,
+    embed: Tensor | None = None,
+    pos_embed: Tensor | None = None,
+    unembed: Tensor | None = None,
+) -> None:
+    """Overwrite embedding ``[vocab, d_model]``, positional ``[n_ctx, d_model]`` and unembedding
+    ``[d_model, vocab]`` matrices (TransformerLens layouts) of a model from :func:`build_native_model`."""
+    if is_bridge(model):
+        native = model.original_model
+        targets = [(native.tok_embed.weight, embed), (native.pos.weight, pos_embed),
+                   (native.head.weight, None if unembed is None else unembed.T)]
+    else:
+        targets = [(model.embed.W_E, embed), (model.pos_embed.W_pos, pos_embed), (model.unembed.W_U, unembed)]
+    for parameter, value in targets:
+        if value is not None:
+            parameter.copy_(value)
+
+
+@torch.no_grad()
+def write_head_weights(
+    model: nn.Module, layer: int, head: int, w_q: Tensor, w_k: Tensor, w_v: Tensor, w_o: Tensor
+) -> None:
+    """Overwrite one head's W_Q, W_K, W_V ``[d_model, d_head]`` and W_O ``[d_head, d_model]``."""
+    if is_bridge(model):
+        attn = model.original_model.layers[layer].attn
+        d_head = model.cfg.d_head
+        rows = slice(head * d_head, (head + 1) * d_head)
+        attn.q.weight[rows] = w_q.T
+        attn.k.weight[rows] = w_k.T
+        attn.v.weight[rows] = w_v.T
+        attn.o.weight[:, rows] = w_o.T
+    else:
+        attn = model.blocks[layer].attn
+        attn.W_Q[head] = w_q
+        attn.W_K[head] = w_k
+        attn.W_V[head] = w_v
+        attn.W_O[head] = w_o
+
+
+@torch.no_grad()
+def zero_weights(model: nn.Module) -> None:
+    """Every parameter (and bias) to zero: the blank slate a planted circuit is drawn on."""
+    for parameter in model.parameters():
+        parameter.zero_()

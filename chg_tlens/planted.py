@@ -18,8 +18,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from chg_tlens import adapter
 from chg_tlens.data import GateData
 
 Write = Literal["answer", "scratch"]
@@ -81,30 +82,27 @@ def build_planted_model(
     sharpness: float = 60.0,
     name: str = "planted",
 ) -> nn.Module:
-    """A TransformerBridge (attention only, no norms) whose planted heads do what ``heads`` says."""
-    from transformer_lens.config import TransformerBridgeConfig
-    from transformer_lens.model_bridge import TransformerBridge
-
+    """An attention-only model without norms whose planted heads do what ``heads`` says."""
     spaces = _Subspaces(vocab, n_ctx)
     d_head = max(vocab, n_ctx)
-    cfg = TransformerBridgeConfig(
-        d_model=spaces.d_model, d_head=d_head, n_layers=n_layers, n_ctx=n_ctx, n_heads=n_heads,
-        d_vocab=vocab, attn_only=True, normalization_type=None, seed=0, model_name=name,
+    model = adapter.build_native_model(
+        model_name=name, d_model=spaces.d_model, d_head=d_head, n_layers=n_layers, n_ctx=n_ctx,
+        n_heads=n_heads, d_vocab=vocab, attn_only=True, normalization_type=None,
         positional_embedding_type="standard",
     )
-    bridge = TransformerBridge.boot_native(cfg, model_name=name)
-    native = bridge.original_model
-    with torch.no_grad():
-        for parameter in native.parameters():
-            parameter.zero_()
-        native.tok_embed.weight[:, spaces.token] = torch.eye(vocab)
-        native.pos.weight[:, spaces.position] = torch.eye(n_ctx)
-        native.pos.weight[:, spaces.constant] = 1.0
-        native.head.weight[:, spaces.answer] = torch.eye(vocab)
-        for planted in heads:
-            _plant(native.layers[planted.layer].attn, planted, spaces, d_head, sharpness)
-    bridge.eval()
-    return bridge
+    adapter.zero_weights(model)
+    embed = torch.zeros(vocab, spaces.d_model)
+    embed[:, spaces.token] = torch.eye(vocab)
+    pos_embed = torch.zeros(n_ctx, spaces.d_model)
+    pos_embed[:, spaces.position] = torch.eye(n_ctx)
+    pos_embed[:, spaces.constant] = 1.0
+    unembed = torch.zeros(spaces.d_model, vocab)
+    unembed[spaces.answer] = torch.eye(vocab)
+    adapter.write_weights(model, embed, pos_embed, unembed)
+    for planted in heads:
+        adapter.write_head_weights(model, planted.layer, planted.head,
+                                   *_head_weights(planted, spaces, d_head, sharpness))
+    return model
 
 
 def recall_circuit(vocab: int = 10, seq_len: int = 8, alpha: float = 3.0, beta: float = 1.5
@@ -181,8 +179,9 @@ def contrastive_circuit(vocab: int = 10, seq_len: int = 8, alpha: float = 3.0) -
         PlantedHead(0, 3, ("offset", 0), 0, alpha),
     ]
     model = build_planted_model(1, 4, heads, vocab=vocab, n_ctx=max(16, seq_len), name="planted-two-modes")
-    with torch.no_grad():  # a default guess (token 1, logit +1) that wins once neither mode's head reads
-        model.original_model.head.weight[1, _Subspaces(vocab, max(16, seq_len)).constant] = 1.0
+    unembed = model.W_U.detach().clone()  # a default guess (token 1, logit +1) that wins once neither
+    unembed[_Subspaces(vocab, max(16, seq_len)).constant, 1] = 1.0  # mode's head reads the answer
+    adapter.write_weights(model, unembed=unembed)
 
     def make(n: int, seed: int) -> GateData:
         rng = np.random.default_rng(seed)
@@ -218,27 +217,25 @@ class _Subspaces:
         self.vocab = vocab
 
 
-def _plant(attn: nn.Module, planted: PlantedHead, spaces: _Subspaces, d_head: int,
-           sharpness: float) -> None:
-    """Write one head's Q, K, V, O blocks (nn.Linear weights are [out, in])."""
-    rows = slice(planted.head * d_head, (planted.head + 1) * d_head)
-    q = attn.q.weight[rows]
-    k = attn.k.weight[rows]
-    v = attn.v.weight[rows]
-    o = attn.o.weight[:, rows]
+def _head_weights(planted: PlantedHead, spaces: _Subspaces, d_head: int, sharpness: float
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """W_Q, W_K, W_V ``[d_model, d_head]`` and W_O ``[d_head, d_model]`` of one planted head."""
+    w_q, w_k, w_v = (torch.zeros(spaces.d_model, d_head) for _ in range(3))
+    w_o = torch.zeros(d_head, spaces.d_model)
     kind, where = planted.attend
     n_ctx = spaces.n_ctx
     if kind == "fixed":
-        q[0, spaces.constant] = sharpness
-        k[0, spaces.position.start + where] = 1.0
+        w_q[spaces.constant, 0] = sharpness
+        w_k[spaces.position.start + where, 0] = 1.0
     elif kind == "offset":
         for query_pos in range(where, n_ctx):
-            q[query_pos - where, spaces.position.start + query_pos] = sharpness
-        k[:n_ctx, spaces.position] = torch.eye(n_ctx)
+            w_q[spaces.position.start + query_pos, query_pos - where] = sharpness
+        w_k[spaces.position, :n_ctx] = torch.eye(n_ctx)
     else:
         raise ValueError(f"PlantedHead.attend must be ('fixed', p) or ('offset', k), got {planted.attend}.")
-    v[: spaces.vocab, spaces.token] = torch.eye(spaces.vocab)
-    v[0, spaces.token.start] = 0.0  # token 0 (BOS / empty slot) carries no content
+    w_v[spaces.token, : spaces.vocab] = torch.eye(spaces.vocab)
+    w_v[spaces.token.start, 0] = 0.0  # token 0 (BOS / empty slot) carries no content
     target = spaces.scratch if planted.sign == 0 else spaces.answer
     sign = 1.0 if planted.sign == 0 else float(planted.sign)
-    o[target, : spaces.vocab] = sign * planted.strength * torch.eye(spaces.vocab)
+    w_o[: spaces.vocab, target] = sign * planted.strength * torch.eye(spaces.vocab)
+    return w_q, w_k, w_v, w_o

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformer_lens.config import TransformerBridgeConfig
-from transformer_lens.model_bridge import TransformerBridge
+from torch import nn
 from transformers import PreTrainedTokenizerFast
+
+from chg_tlens.adapter import build_native_model
 
 WORDS = ["<bos>", "<pad>", "<unk>", "when", "mary", "and", "john", "went", "to", "the", "store",
          "gave", "a", "drink", "keys", "key", "cabinet", "are", "is", "of"]
@@ -13,16 +14,13 @@ WORDS = ["<bos>", "<pad>", "<unk>", "when", "mary", "and", "john", "went", "to",
 
 def random_bridge(n_layers: int = 2, n_heads: int = 4, d_head: int = 8, n_ctx: int = 16,
                   d_vocab: int = 20, attn_only: bool = False, normalization: str | None = "LN",
-                  seed: int = 0) -> TransformerBridge:
-    """A randomly initialised native TransformerBridge, deterministic by seed."""
-    cfg = TransformerBridgeConfig(
-        d_model=n_heads * d_head, d_head=d_head, n_layers=n_layers, n_ctx=n_ctx, n_heads=n_heads,
-        d_vocab=d_vocab, attn_only=attn_only, normalization_type=normalization, seed=seed,
-        act_fn="relu", d_mlp=4 * n_heads * d_head,
+                  seed: int = 0) -> nn.Module:
+    """A randomly initialised TransformerLens model (a bridge on TL 4), deterministic by seed."""
+    return build_native_model(
+        seed=seed, d_model=n_heads * d_head, d_head=d_head, n_layers=n_layers, n_ctx=n_ctx, n_heads=n_heads,
+        d_vocab=d_vocab, attn_only=attn_only, normalization_type=normalization, act_fn="relu",
+        d_mlp=4 * n_heads * d_head,
     )
-    model = TransformerBridge.boot_native(cfg)
-    model.eval()
-    return model
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
@@ -33,7 +31,7 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>")
 
 
-def word_model(n_ctx: int = 16) -> TransformerBridge:
+def word_model(n_ctx: int = 16) -> nn.Module:
     """A random bridge that tokenizes text with the word tokenizer."""
     model = random_bridge(n_ctx=n_ctx, d_vocab=len(WORDS))
     model.tokenizer = word_tokenizer()  # boot_native would try to re-download a named tokenizer

@@ -39,10 +39,7 @@ def test_gate_at_zero_removes_exactly_that_heads_contribution():
     values[0, head] = 0.0
     with model.hooks(fwd_hooks=HeadGates.fixed(values).hooks()):
         closed = model(tokens)
-    native = model.original_model
-    d_head = model.cfg.d_head
-    w_o = native.layers[0].attn.o.weight[:, head * d_head : (head + 1) * d_head]  # [d_model, d_head]
-    contribution = cache["z"][:, :, head] @ w_o.T @ native.head.weight.T
+    contribution = cache["z"][:, :, head] @ model.W_O[0, head] @ model.W_U
     assert torch.allclose(full - closed, contribution, atol=1e-5)
     assert (full - closed).abs().max() > 1e-3
 

