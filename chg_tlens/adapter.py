@@ -32,7 +32,7 @@ def is_transformer_lens_model(model: Any) -> bool:
 
 
 def is_bridge(model: Any) -> bool:
-    """True for a TL 4 TransformerBridge."""
+    """True for a TransformerBridge (hook names may be aliases, weights live in ``original_model``)."""
     return type(model).__name__ == "TransformerBridge" or hasattr(model, "original_model")
 
 
@@ -40,10 +40,6 @@ def _canonical_hook_names(model: nn.Module) -> set[str]:
     hook_dict = model.hook_dict
     names = set(hook_dict.keys())
     if is_bridge(model):
-        from transformer_lens.model_bridge.bridge_core import build_alias_to_canonical_map
-
-        aliases = build_alias_to_canonical_map(hook_dict)
-        names |= {alias for alias, canonical in aliases.items() if canonical in hook_dict}
         names |= _bridge_alias_names(model)
     return names
 
@@ -233,21 +229,35 @@ def logits_at(
 
 
 # ----------------------------------------------------------------------------------- toy models
+def legacy_model_class() -> type | None:
+    """``HookedTransformer`` on TransformerLens 3.x, None on 4.x (where it was removed)."""
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from transformer_lens import HookedTransformer
+    except ImportError:
+        return None
+    return HookedTransformer
+
+
 def build_native_model(model_name: str = "native", seed: int = 0, **config: Any) -> nn.Module:
     """A randomly initialised TransformerLens model from config fields, on either TL version.
 
-    TL 4: ``TransformerBridge.boot_native``; TL 3.9: ``HookedTransformer``. Planted circuits and tests
+    TL 3.x: ``HookedTransformer``; TL 4: ``TransformerBridge.boot_native``. Planted circuits and tests
     build their models here so the same code runs against both.
     """
-    try:
-        from transformer_lens.config import TransformerBridgeConfig
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    legacy = legacy_model_class()
+    if legacy is not None:
+        from transformer_lens import HookedTransformerConfig
 
         torch.manual_seed(seed)
-        model = HookedTransformer(HookedTransformerConfig(model_name=model_name, seed=seed, **config))
+        model = legacy(HookedTransformerConfig(model_name=model_name, seed=seed, **config))
     else:
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge import TransformerBridge
+
         model = TransformerBridge.boot_native(
             TransformerBridgeConfig(model_name=model_name, seed=seed, **config), model_name=model_name
         )
