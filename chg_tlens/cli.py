@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import os
 import sys
 import textwrap
 import time
+import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields
@@ -82,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="torch device (default: the model's)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=run_demo)
+    bench = commands.add_parser(
+        "bench", help="speed benchmarks: gate overhead, target-only logits, masks per pass, end to end",
+        description="Run the benchmarks side by side in one process, print a table of ratios and "
+        "write it as JSON. Never a pass/fail: numbers for the README.")
+    bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for JSON/Markdown")
+    bench.add_argument("--skip-real", action="store_true", help="toy models only (no SmolLM2-135M)")
+    bench.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default 5)")
+    bench.add_argument("--device", default=None, help="torch device (default cpu)")
+    bench.set_defaults(handler=run_bench)
     return parser
 
 
@@ -113,6 +124,9 @@ def _config_arguments(parser: argparse.ArgumentParser, config_class: type) -> No
         default = spec.default if spec.default is not MISSING else None
         help_text = f"{docs.get(spec.name, '')} (default {default})"
         hint = hints[spec.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            options = [a for a in typing.get_args(hint) if a is not type(None)]
+            hint = options[0] if len(options) == 1 else str
         origin = typing.get_origin(hint)
         if origin is typing.Literal:
             group.add_argument(flag, choices=typing.get_args(hint), default=default, help=help_text)
@@ -155,6 +169,9 @@ def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
 
 # ----------------------------------------------------------------------------------- commands
 def run_fit(args: argparse.Namespace) -> int:
+    import torch
+
+    from chg_tlens import distributed
     from chg_tlens.data import GateData
     from chg_tlens.fit import CHGConfig, fit_chg
     from chg_tlens.models import load_model
@@ -163,6 +180,8 @@ def run_fit(args: argparse.Namespace) -> int:
 
     config = config_from_args(CHGConfig, args)
     _check_threshold(args.threshold)
+    if distributed.init_from_environment(config.device) and torch.cuda.is_available():
+        config.device = config.device or f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     if args.data is not None and not args.data.exists():
         raise FileNotFoundError(f"--data: file not found: {args.data}")
     model = load_model(args.model, device=config.device, dtype=args.dtype)
@@ -174,7 +193,10 @@ def run_fit(args: argparse.Namespace) -> int:
         source = {"data": str(args.data)}
     started = time.time()
     result = fit_chg(model, data, config, run_dir=args.out, resume=args.resume)
-    info = {"command": _command_line(), "model": args.model, **source, "seconds": time.time() - started}
+    if not distributed.is_main_process():
+        return EXIT_OK
+    info = {"command": _command_line(), "model": args.model, **source, "seconds": time.time() - started,
+            "processes": distributed.world()[1]}
     write_run_folder(result, args.out, info, args.threshold, pictures=not args.no_pictures,
                      report=not args.no_pictures)
     _print_roles(result, args.threshold, args.out)
@@ -253,6 +275,15 @@ def run_demo(args: argparse.Namespace) -> int:
     _print_roles(result, 0.5, args.out)
     print(f"time: load {loaded - started:.1f} s, fit {fitted - loaded:.1f} s, "
           f"total {time.time() - started:.1f} s")
+    return EXIT_OK
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from chg_tlens.bench import run_benchmarks
+
+    table = run_benchmarks(args.out, skip_real=args.skip_real, repeats=args.repeats, device=args.device)
+    print(table.to_string(index=False))
+    print(f"\nwrote {args.out}")
     return EXIT_OK
 
 

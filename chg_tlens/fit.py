@@ -10,6 +10,7 @@ loop checkpoints every ``checkpoint_every`` steps and ``resume=True`` continues 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import time
@@ -18,14 +19,14 @@ from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from chg_tlens import adapter
+from chg_tlens import adapter, distributed
 from chg_tlens.checkpoint import load_checkpoint, save_checkpoint
 from chg_tlens.data import GateData
 from chg_tlens.gates import HeadGates
@@ -68,6 +69,8 @@ class GateFitConfig:
     """Show tqdm progress bars."""
     checkpoint_every: int = 50
     """Steps between checkpoints when the fit is given a run folder."""
+    autocast: Literal["bfloat16", "float16"] | None = None
+    """Run the model's forward under torch.autocast in this dtype (GPU speed-up); None = model dtype."""
 
     def validate(self) -> GateFitConfig:
         """Reject impossible settings before any compute, naming the field."""
@@ -88,6 +91,8 @@ class GateFitConfig:
         for key in ("clamp", "grad_clip"):
             if not _positive(getattr(self, key)):
                 raise ValueError(f"{name}.{key} must be positive, got {getattr(self, key)!r}.")
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"{name}.autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}.")
         if self.clamp_mode not in ("one_sided", "two_sided"):
             raise ValueError(
                 f"{name}.clamp_mode must be 'one_sided' or 'two_sided', got {self.clamp_mode!r}."
@@ -336,23 +341,26 @@ def _train_stage(model: Any, gates: HeadGates, data: GateData, stage: Stage, con
         for group in optimizer.param_groups:
             group["lr"] = linear_lr(stage.lr, step, config.steps)
         index = data.batch_indices(step, config.batch_size, seed=config.seed * 1009 + salt)
-        loss, nll = stage.objective(model, gates, data.subset(index))
-        if not torch.isfinite(loss).all():
+        with _autocast(config.autocast, gates.theta.device):
+            loss, nll = stage.objective(model, gates, data.subset(distributed.local_slice(index)))
+        seen_loss = distributed.average_(loss.detach().clone())
+        if not torch.isfinite(seen_loss).all():
             if folder is not None:
                 _save(folder, _snapshot(state, stage, step, gates, optimizer), started)
-            bad = torch.nonzero(~torch.isfinite(loss)).flatten().tolist()
+            bad = torch.nonzero(~torch.isfinite(seen_loss)).flatten().tolist()
             raise FloatingPointError(
                 f"CHG stage '{stage.name}', step {step}: the loss is not finite for seed(s) {bad} "
-                f"(values {loss.detach().cpu().tolist()}) on the batch of example indices "
+                f"(values {seen_loss.cpu().tolist()}) on the batch of example indices "
                 f"{index.tolist()}. Check the data and the model's dtype."
                 + (f" The last good state is checkpointed in {folder}." if folder is not None else "")
             )
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
+        distributed.average_(gates.theta.grad)
         per_mask_grad_clip_(gates.theta.grad, config.grad_clip)
         optimizer.step()
-        log["loss"].append(loss.detach().cpu())
-        log["nll"].append(nll.detach().cpu())
+        log["loss"].append(seen_loss.cpu())
+        log["nll"].append(distributed.average_(nll.detach().clone()).cpu())
 
 
 def _snapshot(state: dict[str, Any], stage: Stage, step: int, gates: HeadGates,
@@ -365,7 +373,15 @@ def _snapshot(state: dict[str, Any], stage: Stage, step: int, gates: HeadGates,
 def _save(folder: Path, state: dict[str, Any], started: float) -> None:
     state["seconds"] = time.time() - started
     state["rng"] = torch.get_rng_state()
-    save_checkpoint(folder, state)
+    if distributed.is_main_process():
+        save_checkpoint(folder, state)
+
+
+def _autocast(dtype: str | None, device: torch.device) -> Any:
+    """Mixed precision for the frozen model's forward (bf16/fp16 on GPU); gates and loss stay fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
 # ----------------------------------------------------------------------------------- helpers
