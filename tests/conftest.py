@@ -10,8 +10,13 @@ import ipaddress
 import socket
 
 import pytest
+import torch
 
 from chg_tlens.planted import recall_circuit, repeat_circuit
+
+# One intra-op thread: the toy models are too small to gain from two, and a second thread makes every
+# test crawl whenever anything else shares the two cores (measured: a planted fit 2.5 s vs 24 s).
+torch.set_num_threads(1)
 
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
