@@ -1,10 +1,10 @@
 """Load the model CHG runs on, from whatever the user has: a name, a folder, a GGUF file or a model.
 
 Every spec is first resolved to a local Hugging Face folder, then booted the same way, so a hub
-model, a local folder, a GGUF file and the embedded SmolLM2 all give the same kind of
-``TransformerBridge`` with the same tokenizer behaviour. The network is touched in one bounded step
-(only for hub names), and GGUF files are converted once and cached, because parsing one takes tens of
-seconds.
+model, a local folder, a GGUF file and the embedded SmolLM2 all give the same kind of model with the
+same tokenizer behaviour: a ``TransformerBridge`` on TransformerLens 4, a ``HookedTransformer`` on
+TransformerLens 3.x. The network is touched in one bounded step (only for hub names), and GGUF files are
+converted once and cached, because parsing one takes tens of seconds.
 """
 
 from __future__ import annotations
@@ -19,15 +19,17 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from chg_tlens.adapter import is_transformer_lens_model
+from chg_tlens.adapter import is_transformer_lens_model, legacy_model_class
 
 if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.model_bridge import TransformerBridge
 
 EMBEDDED_MODEL = "smollm2-135m"
@@ -61,8 +63,11 @@ def load_model(
     spec: Any,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
-) -> TransformerBridge:
-    """A TransformerLens 4 ``TransformerBridge`` in eval mode, from any spec a user is likely to have.
+) -> TransformerBridge | HookedTransformer:
+    """A TransformerLens model in eval mode, from any spec a user is likely to have.
+
+    TransformerLens 4 gives a ``TransformerBridge``; 3.x a ``HookedTransformer`` with unprocessed weights
+    (no layer-norm folding or centring), so on either version the logits are the checkpoint's own.
 
     ``spec`` is one of: ``"smollm2-135m"`` (embedded, offline), a hub name, a local folder with
     ``config.json``, a ``.gguf`` path, or a loaded TransformerLens model, which is returned as it is
@@ -238,21 +243,140 @@ def _resolve_spec(spec: Any) -> tuple[Path, str]:
 
 def _boot(
     folder: Path, name: str, device: str | torch.device | None, dtype: torch.dtype
-) -> TransformerBridge:
+) -> TransformerBridge | HookedTransformer:
     """One boot path for every spec, so all of them tokenize and hook the same way."""
-    try:
+    legacy = legacy_model_class()
+    if legacy is not None:
+        model = _boot_hooked_transformer(legacy, folder, device, dtype)
+    else:
         from transformer_lens.model_bridge import TransformerBridge
-    except ImportError as exc:
-        raise ImportError(
-            "load_model builds a TransformerBridge, which needs TransformerLens 4 "
-            "(pip install 'transformer-lens>=4'). With TransformerLens 3.9, load a "
-            "HookedTransformer yourself and pass it to chg_tlens directly."
-        ) from exc
 
-    with _quiet():
-        model = TransformerBridge.boot_transformers(str(folder), device=device, dtype=dtype)
+        with _quiet():
+            model = TransformerBridge.boot_transformers(str(folder), device=device, dtype=dtype)
     model.cfg.model_name = name
     return model.eval()
+
+
+def _boot_hooked_transformer(
+    hooked_transformer: type, folder: Path, device: str | torch.device | None, dtype: torch.dtype
+) -> HookedTransformer:
+    """TransformerLens 3.x: the folder's weights through TL's own converter, left unprocessed.
+
+    No layer-norm folding or centring (as ``from_pretrained_no_processing``), so the logits are
+    transformers' logits and the heads are the checkpoint's heads.
+    """
+    from transformer_lens import loading_from_pretrained as tl_loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # HookedTransformer's "use TL 4" notice
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        cfg = _hooked_config(hf_model.config, folder, device, dtype)
+        state_dict = tl_loading.get_pretrained_state_dict(str(folder), cfg, hf_model, dtype=dtype)
+        model = hooked_transformer(cfg, tokenizer=tokenizer, move_to_device=False)
+        # One strict load: a converter/module naming mismatch fails here instead of loading zeros.
+        model.load_state_dict(model.fill_missing_keys(state_dict), strict=True)
+        del hf_model, state_dict
+        model.move_model_modules_to_device()
+    return model
+
+
+def _hooked_config(
+    hf_config: Any, folder: Path, device: str | torch.device | None, dtype: torch.dtype
+) -> HookedTransformerConfig:
+    """A ``HookedTransformerConfig`` for the folder's model.
+
+    Llama (SmolLM2 and most GGUF files) is mapped here from the HF config itself: TL 3.9's own mapping
+    needs the model's hub name or ``architectures`` in config.json, and GGUF conversions have neither.
+    Other architectures go through TL's mapping, under a path free of the words it guesses from.
+    """
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens import loading_from_pretrained as tl_loading
+
+    if getattr(hf_config, "model_type", None) == "llama":
+        return HookedTransformerConfig(**_llama_config(hf_config), device=device, dtype=dtype)
+    architectures = getattr(hf_config, "architectures", None) or []
+    if not architectures:
+        raise ValueError(
+            f"load_model: {folder} holds a {getattr(hf_config, 'model_type', '?')!r} model whose "
+            "config.json names no architecture, which TransformerLens 3.9 needs to build a "
+            "HookedTransformer. Use TransformerLens 4 (pip install 'transformer-lens>=4'), or a "
+            "folder whose config.json lists 'architectures'."
+        )
+    with tempfile.TemporaryDirectory(prefix="chg_tlens_") as scratch:
+        # TL 3.9 reads "llama"/"gemma" in a local path as the architecture; a neutral link hides them.
+        neutral = Path(scratch) / "model"
+        neutral.symlink_to(folder.resolve(), target_is_directory=True)
+        try:
+            cfg = tl_loading.get_pretrained_model_config(
+                str(neutral), hf_cfg=hf_config.to_dict(), fold_ln=False, device=device, dtype=dtype
+            )
+        except NotImplementedError as exc:
+            raise ValueError(
+                f"load_model: TransformerLens 3.9 cannot build a HookedTransformer for "
+                f"{architectures[0]} ({exc}). Use TransformerLens 4 (pip install "
+                "'transformer-lens>=4'), whose TransformerBridge covers more architectures."
+            ) from exc
+    cfg.tokenizer_name = str(folder)
+    return cfg
+
+
+def _llama_config(hf_config: Any) -> dict[str, Any]:
+    """HookedTransformerConfig fields of a Llama-architecture HF config (grouped-query heads kept)."""
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(hf_config, flag, False):
+            raise ValueError(
+                f"load_model: this Llama model has {flag}=True, which TransformerLens 3.9's Llama "
+                "converter drops; use TransformerLens 4 (pip install 'transformer-lens>=4')."
+            )
+    n_heads = int(hf_config.num_attention_heads)
+    d_head = int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads)
+    n_key_value_heads = int(getattr(hf_config, "num_key_value_heads", None) or n_heads)
+    rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
+                or {})
+    rope_theta = getattr(hf_config, "rope_theta", None) or rope.get("rope_theta", 10000.0)
+    fields: dict[str, Any] = {
+        "original_architecture": "LlamaForCausalLM",
+        "d_model": int(hf_config.hidden_size),
+        "d_head": d_head,
+        "n_heads": n_heads,
+        # TL uses grouped-query attention whenever this is set, so only set it when it groups.
+        "n_key_value_heads": n_key_value_heads if n_key_value_heads != n_heads else None,
+        "d_mlp": int(hf_config.intermediate_size),
+        "n_layers": int(hf_config.num_hidden_layers),
+        # Masks and rotary tables grow lazily in TL 3.9, so the full context costs nothing up front.
+        "n_ctx": int(hf_config.max_position_embeddings),
+        "d_vocab": int(hf_config.vocab_size),
+        "eps": float(hf_config.rms_norm_eps),
+        "act_fn": hf_config.hidden_act,
+        "normalization_type": "RMS",
+        "final_rms": True,
+        "gated_mlp": True,
+        "positional_embedding_type": "rotary",
+        "rotary_dim": d_head,
+        "rotary_adjacent_pairs": False,  # HF Llama rotates the two halves of a head, not pairs
+        "rotary_base": float(rope_theta),
+        "default_prepend_bos": True,
+        "init_weights": False,
+    }
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type == "llama3":
+        fields.update(
+            use_NTK_by_parts_rope=True,
+            NTK_original_ctx_len=int(rope.get("original_max_position_embeddings",
+                                              hf_config.max_position_embeddings)),
+            NTK_by_parts_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            NTK_by_parts_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            NTK_by_parts_factor=float(rope.get("factor", 1.0)),
+        )
+    elif rope_type != "default":
+        raise ValueError(
+            f"load_model: this Llama model uses {rope_type!r} rotary scaling, which TransformerLens "
+            "3.9's HookedTransformer does not implement; use TransformerLens 4 "
+            "(pip install 'transformer-lens>=4')."
+        )
+    return fields
 
 
 def _parse_gguf(path: Path) -> tuple[Any, Any]:

@@ -1,7 +1,9 @@
 """load_model: every kind of spec, the GGUF cache, and the errors a user meets when something is off.
 
 The fast tests use a tiny random Llama saved as a local folder (and a stand-in GGUF parser); the
-``real_model`` ones load the embedded SmolLM2 once per module into a temporary cache.
+``real_model`` ones load the embedded SmolLM2 once per module into a temporary cache. The module runs on
+TransformerLens 4 (TransformerBridge) and again on 3.9 (HookedTransformer): the checks are the same,
+only the expected class differs.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from chg_tlens import CHGConfig, GateData, fit_chg
 from chg_tlens import models as chg_models
+from chg_tlens.adapter import legacy_model_class
 from chg_tlens.models import (
     CACHE_ENV,
     cache_dir,
@@ -23,6 +27,9 @@ from chg_tlens.models import (
     gguf_hf_folder,
     load_model,
 )
+
+EXPECTED_CLASS = "TransformerBridge" if legacy_model_class() is None else "HookedTransformer"
+"""What load_model builds on the installed TransformerLens: 4.x a bridge, 3.x a HookedTransformer."""
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "the", "cat", "sat", "on", "mat", "a", "dog", "ran"]
 
@@ -37,27 +44,40 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(**overrides: object) -> LlamaForCausalLM:
     """2 layers x 4 query heads (2 KV heads), d_head 8: the SmolLM2 architecture in miniature."""
     config = LlamaConfig(
         vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, **overrides,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(folder)
+def save_folder(folder: Path, hf_model: torch.nn.Module) -> Path:
+    hf_model.save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     return folder
 
 
+def eager_reference(folder: Path, model_class: type = LlamaForCausalLM) -> torch.nn.Module:
+    return model_class.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def max_logit_gap(model, reference: torch.nn.Module, tokens: torch.Tensor) -> float:
+    with torch.no_grad():
+        expected = reference(tokens, attention_mask=torch.ones_like(tokens)).logits
+        return (model(tokens) - expected).abs().max().item()
+
+
 @pytest.fixture(scope="module")
-def tiny_bridge(tiny_folder: Path):
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_folder(tmp_path_factory.mktemp("tiny-llama"), tiny_llama())
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_folder: Path):
     return load_model(tiny_folder, device="cpu")
 
 
@@ -96,39 +116,83 @@ def cache_entries(root: Path) -> list[str]:
 # --- local folder, passthrough, unknown specs -------------------------------------------------------
 
 
-def test_local_folder_boots_a_bridge_matching_transformers(tiny_folder: Path, tiny_bridge) -> None:
-    assert type(tiny_bridge).__name__ == "TransformerBridge"
-    assert not tiny_bridge.training
-    assert tiny_bridge.cfg.model_name == tiny_folder.name
-    assert (tiny_bridge.cfg.n_layers, tiny_bridge.cfg.n_heads, tiny_bridge.cfg.d_head) == (2, 4, 8)
-    tokens = tiny_bridge.to_tokens("the cat sat on a mat")
-    assert tokens[0, 0].item() == 1  # BOS prepended once
-    reference = LlamaForCausalLM.from_pretrained(tiny_folder, attn_implementation="eager").eval()
-    with torch.no_grad():
-        expected = reference(tokens, attention_mask=torch.ones_like(tokens)).logits
-        got = tiny_bridge(tokens)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+def test_local_folder_boots_this_versions_model_matching_transformers(
+    tiny_folder: Path, tiny_model
+) -> None:
+    assert type(tiny_model).__name__ == EXPECTED_CLASS
+    assert not tiny_model.training
+    assert tiny_model.cfg.model_name == tiny_folder.name
+    assert (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads, tiny_model.cfg.d_head) == (2, 4, 8)
+    assert tiny_model.cfg.n_key_value_heads == 2
+    tokens = tiny_model.to_tokens("the cat sat on a mat")
+    assert tokens[0].tolist() == [1, 4, 5, 6, 7, 9, 8]  # BOS prepended once
+    assert max_logit_gap(tiny_model, eager_reference(tiny_folder), tokens) <= 1e-5
 
 
-def test_local_folder_hook_z_is_per_head(tiny_bridge) -> None:
+def test_llama3_rotary_scaling_matches_transformers(tmp_path: Path) -> None:
+    # Llama 3.x stretches the rotary frequencies by parts; ignoring that misses by 8e-4 even on this
+    # tiny random model (measured on TL 3.9), 80x the tolerance.
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    folder = save_folder(tmp_path / "tiny-llama3", tiny_llama(rope_parameters=rope))
+    model = load_model(folder, device="cpu")
+    tokens = model.to_tokens(" ".join(["the cat sat on a mat and the dog ran"] * 3))
+    assert tokens.shape[1] > 16
+    assert max_logit_gap(model, eager_reference(folder), tokens) <= 1e-5
+
+
+def test_llama_with_attention_biases_loads_or_is_refused_by_name(tmp_path: Path) -> None:
+    # TL 3.9's Llama converter drops q/k/v/o biases: there the load must refuse, not mislead.
+    folder = save_folder(tmp_path / "tiny-llama-biased", tiny_llama(attention_bias=True))
+    if EXPECTED_CLASS == "HookedTransformer":
+        with pytest.raises(ValueError, match="attention_bias=True"):
+            load_model(folder, device="cpu")
+    else:
+        model = load_model(folder, device="cpu")
+        tokens = model.to_tokens("the cat sat")
+        assert max_logit_gap(model, eager_reference(folder), tokens) <= 1e-5
+
+
+def test_non_llama_folder_matches_transformers_whatever_its_name(tmp_path: Path) -> None:
+    # GPT-2 goes through TransformerLens's own config mapping on 3.9, which guesses the architecture
+    # from words such as "llama" in a local path; the folder name here would mislead it.
+    # n_ctx: the hub's gpt2 config.json carries it and TL 3.9 reads it; transformers 5 no longer writes it.
+    config = GPT2Config(vocab_size=len(WORDS), n_positions=32, n_ctx=32, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(0)
+    folder = save_folder(tmp_path / "not-a-llama-gpt2", GPT2LMHeadModel(config).eval())
+    model = load_model(folder, device="cpu")
+    assert type(model).__name__ == EXPECTED_CLASS
+    assert (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head) == (2, 4, 8)
+    tokens = model.to_tokens("the cat sat on a mat")
+    assert max_logit_gap(model, eager_reference(folder, GPT2LMHeadModel), tokens) <= 1e-5
+
+
+def test_dtype_reaches_the_weights(tiny_folder: Path) -> None:
+    model = load_model(tiny_folder, device="cpu", dtype="bfloat16")
+    assert model.cfg.dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_local_folder_hook_z_is_per_head(tiny_model) -> None:
     shapes: list[tuple[int, ...]] = []
 
     def record(z: torch.Tensor, hook) -> None:
         shapes.append(tuple(z.shape))
 
-    tokens = tiny_bridge.to_tokens("the dog ran")
-    with torch.no_grad(), tiny_bridge.hooks(fwd_hooks=[("blocks.1.attn.hook_z", record)]):
-        tiny_bridge(tokens)
+    tokens = tiny_model.to_tokens("the dog ran")
+    with torch.no_grad(), tiny_model.hooks(fwd_hooks=[("blocks.1.attn.hook_z", record)]):
+        tiny_model(tokens)
     assert shapes == [(1, tokens.shape[1], 4, 8)]
 
 
-def test_loaded_model_passes_through(tiny_bridge) -> None:
-    assert load_model(tiny_bridge) is tiny_bridge
+def test_loaded_model_passes_through(tiny_model) -> None:
+    assert load_model(tiny_model) is tiny_model
 
 
-def test_loaded_model_is_never_moved_or_cast(tiny_bridge) -> None:
+def test_loaded_model_is_never_moved_or_cast(tiny_model) -> None:
     with pytest.raises(ValueError, match="passed through unchanged"):
-        load_model(tiny_bridge, dtype=torch.float16)
+        load_model(tiny_model, dtype=torch.float16)
 
 
 @pytest.mark.parametrize("spec", [42, None, 3.5, ["gpt2"]])
@@ -212,6 +276,7 @@ def test_offline_hub_name_uses_the_hugging_face_cache(
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     model = load_model("local-org/tiny-llama", device="cpu")
+    assert type(model).__name__ == EXPECTED_CLASS
     assert model.cfg.model_name == "local-org/tiny-llama"
     assert model.cfg.n_heads == 4
 
@@ -359,15 +424,12 @@ def test_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.M
 
 
 @pytest.fixture(scope="module")
-def real_cache(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("chg-real-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(CACHE_ENV, str(root))
-        yield root
+def smol():
+    """The embedded model through the user's cache, as every other suite loads it.
 
-
-@pytest.fixture(scope="module")
-def smol(real_cache: Path):
+    A cold cache is filled once (~30 s, the same entry a user's first load makes); a warm one is reused.
+    Either way smol_reference checks the cached weights against transformers' own reading of the GGUF.
+    """
     return load_model("smollm2-135m", device="cpu")
 
 
@@ -384,6 +446,7 @@ def smol_reference():
 
 @pytest.mark.real_model
 def test_embedded_model_layout(smol) -> None:
+    assert type(smol).__name__ == EXPECTED_CLASS
     cfg = smol.cfg
     assert cfg.model_name == "SmolLM2-135M-Instruct"
     assert (cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_vocab) == (30, 9, 64, 49152)
@@ -397,6 +460,8 @@ def test_embedded_model_matches_transformers_on_the_same_gguf(smol, smol_referen
     with torch.no_grad():
         expected = smol_reference(tokens, attention_mask=torch.ones_like(tokens)).logits
         got = smol(tokens)
+    # Measured: 0 on TL 4 (the bridge runs transformers' own modules); 6e-5 on TL 3.9, whose
+    # HookedTransformer recomputes attention, rotary and RMS norm in its own float32 order.
     assert (got - expected).abs().max().item() <= 1e-4
 
 
@@ -453,12 +518,12 @@ def test_token_tensor_input_masks_nothing(smol, smol_reference) -> None:
 
 
 @pytest.mark.real_model
-def test_second_embedded_load_reads_the_cache(
-    smol, real_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (entry,) = cache_entries(real_cache)
-    assert entry.startswith("SmolLM2-135M-Instruct.Q4_1-")
+def test_second_embedded_load_reads_the_cache(smol, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(chg_models, "_parse_gguf", refuse_to_parse)
+    entry = gguf_hf_folder(embedded_gguf_path())
+    assert entry.parent.parent == cache_dir()
+    assert entry.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
+    assert {"config.json", "model.safetensors", "chg_tlens_source.json"} <= {p.name for p in entry.iterdir()}
     again = load_model("smollm2-135m", device="cpu")
     tokens = smol.to_tokens("The capital of France is")
     with torch.no_grad():
@@ -467,12 +532,28 @@ def test_second_embedded_load_reads_the_cache(
 
 @pytest.mark.real_model
 def test_truncated_gguf_is_rejected_by_name_and_not_cached(
-    real_cache: Path, tmp_path: Path
+    fresh_cache: Path, tmp_path: Path
 ) -> None:
-    before = cache_entries(real_cache)
     truncated = tmp_path / "truncated.gguf"
     with embedded_gguf_path().open("rb") as source:
         truncated.write_bytes(source.read(5_000_000))
     with pytest.raises(ValueError, match="truncated.gguf: could not read this GGUF file"):
         load_model(truncated)
-    assert cache_entries(real_cache) == before
+    assert cache_entries(fresh_cache) == []
+
+
+@pytest.mark.real_model
+def test_chg_fits_on_the_embedded_model(smol) -> None:
+    # The whole fit path (GateData from text, gates on hook_z, three stages) on this version's class.
+    data = GateData.from_pairs(smol, ["The capital of France is", "The capital of Germany is"],
+                               [" Paris", " Berlin"])
+    embedding = next(smol.parameters()).detach().clone()
+    result = fit_chg(smol, data, CHGConfig(n_seeds=1, steps=2, batch_size=2, progress=False))
+    assert result.provenance["model_class"] == EXPECTED_CLASS
+    for gates in (result.g_zero, result.g_plus, result.g_minus):
+        assert gates.shape == (1, 30, 9)
+        assert torch.isfinite(gates).all()
+    assert not (result.theta_plus == result.theta_minus).all()  # opposite regularisers moved them apart
+    # Only the gates learn: the model comes back unchanged, with its requires_grad flags restored.
+    torch.testing.assert_close(next(smol.parameters()), embedding, atol=0, rtol=0)
+    assert all(p.requires_grad for p in smol.parameters())
