@@ -1,0 +1,104 @@
+"""How well a model (optionally under gates) does a task: accuracy and log-probability on its targets.
+
+The numbers a reader checks before trusting a fit (is the model any good at this task?) and after
+ablating heads (how much did it lose?).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from chg_tlens import adapter
+from chg_tlens.data import GateData
+from chg_tlens.fit import gated_logits
+from chg_tlens.gates import HeadGates
+from chg_tlens.objectives import target_accuracy, target_logprobs
+
+
+def task_accuracy(
+    model: Any, data: GateData, batch_size: int = 32, gates: HeadGates | None = None
+) -> dict[str, Any]:
+    """Top-1 accuracy and mean target log-prob of ``model`` on ``data``, without gradients, in batches.
+
+    Keys: ``n`` (examples); ``accuracy`` (share of examples whose every target token is the argmax);
+    ``token_accuracy`` (share of target tokens that are, averaged per example); ``logprob`` (mean per
+    example of its mean target-token log-prob). When every example has one target token and a corrupt
+    twin whose answer sits at the same position, also ``contrast_accuracy`` (share of examples where the
+    clean answer outscores the twin's answer on the clean prompt: the binary choice are/is, IO/subject)
+    and ``logit_diff`` (mean clean-minus-twin answer logit). With ``gates`` the heads are gated through
+    hooks; values are floats for one gate set and lists (one per mask) for several.
+    """
+    layout = adapter.require_model(model)
+    if not isinstance(data, GateData):
+        raise TypeError(f"data: expected a chg_tlens.GateData, got {type(data).__name__}.")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if gates is not None:
+        _require_gates_for(gates, layout)
+    data.checked_for(model)
+    n_masks = 1 if gates is None else gates.n_masks
+    with_contrast = has_single_answer_twin(data)
+    device = adapter.model_device(model)
+    sums: dict[str, Tensor] = {}
+    with adapter.frozen(model), torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = data.subset(range(start, min(start + batch_size, len(data))))
+            tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
+            logits = model(tokens) if gates is None else gated_logits(model, gates, tokens)
+            token_share = target_accuracy(logits, tokens, target_mask, n_masks)
+            scores = {
+                "accuracy": (token_share == 1).float(),
+                "token_accuracy": token_share,
+                "logprob": target_logprobs(logits, tokens, target_mask, n_masks),
+            }
+            if with_contrast:
+                scores.update(_answer_contrast(logits, batch, n_masks, device))
+            for key, value in scores.items():
+                sums[key] = sums.get(key, 0) + value.sum(dim=1).double().cpu()
+    means = {key: total / len(data) for key, total in sums.items()}
+    if "contrast" in means:
+        means["contrast_accuracy"] = means.pop("contrast")
+    result: dict[str, Any] = {"n": len(data)}
+    for key, value in means.items():
+        result[key] = float(value[0]) if n_masks == 1 else [float(v) for v in value]
+    return result
+
+
+def has_single_answer_twin(data: GateData) -> bool:
+    """True when each example has one target token and the twin's target is at the same position."""
+    twin = data.corrupt
+    if twin is None or twin.tokens.shape != data.tokens.shape:
+        return False
+    one_each = bool((data.target_mask.sum(dim=1) == 1).all())
+    return one_each and bool((twin.target_mask == data.target_mask).all())
+
+
+def _answer_contrast(
+    logits: Float[Tensor, "mask_batch pos vocab"], batch: GateData, n_masks: int, device: torch.device
+) -> dict[str, Float[Tensor, "mask batch"]]:
+    """Clean answer vs twin answer, both read off the clean prompt's logits at the answer position."""
+    assert batch.corrupt is not None  # guaranteed by has_single_answer_twin
+    size = batch.tokens.shape[0]
+    logits = logits.reshape(n_masks, size, *logits.shape[-2:])
+    example, position = torch.nonzero(batch.target_mask.to(device), as_tuple=True)
+    at_answer = logits[:, example, position - 1].float()  # [mask, batch, vocab]
+    clean_answer = batch.tokens.to(device)[example, position]
+    twin_answer = batch.corrupt.tokens.to(device)[example, position]
+    clean_logit = at_answer.gather(-1, clean_answer.expand(n_masks, -1).unsqueeze(-1)).squeeze(-1)
+    twin_logit = at_answer.gather(-1, twin_answer.expand(n_masks, -1).unsqueeze(-1)).squeeze(-1)
+    difference = clean_logit - twin_logit
+    return {"contrast": (difference > 0).float(), "logit_diff": difference}
+
+
+def _require_gates_for(gates: Any, layout: adapter.HeadLayout) -> None:
+    if not isinstance(gates, HeadGates):
+        raise TypeError(f"gates: expected a chg_tlens.HeadGates or None, got {type(gates).__name__}.")
+    if (gates.n_layers, gates.n_heads) != (layout.n_layers, layout.n_heads):
+        raise ValueError(
+            f"gates: built for {gates.n_layers} layers x {gates.n_heads} heads, but the model has "
+            f"{layout.n_layers} x {layout.n_heads}."
+        )

@@ -1,0 +1,142 @@
+"""Function tasks (singular -> plural, antonym, country -> capital), posed two ways with one answer.
+
+    in_context:   "cat -> cats\\ndog -> dogs\\nhouse ->"                      -> " houses"
+    instruction:  "Give the plural of the word.\\nWord: house\\nPlural:"   -> " houses"
+
+The instruction view names the function in its answer label too: with a bare "house ->" after the
+instruction, SmolLM2-135M mostly copies the word (plural 3%, capital 0% top-1), with the label it
+answers (50%, 83%).
+
+``function_views`` returns both views of the same items in the same order, the matched pair that
+contrastive CHG needs (retain one view, forget the other). Items are split into train and test by a
+hash of the query word, so a held-out query never appears in another split, whatever the seed.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+from chg_tlens.data import GateData
+from chg_tlens.tasks.examples import (
+    TextExample,
+    examples_to_data,
+    require_choice,
+    require_count,
+    require_tokenizer,
+)
+from chg_tlens.tasks.words import ANTONYMS, CAPITALS, NOUNS
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """A function's items and how the instruction view poses it."""
+
+    pairs: list[tuple[str, str]]
+    """(input, output) pairs, words with their leading space."""
+    instruction: str
+    input_label: str
+    output_label: str
+
+    def instruction_prompt(self, word: str) -> str:
+        """The instruction, then the query under its input label, ending at the answer label."""
+        return f"{self.instruction}\n{self.input_label}: {word.strip()}\n{self.output_label}:"
+
+
+FUNCTIONS: dict[str, FunctionSpec] = {
+    "plural": FunctionSpec(NOUNS, "Give the plural of the word.", "Word", "Plural"),
+    "antonym": FunctionSpec(ANTONYMS, "Give the opposite of the word.", "Word", "Opposite"),
+    "capital": FunctionSpec(CAPITALS, "Give the capital city of the country.", "Country", "Capital"),
+}
+
+VIEWS = ("in_context", "instruction")
+SPLITS = ("train", "test", "all")
+
+
+class FunctionViews(NamedTuple):
+    """The same items posed with in-context examples and with an instruction (same answers, same order)."""
+
+    in_context: GateData
+    instruction: GateData
+
+    def contrastive(self, retain: str = "in_context") -> GateData:
+        """The ``retain`` view with the other attached as its matched ``forget`` twin."""
+        require_choice("FunctionViews.contrastive", "retain", retain, VIEWS)
+        kept, dropped = (self.in_context, self.instruction) if retain == "in_context" \
+            else (self.instruction, self.in_context)
+        return replace(kept, forget=dropped)
+
+
+def function_views(
+    model: Any,
+    n: int = 64,
+    seed: int = 0,
+    *,
+    function: str = "plural",
+    n_shots: int = 5,
+    split: str = "train",
+    test_fraction: float = 0.3,
+) -> FunctionViews:
+    """Both views of ``n`` items of ``function``: matched pairs for contrastive CHG.
+
+    Queries come from ``split`` (``train``/``test``: items whose query-word hash falls in or out of the
+    held-out ``test_fraction``; ``all``: every item). In-context examples always come from the train
+    items, never the query itself.
+    """
+    task = "function"
+    require_tokenizer(model, task)
+    require_count(task, "n", n)
+    require_count(task, "seed", seed, 0)
+    require_count(task, "n_shots", n_shots, 1)
+    require_choice(task, "function", function, list(FUNCTIONS))
+    require_choice(task, "split", split, SPLITS)
+    if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise ValueError(f"{task}: test_fraction must lie strictly between 0 and 1, got {test_fraction!r}.")
+    spec = FUNCTIONS[function]
+    pairs = spec.pairs
+    train = [p for p in pairs if not is_held_out(p[0], test_fraction)]
+    queries = {"train": train, "test": [p for p in pairs if is_held_out(p[0], test_fraction)],
+               "all": list(pairs)}[split]
+    if len(train) < n_shots + 1:
+        raise ValueError(
+            f"{task}: n_shots={n_shots} needs at least {n_shots + 1} train items, "
+            f"'{function}' has {len(train)}."
+        )
+    rng = random.Random(seed)
+    in_context, posed = [], []
+    for _ in range(n):
+        query, answer = rng.choice(queries)
+        shots = rng.sample([p for p in train if p[0] != query], n_shots)
+        lines = [f"{x.strip()} ->{y}" for x, y in shots]
+        in_context.append(TextExample("\n".join([*lines, f"{query.strip()} ->"]), answer))
+        posed.append(TextExample(spec.instruction_prompt(query), answer))
+    options = {"function": function, "n_shots": n_shots, "split": split, "test_fraction": test_fraction}
+    return FunctionViews(
+        in_context=examples_to_data(model, task, in_context, seed, {**options, "view": "in_context"}),
+        instruction=examples_to_data(model, task, posed, seed, {**options, "view": "instruction"}),
+    )
+
+
+def function(
+    model: Any,
+    n: int = 64,
+    seed: int = 0,
+    *,
+    function: str = "plural",
+    view: str = "in_context",
+    n_shots: int = 5,
+    split: str = "train",
+    test_fraction: float = 0.3,
+) -> GateData:
+    """One view (``in_context`` or ``instruction``) of a function task; see ``function_views``."""
+    require_choice("function", "view", view, VIEWS)
+    views = function_views(model, n, seed, function=function, n_shots=n_shots, split=split,
+                           test_fraction=test_fraction)
+    return getattr(views, view)
+
+
+def is_held_out(word: str, test_fraction: float) -> bool:
+    """Whether ``word``'s item is in the test split: a stable hash, independent of seed and tokenizer."""
+    return zlib.crc32(word.strip().lower().encode()) % 10_000 < test_fraction * 10_000
