@@ -1,0 +1,490 @@
+"""Head scores from other methods, in CHG's ``[layer, head]`` layout, each with what it cost.
+
+Every method answers the same question CHG does ("which heads matter for this task?") with one number
+per head, higher = more important, so the results line up with ``CHGResult.facilitating`` and with
+each other (see ``chg_tlens.compare``):
+
+    gradient_importance   |d loss / d gate| at every gate = 1            (Michel et al., 2019)
+    ablation_scores       task metric lost when one head is zeroed or mean-ablated
+    activation_patching   transformer_lens.patching on hook_z, clean <-> corrupt twin
+    attribution_patching  (clean z - corrupt z) . d metric / d z, summed per head (Nanda; Syed et al.)
+    subnetwork_probing    hard-concrete L0 masks trained on task NLL + sparsity (Cao et al., 2021)
+    random_scores         seeded noise, the floor every method must beat
+
+The task metric throughout is the mean target log-probability of ``GateData`` (the negative of CHG's
+NLL), so "positive = the head helps the task" means the same thing in every method. Costs are counted
+in example passes: a forward of a batch of 32 counts 32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from chg_tlens import adapter
+from chg_tlens.data import GateData
+from chg_tlens.gates import HeadGates
+from chg_tlens.objectives import target_logprobs
+from chg_tlens.validate import evaluate_gates, patching_scores, target_logprob_metric
+
+AblationKind = Literal["zero", "mean"]
+PatchDirection = Literal["denoise", "noise"]
+AttributionBackend = Literal["auto", "transformer_lens", "hooks"]
+
+HARD_CONCRETE_BETA = 2.0 / 3.0
+"""Temperature of the hard-concrete distribution (Louizos et al., 2018; Cao et al., 2021)."""
+HARD_CONCRETE_GAMMA = -0.1
+"""Lower end of the stretched interval, so a mask can be exactly 0."""
+HARD_CONCRETE_ZETA = 1.1
+"""Upper end of the stretched interval, so a mask can be exactly 1."""
+
+
+@dataclass
+class HeadScores:
+    """One method's verdict on every head, ``[layer, head]``, higher = more important for the task.
+
+    ``signed`` says whether a negative score means "the head hurts the task" (ablation, patching,
+    attribution) or the method only measures magnitude (Michel's gradient importance, masks).
+    """
+
+    scores: Float[Tensor, "layer head"]
+    method: str
+    forward_passes: int = 0
+    """Example forward passes (a batch of B counts B)."""
+    backward_passes: int = 0
+    """Example backward passes."""
+    seconds: float = 0.0
+    signed: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scores.ndim != 2:
+            raise ValueError(
+                f"HeadScores.scores must be [layer, head], got shape {list(self.scores.shape)}."
+            )
+
+    def cost(self) -> dict[str, float]:
+        return {"forward_passes": self.forward_passes, "backward_passes": self.backward_passes,
+                "seconds": round(self.seconds, 3)}
+
+
+# ------------------------------------------------------------------------------ data
+def example_chunks(data: GateData, batch_size: int) -> Iterator[GateData]:
+    """The examples of ``data`` once, in order, ``batch_size`` at a time."""
+    for start in range(0, len(data), batch_size):
+        yield data.subset(slice(start, start + batch_size))
+
+
+# ------------------------------------------------------------------------------ methods
+def gradient_importance(
+    model: Any, data: GateData, batch_size: int = 32, absolute: bool = True
+) -> HeadScores:
+    """Michel et al. (2019): ``E_x |d NLL(x) / d g_h|`` at every gate ``g = 1`` (the gate value, not
+    its logit).
+
+    Each example gets its own copy of the gates (one mask per example), so a single backward gives
+    every per-example gradient and the absolute value is taken before averaging, as in the paper.
+    ``absolute=False`` instead returns the signed mean ``d logprob / d g``: positive when opening the
+    head helps. Michel's per-layer normalisation is left out so scores compare across layers as is.
+    """
+    layout = adapter.require_model(model)
+    data = _checked_data(model, data)
+    _check_positive("batch_size", batch_size)
+    device = adapter.model_device(model)
+    started = time.time()
+    total = torch.zeros(layout.n_layers, layout.n_heads)
+    with adapter.frozen(model):
+        for batch in example_chunks(data, batch_size):
+            values = torch.ones(len(batch), layout.n_layers, layout.n_heads, device=device,
+                                requires_grad=True)
+            gates = differentiable_gates(values)
+            tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
+            with model.hooks(fwd_hooks=gates.hooks()):
+                logits = model(tokens)  # mask m gates example m
+            logprob = target_logprobs(logits, tokens, target_mask)  # [1, batch]
+            (grad,) = torch.autograd.grad(logprob.sum(), values)
+            total += (grad.abs() if absolute else grad).sum(dim=0).float().cpu()
+    name = "gradient_importance" if absolute else "gradient_signed"
+    return HeadScores(total / len(data), name, len(data), len(data), time.time() - started,
+                      signed=not absolute, details={"absolute": absolute})
+
+
+def ablation_scores(
+    model: Any,
+    data: GateData,
+    kind: AblationKind = "zero",
+    batch_size: int = 32,
+    rows_per_pass: int = 256,
+) -> HeadScores:
+    """Task metric lost when one head is ablated, one head at a time: ``metric(all) - metric(-h)``.
+
+    ``zero`` gates the head to 0 (all heads in a few batched passes, ``rows_per_pass`` examples x
+    settings each); ``mean`` replaces its ``hook_z`` by its mean over ``data`` at each
+    position (over the examples that reach that position), which keeps the head's constant part.
+    Positive = the task needs the head; negative = the task is better without it.
+    """
+    layout = adapter.require_model(model)
+    data = _checked_data(model, data)
+    if kind not in ("zero", "mean"):
+        raise ValueError(f"ablation_scores: kind must be 'zero' or 'mean', got {kind!r}.")
+    started = time.time()
+    n_heads_total = layout.n_layers * layout.n_heads
+    if kind == "zero":
+        settings = torch.cat([torch.ones(1, layout.n_layers, layout.n_heads),
+                              one_head_off(layout.n_layers, layout.n_heads)])
+        logprob, _ = evaluate_gates(model, data, settings, rows_per_pass)
+        full = float(logprob[0])
+        scores = (full - logprob[1:]).reshape(layout.n_layers, layout.n_heads)
+        forward = len(data) * (1 + n_heads_total)
+    else:
+        full = _metric_with_hooks(model, data, [], batch_size)
+        means = mean_head_activations(model, data, batch_size)
+        scores = torch.zeros(layout.n_layers, layout.n_heads)
+        for layer in range(layout.n_layers):
+            for head in range(layout.n_heads):
+                hook = _replace_head_hook(head, means[layer][..., head, :])
+                ablated = _metric_with_hooks(model, data, [(adapter.hook_z_name(layer), hook)],
+                                             batch_size)
+                scores[layer, head] = full - ablated
+        forward = len(data) * (2 + n_heads_total)
+    return HeadScores(scores, f"ablation_{kind}", forward, 0, time.time() - started, signed=True,
+                      details={"metric_all_heads": full})
+
+
+def activation_patching(
+    model: Any,
+    data: GateData,
+    direction: PatchDirection = "denoise",
+    batch_size: int = 32,
+) -> HeadScores:
+    """Per-head activation patching of ``hook_z`` at all positions, via ``transformer_lens.patching``
+    (through :func:`chg_tlens.validate.patching_scores`, one chunk of ``batch_size`` examples at a time).
+
+    ``denoise`` runs the corrupt twin and patches in one head's clean output: score = metric(patched)
+    - metric(corrupt), "how much of the task this head restores" (TransformerLens' convention).
+    ``noise`` runs the clean data and patches in the head's corrupt output: score = metric(clean) -
+    metric(patched), "how much of the task is lost". Denoising misses heads that only work together
+    (an AND), noising misses heads that back each other up (an OR). Needs ``data.corrupt``.
+    TransformerLens draws its own progress bar; ``TQDM_DISABLE=1`` hides it.
+    """
+    layout = adapter.require_model(model)
+    data = _checked_pair(model, data, "activation_patching")
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"activation_patching: direction must be 'denoise' or 'noise', got {direction!r}.")
+    _check_positive("batch_size", batch_size)
+    device = adapter.model_device(model)
+    started = time.time()
+    total = torch.zeros(layout.n_layers, layout.n_heads)
+    reference_total = 0.0
+    for batch in example_chunks(data, batch_size):
+        metric = target_logprob_metric(batch)
+        source, run_on = (batch, batch.corrupt) if direction == "denoise" else (batch.corrupt, batch)
+        patched = patching_scores(model, source, run_on, metric=metric, normalize=False)
+        with torch.no_grad(), adapter.frozen(model):
+            reference = float(metric(model(run_on.tokens.to(device))))
+        effect = patched - reference if direction == "denoise" else reference - patched
+        total += effect * len(batch)
+        reference_total += reference * len(batch)
+    forward = len(data) * (2 + layout.n_layers * layout.n_heads)
+    return HeadScores(total / len(data), f"activation_patching_{direction}", forward, 0,
+                      time.time() - started, signed=True,
+                      details={"direction": direction, "reference_metric": reference_total / len(data),
+                               "backend": "transformer_lens.patching"})
+
+
+def attribution_patching(
+    model: Any,
+    data: GateData,
+    backend: AttributionBackend = "auto",
+    batch_size: int = 32,
+) -> HeadScores:
+    """Attribution patching: ``sum_{pos, d} (z_clean - z_corrupt) * d metric / d z`` at the corrupt run.
+
+    The first-order estimate of denoising activation patching in two forwards and one backward.
+    ``transformer_lens`` uses TransformerLens 4's ``tools.analysis.attribution_patch`` (node level,
+    one example at a time, head nodes summed over positions); it needs ``hook_mlp_out`` on every
+    layer, so attention-only models and TransformerLens 3.9 use ``hooks``: the same estimate from our
+    own hooks on ``hook_z``, batched. ``auto`` picks TransformerLens' when it can run. Needs
+    ``data.corrupt``.
+    """
+    layout = adapter.require_model(model)
+    data = _checked_pair(model, data, "attribution_patching")
+    if backend not in ("auto", "transformer_lens", "hooks"):
+        raise ValueError(
+            f"attribution_patching: backend must be 'auto', 'transformer_lens' or 'hooks', got {backend!r}."
+        )
+    _check_positive("batch_size", batch_size)
+    available, why_not = transformer_lens_attribution_available(model)
+    if backend == "transformer_lens" and not available:
+        raise ValueError(f"attribution_patching: backend='transformer_lens' cannot run: {why_not}.")
+    use_tl = backend == "transformer_lens" or (backend == "auto" and available)
+    started = time.time()
+    if use_tl:
+        with _tracked_in_eval(model):
+            scores = _attribution_transformer_lens(model, data, layout)
+    else:
+        with adapter.frozen(model):
+            scores = _attribution_hooks(model, data, layout, batch_size)
+    return HeadScores(scores, "attribution_patching", 2 * len(data), len(data), time.time() - started,
+                      signed=True,
+                      details={"backend": "transformer_lens" if use_tl else "hooks",
+                               "fallback_reason": None if use_tl else why_not})
+
+
+def subnetwork_probing(
+    model: Any,
+    data: GateData,
+    steps: int = 300,
+    lr: float = 0.1,
+    l0_weight: float = 1.0,
+    batch_size: int = 32,
+    init_log_alpha: float = 3.0,
+    seed: int = 0,
+) -> HeadScores:
+    """Cao et al. (2021): hard-concrete L0 masks on heads trained on task NLL + sparsity.
+
+    Each step samples ``z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta) * (zeta - gamma) +
+    gamma, 0, 1)`` per head and gates ``hook_z`` with it; the loss is target NLL plus ``l0_weight``
+    times the mean probability that a mask is non-zero. Score = ``log_alpha`` (monotone in that
+    probability, without its saturation ties); the probability is in ``details["p_open"]``.
+    """
+    layout = adapter.require_model(model)
+    data = _checked_data(model, data)
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        _check_positive(name, value)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"subnetwork_probing: lr must be a positive number, got {lr!r}.")
+    if not (math.isfinite(l0_weight) and l0_weight >= 0):
+        raise ValueError(f"subnetwork_probing: l0_weight must be >= 0, got {l0_weight!r}.")
+    device = adapter.model_device(model)
+    generator = torch.Generator().manual_seed(seed)
+    started = time.time()
+    log_alpha = (init_log_alpha + 0.01 * torch.randn(layout.n_layers, layout.n_heads,
+                                                     generator=generator)).to(device)
+    log_alpha.requires_grad_(True)
+    optimizer = torch.optim.Adam([log_alpha], lr=lr)
+    stream = data.batches(batch_size, seed=seed)
+    with adapter.frozen(model):
+        for _ in range(steps):
+            batch = next(stream)
+            uniform = torch.rand(log_alpha.shape, generator=generator).clamp(1e-6, 1 - 1e-6).to(device)
+            mask = hard_concrete_sample(log_alpha, uniform)
+            gates = differentiable_gates(mask)
+            tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
+            with model.hooks(fwd_hooks=gates.hooks()):
+                logits = model(tokens)
+            nll = -target_logprobs(logits, tokens, target_mask).mean()
+            loss = nll + l0_weight * hard_concrete_p_open(log_alpha).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    scores = log_alpha.detach().float().cpu()
+    n = steps * batch_size
+    return HeadScores(scores, "subnetwork_probing", n, n, time.time() - started, signed=False,
+                      details={"p_open": hard_concrete_p_open(scores), "steps": steps,
+                               "l0_weight": l0_weight, "lr": lr})
+
+
+def random_scores(model: Any, seed: int = 0) -> HeadScores:
+    """Seeded standard-normal scores: the floor every method must beat."""
+    layout = adapter.require_model(model)
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(layout.n_layers, layout.n_heads, generator=generator)
+    return HeadScores(scores, "random", 0, 0, 0.0, signed=False, details={"seed": seed})
+
+
+# ------------------------------------------------------------------------------ pieces
+def hard_concrete_sample(
+    log_alpha: Float[Tensor, "layer head"], uniform: Float[Tensor, "layer head"]
+) -> Float[Tensor, "layer head"]:
+    """A hard-concrete mask in [0, 1], differentiable in ``log_alpha`` (reparameterised by ``uniform``)."""
+    logistic = torch.log(uniform) - torch.log1p(-uniform)
+    soft = torch.sigmoid((logistic + log_alpha) / HARD_CONCRETE_BETA)
+    return (soft * (HARD_CONCRETE_ZETA - HARD_CONCRETE_GAMMA) + HARD_CONCRETE_GAMMA).clamp(0.0, 1.0)
+
+
+def hard_concrete_p_open(log_alpha: Float[Tensor, "layer head"]) -> Float[Tensor, "layer head"]:
+    """Probability that a hard-concrete mask is non-zero: the differentiable L0 norm."""
+    shift = HARD_CONCRETE_BETA * math.log(-HARD_CONCRETE_GAMMA / HARD_CONCRETE_ZETA)
+    return torch.sigmoid(log_alpha - shift)
+
+
+def differentiable_gates(values: Float[Tensor, "*mask layer head"]) -> HeadGates:
+    """Gates whose values are ``values`` itself, so gradients reach whatever ``values`` came from.
+
+    ``HeadGates.fixed`` stores a detached copy; here the stored tensor is swapped for ``values`` so
+    ``d metric / d gate value`` (not the gate logit) is what autograd returns.
+    """
+    gates = HeadGates.fixed(values.detach().clamp(0.0, 1.0).cpu())
+    gates.fixed_values = values if values.ndim == 3 else values.unsqueeze(0)
+    return gates
+
+
+def one_head_off(n_layers: int, n_heads: int) -> Float[Tensor, "mask layer head"]:
+    """``n_layers * n_heads`` gate sets, set ``i`` closing head ``i`` (row-major) and nothing else."""
+    eye = torch.eye(n_layers * n_heads)
+    return (1.0 - eye).reshape(-1, n_layers, n_heads)
+
+
+def mean_head_activations(
+    model: Any, data: GateData, batch_size: int = 32
+) -> list[Float[Tensor, "pos head d_head"]]:
+    """Per layer, each head's ``hook_z`` averaged over the examples that reach each position."""
+    layout = adapter.require_model(model)
+    device = adapter.model_device(model)
+    width = data.tokens.shape[1]
+    sums = [torch.zeros(width, layout.n_heads, layout.d_head) for _ in range(layout.n_layers)]
+    counts = torch.zeros(width)
+    with torch.no_grad():
+        for batch in example_chunks(data, batch_size):
+            _, cache = model.run_with_cache(batch.tokens.to(device), names_filter=_is_hook_z)
+            present = torch.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]  # [b, pos]
+            counts[: present.shape[1]] += present.sum(dim=0).float()
+            for layer in range(layout.n_layers):
+                z = cache[adapter.hook_z_name(layer)].float().cpu()
+                sums[layer][: z.shape[1]] += (z * present[:, :, None, None]).sum(dim=0)
+    return [total / counts.clamp(min=1)[:, None, None] for total in sums]
+
+
+def transformer_lens_attribution_available(model: Any) -> tuple[bool, str]:
+    """Whether TransformerLens' own node-level attribution patching can run on ``model``, and why not."""
+    try:
+        from transformer_lens.tools.analysis import attribution_patch  # noqa: F401
+    except ImportError:
+        return False, "this TransformerLens has no tools.analysis.attribution_patch (TL < 4)"
+    if not adapter.is_bridge(model):
+        return False, "TransformerLens' attribution_patch supports TransformerBridge only"
+    names = set(model.hook_dict)
+    needed = ["hook_embed"] + [f"blocks.{layer}.hook_mlp_out" for layer in range(model.cfg.n_layers)]
+    missing = [name for name in needed if name not in names]
+    if missing:
+        return False, f"the model has no {missing[0]} (attention-only?), which its node graph requires"
+    return True, ""
+
+
+@contextlib.contextmanager
+def _tracked_in_eval(model: Any) -> Iterator[None]:
+    """Eval mode with every weight tracked by autograd, as TransformerLens' attribution_patch needs
+    (it differentiates with ``torch.autograd.grad``, so no ``.grad`` buffer is written); restored after."""
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for parameter, _ in requires_grad:
+            parameter.requires_grad_(True)
+        model.eval()
+        yield
+    finally:
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
+        for module, training in modes:
+            module.train(training)
+
+
+def _attribution_transformer_lens(model: Any, data: GateData, layout: adapter.HeadLayout) -> Tensor:
+    from transformer_lens.tools.analysis import attribution_patch
+
+    device = adapter.model_device(model)
+    total = torch.zeros(layout.n_layers, layout.n_heads)
+    for index in range(len(data)):
+        example = data.subset([index])
+        result = attribution_patch(model, example.tokens.to(device), example.corrupt.tokens.to(device),
+                                   target_logprob_metric(example))
+        for node, score in result.node_scores.items():
+            if node.kind == "attn_head_out":
+                total[node.layer, node.head] += score
+    return total / len(data)
+
+
+def _attribution_hooks(model: Any, data: GateData, layout: adapter.HeadLayout, batch_size: int) -> Tensor:
+    """Grad of the metric wrt hook_z at the corrupt run, dotted with (clean - corrupt) z, per head.
+
+    The hook returns ``z + probe`` with a zero ``probe`` leaf, so ``d metric / d probe`` is the total
+    derivative at ``hook_z`` on either TransformerLens (a bridge's hook sees a reshaped view whose
+    own ``.grad`` never fills).
+    """
+    device = adapter.model_device(model)
+    total = torch.zeros(layout.n_layers, layout.n_heads)
+    for batch in example_chunks(data, batch_size):
+        clean = batch.tokens.to(device)
+        corrupt = batch.corrupt.tokens.to(device)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(clean, names_filter=_is_hook_z)
+        captured: dict[int, Tensor] = {}
+        probes: dict[int, Tensor] = {}
+        hooks = [(adapter.hook_z_name(layer),
+                  functools.partial(_probe_hook, layer=layer, captured=captured, probes=probes))
+                 for layer in range(layout.n_layers)]
+        with model.hooks(fwd_hooks=hooks):
+            metric = target_logprob_metric(batch)(model(corrupt))
+        layers = sorted(probes)
+        grads = torch.autograd.grad(metric, [probes[layer] for layer in layers], allow_unused=True)
+        for layer, grad in zip(layers, grads, strict=True):
+            if grad is None:
+                continue
+            delta = cache[adapter.hook_z_name(layer)] - captured[layer]
+            total[layer] += (delta * grad).sum(dim=(0, 1, 3)).float().cpu() * len(batch)
+    return total / len(data)
+
+
+def _probe_hook(z: Tensor, hook: Any, layer: int, captured: dict[int, Tensor],
+                probes: dict[int, Tensor]) -> Tensor:
+    captured[layer] = z.detach()
+    probes[layer] = torch.zeros_like(z, requires_grad=True)
+    return z + probes[layer]
+
+
+def _replace_head_hook(head: int, value: Float[Tensor, "pos d_head"]) -> Callable[..., Tensor]:
+    def replace_head(z: Tensor, hook: Any = None, **kwargs: Any) -> Tensor:
+        z = z.clone()
+        z[:, :, head] = value[: z.shape[1]].to(device=z.device, dtype=z.dtype)
+        return z
+
+    return replace_head
+
+
+def _metric_with_hooks(model: Any, data: GateData, hooks: list, batch_size: int) -> float:
+    device = adapter.model_device(model)
+    total = 0.0
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        for batch in example_chunks(data, batch_size):
+            total += float(target_logprob_metric(batch)(model(batch.tokens.to(device)))) * len(batch)
+    return total / len(data)
+
+
+def _is_hook_z(name: str) -> bool:
+    return name.endswith("attn.hook_z")
+
+
+def _checked_data(model: Any, data: Any) -> GateData:
+    if not isinstance(data, GateData):
+        raise TypeError(f"data: expected a chg_tlens.GateData, got {type(data).__name__}.")
+    return data.checked_for(model)
+
+
+def _checked_pair(model: Any, data: Any, method: str) -> GateData:
+    data = _checked_data(model, data)
+    if data.corrupt is None:
+        raise ValueError(
+            f"{method}: data has no corrupt twin (data.corrupt is None); attach one with "
+            "data.with_corrupt(GateData...) of the same shape."
+        )
+    if data.corrupt.tokens.shape != data.tokens.shape:
+        raise ValueError(
+            f"{method}: the corrupt twin has tokens of shape {list(data.corrupt.tokens.shape)}, the "
+            f"clean data {list(data.tokens.shape)}; patching swaps activations position by position."
+        )
+    return data
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")

@@ -1,0 +1,237 @@
+"""Baseline head scores: each finds the planted facilitating head, signs mean what they say, the
+numbers match the definitions (finite differences, hand patching, TransformerLens' own attribution)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models_for_tests import random_bridge
+
+from chg_tlens import baselines
+from chg_tlens.benchmark_models import induction_circuit, interfering_circuit, recall_benchmark
+from chg_tlens.data import GateData
+from chg_tlens.objectives import target_logprobs
+
+
+@pytest.fixture(scope="module")
+def recall():
+    """One layer: 0.0 facilitating, 0.1 interfering, 0.2 and 0.3 irrelevant; data with a corrupt twin."""
+    circuit = recall_benchmark()
+    return circuit, circuit.data(48, 0)
+
+
+def _run(name: str, model, data) -> baselines.HeadScores:
+    runs = {
+        "gradient_importance": lambda: baselines.gradient_importance(model, data),
+        "gradient_signed": lambda: baselines.gradient_importance(model, data, absolute=False),
+        "ablation_zero": lambda: baselines.ablation_scores(model, data, "zero"),
+        "ablation_mean": lambda: baselines.ablation_scores(model, data, "mean"),
+        "patching_denoise": lambda: baselines.activation_patching(model, data, "denoise"),
+        "patching_noise": lambda: baselines.activation_patching(model, data, "noise"),
+        "attribution": lambda: baselines.attribution_patching(model, data),
+        "subnetwork_probing": lambda: baselines.subnetwork_probing(model, data, steps=80, batch_size=16),
+    }
+    return runs[name]()
+
+
+ALL = ["gradient_importance", "gradient_signed", "ablation_zero", "ablation_mean", "patching_denoise",
+       "patching_noise", "attribution", "subnetwork_probing"]
+SIGNED = ["gradient_signed", "ablation_zero", "ablation_mean", "patching_denoise", "patching_noise",
+          "attribution"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_each_baseline_ranks_the_planted_facilitating_head_first(recall, name):
+    circuit, data = recall
+    result = _run(name, circuit.model, data)
+    assert result.scores.shape == (1, 4)
+    assert torch.isfinite(result.scores).all()
+    assert divmod(int(result.scores.argmax()), 4) == circuit.heads_with_role("facilitating")[0]
+    assert result.seconds >= 0 and result.forward_passes > 0
+
+
+@pytest.mark.parametrize("name", SIGNED)
+def test_signed_methods_give_the_interfering_head_a_negative_score_and_irrelevant_heads_zero(recall, name):
+    circuit, data = recall
+    result = _run(name, circuit.model, data)
+    assert result.signed
+    assert result.scores[0, 1] < -0.1  # 0.1 pushes against the answer
+    assert result.scores[0, 2:].abs().max() < 1e-4  # 0.2, 0.3 write where nothing reads
+
+
+def test_gradient_importance_is_the_gate_value_derivative_per_example(recall):
+    """|d logprob / d g| averaged over examples equals a central finite difference per example."""
+    circuit, data = recall
+    data = data.subset(range(6))
+    result = baselines.gradient_importance(circuit.model, data)
+    signed = baselines.gradient_importance(circuit.model, data, absolute=False)
+    eps = 1e-3
+
+    def per_example(gate: float) -> torch.Tensor:
+        scale = torch.tensor([gate, 1.0, 1.0, 1.0])[None, None, :, None]
+        hooks = [("blocks.0.attn.hook_z", lambda z, hook: z * scale)]
+        with torch.no_grad(), circuit.model.hooks(fwd_hooks=hooks):
+            logits = circuit.model(data.tokens)
+        return target_logprobs(logits, data.tokens, data.target_mask)[0]
+
+    derivative = (per_example(1 + eps) - per_example(1 - eps)) / (2 * eps)
+    assert torch.allclose(result.scores[0, 0], derivative.abs().mean(), rtol=1e-2)
+    assert torch.allclose(signed.scores[0, 0], derivative.mean(), rtol=1e-2)
+    assert result.forward_passes == 6 and result.backward_passes == 6
+
+
+def test_denoising_patching_equals_patching_one_head_by_hand(recall):
+    circuit, data = recall
+    model = circuit.model
+    result = baselines.activation_patching(model, data, "denoise")
+    metric = baselines.target_logprob_metric(data)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(data.tokens)
+        clean_z = cache["blocks.0.attn.hook_z"]
+
+        def patch_head_0(z, hook):
+            z = z.clone()
+            z[:, :, 0] = clean_z[:, :, 0]
+            return z
+
+        with model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", patch_head_0)]):
+            patched = float(metric(model(data.corrupt.tokens)))
+        corrupt = float(metric(model(data.corrupt.tokens)))
+    assert result.scores[0, 0] == pytest.approx(patched - corrupt, abs=1e-5)
+    assert result.details["reference_metric"] == pytest.approx(corrupt, abs=1e-5)
+
+
+def test_attribution_patching_hooks_match_transformer_lens_on_a_model_with_mlps():
+    model = random_bridge()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 20, (5, 8), generator=generator)
+    corrupt = torch.randint(0, 20, (5, 8), generator=generator)
+    mask = torch.zeros(5, 8, dtype=torch.bool)
+    mask[:, 4:] = True
+    data = GateData.from_tokens(tokens, mask).with_corrupt(GateData.from_tokens(corrupt, mask))
+    ours = baselines.attribution_patching(model, data, backend="hooks")
+    theirs = baselines.attribution_patching(model, data, backend="transformer_lens")
+    assert theirs.details["backend"] == "transformer_lens"
+    assert ours.scores.abs().max() > 1e-3
+    assert torch.allclose(ours.scores, theirs.scores, atol=1e-5)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def test_attribution_patching_falls_back_to_hooks_on_an_attention_only_model(recall):
+    circuit, data = recall
+    available, why = baselines.transformer_lens_attribution_available(circuit.model)
+    assert not available and "hook_mlp_out" in why
+    result = baselines.attribution_patching(circuit.model, data)
+    assert result.details["backend"] == "hooks"
+    with pytest.raises(ValueError, match="cannot run"):
+        baselines.attribution_patching(circuit.model, data, backend="transformer_lens")
+
+
+def test_mean_activations_skip_padding():
+    """Variable-length data: each position's mean counts only the examples that reach it."""
+    circuit = induction_circuit()
+    data = circuit.data(12, 0)
+    assert (data.lengths != data.lengths.max()).any()
+    means = baselines.mean_head_activations(circuit.model, data, batch_size=5)
+    with torch.no_grad():
+        _, cache = circuit.model.run_with_cache(data.tokens)
+    z = cache["blocks.1.attn.hook_z"]
+    last = int(data.lengths.max()) - 1
+    reaching = data.lengths > last
+    assert torch.allclose(means[1][last], z[reaching, last].mean(dim=0), atol=1e-5)
+    assert torch.allclose(means[1][0], z[:, 0].mean(dim=0), atol=1e-5)
+
+
+def test_mean_and_zero_ablation_differ_where_a_head_has_a_constant_part(recall):
+    circuit, data = recall
+    zero = baselines.ablation_scores(circuit.model, data, "zero")
+    mean = baselines.ablation_scores(circuit.model, data, "mean")
+    # 0.0 copies a random token: its mean output still carries some of every token, zero carries none.
+    assert not torch.allclose(zero.scores[0, 0], mean.scores[0, 0], atol=1e-3)
+    assert zero.forward_passes == len(data) * 5
+    assert zero.details["metric_all_heads"] == pytest.approx(mean.details["metric_all_heads"], abs=1e-5)
+
+
+def test_magnitude_gradient_ranks_a_strong_distractor_above_a_weak_helper_signed_methods_do_not():
+    circuit = interfering_circuit()
+    data = circuit.data(48, 0)
+    distractor, weak_helper = (0, 1), (0, 2)
+    michel = baselines.gradient_importance(circuit.model, data)
+    ablation = baselines.ablation_scores(circuit.model, data, "zero")
+    assert michel.scores[distractor] > michel.scores[weak_helper]
+    assert ablation.scores[weak_helper] > 0 > ablation.scores[distractor]
+
+
+def test_denoising_misses_the_previous_token_head_of_a_composition_noising_finds_it():
+    circuit = induction_circuit()
+    data = circuit.data(32, 0)
+    denoise = baselines.activation_patching(circuit.model, data, "denoise")
+    noise = baselines.activation_patching(circuit.model, data, "noise")
+    previous_token, induction = (0, 0), (1, 1)
+    assert denoise.scores[induction] > 1.0
+    assert denoise.scores[previous_token] < 0.2 * denoise.scores[induction]
+    assert noise.scores[previous_token] > 1.0 and noise.scores[induction] > 1.0
+
+
+def test_hard_concrete_open_probability_matches_samples():
+    log_alpha = torch.tensor([[-2.0, 0.0, 1.5]])
+    generator = torch.Generator().manual_seed(0)
+    uniform = torch.rand(20_000, 1, 3, generator=generator).clamp(1e-6, 1 - 1e-6)
+    samples = baselines.hard_concrete_sample(log_alpha, uniform)
+    assert samples.min() >= 0 and samples.max() <= 1
+    assert ((samples == 0).float().mean() > 0.05) and ((samples == 1).float().mean() > 0.05)
+    empirical = (samples > 0).float().mean(dim=0)
+    assert torch.allclose(empirical, baselines.hard_concrete_p_open(log_alpha), atol=0.02)
+
+
+def test_subnetwork_probing_keeps_the_needed_head_and_closes_the_rest(recall):
+    circuit, data = recall
+    result = baselines.subnetwork_probing(circuit.model, data, steps=100, batch_size=16, seed=1)
+    p_open = result.details["p_open"]
+    assert p_open[0, 0] > 0.9
+    assert (p_open[0, 1:] < 0.2).all()
+    assert result.forward_passes == result.backward_passes == 100 * 16
+    short = baselines.subnetwork_probing(circuit.model, data, steps=10, batch_size=16, seed=1)
+    again = baselines.subnetwork_probing(circuit.model, data, steps=10, batch_size=16, seed=1)
+    assert torch.equal(short.scores, again.scores)
+
+
+def test_random_scores_are_seeded(recall):
+    circuit, _ = recall
+    a, b = baselines.random_scores(circuit.model, 3), baselines.random_scores(circuit.model, 3)
+    c = baselines.random_scores(circuit.model, 4)
+    assert torch.equal(a.scores, b.scores) and not torch.equal(a.scores, c.scores)
+
+
+def test_methods_leave_the_model_as_they_found_it(recall):
+    circuit, data = recall
+    model = circuit.model
+    flags = [p.requires_grad for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    baselines.gradient_importance(model, data)
+    baselines.subnetwork_probing(model, data, steps=5)
+    baselines.attribution_patching(model, data)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_input_fails_early_naming_the_argument(recall):
+    circuit, data = recall
+    clean_only = GateData.from_tokens(data.tokens, data.target_mask)
+    with pytest.raises(ValueError, match="corrupt twin"):
+        baselines.activation_patching(circuit.model, clean_only)
+    with pytest.raises(ValueError, match="corrupt twin"):
+        baselines.attribution_patching(circuit.model, clean_only)
+    with pytest.raises(ValueError, match="kind"):
+        baselines.ablation_scores(circuit.model, data, "half")
+    with pytest.raises(ValueError, match="direction"):
+        baselines.activation_patching(circuit.model, data, "sideways")
+    with pytest.raises(TypeError, match="GateData"):
+        baselines.gradient_importance(circuit.model, data.tokens)
+    with pytest.raises(ValueError, match="batch_size"):
+        baselines.gradient_importance(circuit.model, data, batch_size=0)
+    with pytest.raises(ValueError, match="l0_weight"):
+        baselines.subnetwork_probing(circuit.model, data, l0_weight=-1.0)
+    with pytest.raises(ValueError, match=r"\[layer, head\]"):
+        baselines.HeadScores(torch.zeros(3), "broken")

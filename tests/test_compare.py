@@ -1,0 +1,213 @@
+"""Comparison metrics on hand-made examples, faithfulness on a planted model, the CHG adapter, and the
+benchmark models doing what their docstrings claim."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chg_tlens import compare
+from chg_tlens.baselines import HeadScores, one_head_off
+from chg_tlens.benchmark_models import (
+    induction_circuit,
+    interfering_circuit,
+    recall_benchmark,
+    redundant_circuit,
+    trained_induction,
+)
+from chg_tlens.data import GateData
+from chg_tlens.fit import CHGConfig
+from chg_tlens.validate import evaluate_gates, target_logprob_metric
+
+
+# ------------------------------------------------------------------------------ rank statistics
+def test_average_ranks_share_ties():
+    assert compare.average_ranks(np.array([3.0, 1.0, 2.0, 2.0])).tolist() == [4.0, 1.0, 2.5, 2.5]
+
+
+def test_spearman_on_hand_made_examples():
+    a = np.array([[1.0, 2.0], [3.0, 4.0]])
+    assert compare.spearman(a, a * 10 + 3) == pytest.approx(1.0)
+    assert compare.spearman(a, -a) == pytest.approx(-1.0)
+    # ranks of b: 1, 2, 3.5, 5, 3.5 -> sum of products 8, sums of squares 10 and 9.5
+    b = np.array([5.0, 6.0, 7.0, 8.0, 7.0])
+    assert compare.spearman(np.arange(1.0, 6.0), b) == pytest.approx(8 / np.sqrt(95))
+    assert np.isnan(compare.spearman(a, np.ones((2, 2))))
+
+
+def test_roc_auc_on_hand_made_examples():
+    positives = np.array([True, False, True, False])
+    # pairs (pos, neg): 0.9>0.8, 0.9>0.1, 0.7<0.8, 0.7>0.1 -> 3 of 4
+    assert compare.roc_auc(np.array([0.9, 0.8, 0.7, 0.1]), positives) == pytest.approx(0.75)
+    # a tie between a positive and a negative counts half
+    assert compare.roc_auc(np.array([1.0, 1.0, 0.0]), np.array([True, False, False])) == pytest.approx(0.75)
+    assert compare.roc_auc(torch.tensor([[0.0, 2.0], [1.0, 3.0]]),
+                           torch.tensor([[False, True], [False, True]])) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one positive and one negative"):
+        compare.roc_auc(np.array([1.0, 2.0]), np.array([True, True]))
+    with pytest.raises(TypeError, match="boolean"):
+        compare.roc_auc(np.array([1.0, 2.0]), np.array([1, 0]))
+
+
+def test_precision_at_k_on_hand_made_examples():
+    scores = np.array([4.0, 3.0, 2.0, 1.0])
+    positives = np.array([True, False, True, False])
+    assert compare.precision_at_k(scores, positives, 1) == pytest.approx(1.0)
+    assert compare.precision_at_k(scores, positives, 2) == pytest.approx(0.5)
+    assert compare.precision_at_k(scores, positives) == pytest.approx(0.5)  # k = number of positives
+    assert compare.precision_at_k(scores, positives, 3) == pytest.approx(2 / 3)
+    # three heads tie for one place, one of them positive: a third of a hit
+    tied = np.array([1.0, 1.0, 1.0, 0.0])
+    assert compare.precision_at_k(tied, np.array([True, False, False, False]), 1) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="k must be"):
+        compare.precision_at_k(scores, positives, 5)
+
+
+def test_top_k_heads_and_overlap():
+    a = torch.tensor([[3.0, 2.0], [1.0, 0.0]])
+    b = torch.tensor([[3.0, 0.0], [2.0, 1.0]])
+    assert compare.top_k_heads(a, 2) == [(0, 0), (0, 1)]
+    assert compare.top_k_heads(b, 2) == [(0, 0), (1, 0)]
+    assert compare.top_k_overlap(a, b, 2) == pytest.approx(0.5)
+    assert compare.top_k_overlap(a, b, 4) == pytest.approx(1.0)
+    assert compare.top_k_overlap(HeadScores(a, "a"), HeadScores(a, "a"), 1) == pytest.approx(1.0)
+
+
+def test_truth_metrics_and_agreement_table():
+    roles = np.array([["facilitating", "interfering"], ["irrelevant", "irrelevant"]], dtype=object)
+    perfect = HeadScores(torch.tensor([[1.0, -1.0], [0.0, 0.0]]), "perfect")
+    backwards = HeadScores(-perfect.scores, "backwards")
+    assert compare.truth_metrics(perfect, roles) == {"auc": 1.0, "precision_at_k": 1.0, "n_positive": 1}
+    assert compare.truth_metrics(backwards, roles)["auc"] == pytest.approx(0.0)
+    assert compare.truth_metrics(backwards, roles, positive_role="interfering")["auc"] == pytest.approx(1.0)
+    table = compare.method_agreement([perfect, backwards], k=1)
+    assert table.loc[0, "spearman"] == pytest.approx(-1.0) and table.loc[0, "top_k_overlap"] == 0.0
+
+
+# ------------------------------------------------------------------------------ faithfulness and CHG
+@pytest.fixture(scope="module")
+def recall():
+    circuit = recall_benchmark()
+    return circuit, circuit.data(48, 0)
+
+
+def test_faithfulness_curve_on_a_planted_model(recall):
+    circuit, data = recall
+    truth_order = torch.tensor([[3.0, 0.0, 2.0, 1.0]])  # facilitating first, interfering last
+    curve = compare.faithfulness_curve(circuit.model, data, truth_order)
+    assert curve["k"].tolist() == [0, 1, 2, 3, 4]
+    assert curve["faithfulness"].iloc[0] == pytest.approx(0.0, abs=1e-6)
+    assert curve["faithfulness"].iloc[-1] == pytest.approx(1.0, abs=1e-6)
+    # the facilitating head alone beats the full model, which carries the interfering head
+    assert curve["faithfulness"].iloc[1] > 1.1 and curve["accuracy"].iloc[1] == 1.0
+    worst_first = compare.faithfulness_curve(circuit.model, data, -truth_order, ks=[1])
+    assert worst_first["faithfulness"].iloc[0] < 0
+    with pytest.raises(ValueError, match="scores hold 3 heads"):
+        compare.faithfulness_curve(circuit.model, data, torch.zeros(1, 3))
+
+
+def test_chg_adapter_scores_facilitation_and_counts_its_cost(recall):
+    circuit, data = recall
+    config = CHGConfig(n_seeds=2, steps=60, batch_size=16, progress=False)
+    (by_max, by_mean), result = compare.run_chg(circuit.model, data, config)
+    assert by_max.method == "chg_max" and by_mean.method == "chg_mean"
+    assert torch.equal(by_max.scores, result.facilitating.max(dim=0).values)
+    assert torch.allclose(by_mean.scores, result.facilitating.mean(dim=0))
+    assert divmod(int(by_max.scores.argmax()), 4) == (0, 0)
+    assert by_max.forward_passes == 3 * 60 * 16 * 2
+    with pytest.raises(ValueError, match="reduce"):
+        compare.chg_head_scores(result, "median")
+
+
+def test_run_methods_skips_patching_without_a_corrupt_twin(recall):
+    circuit, data = recall
+    clean_only = GateData.from_tokens(data.tokens, data.target_mask)
+    names = ["gradient_importance", "activation_patching_denoise", "attribution_patching", "random"]
+    scored, skipped = compare.run_methods(circuit.model, clean_only, names)
+    assert [s.method for s in scored] == ["gradient_importance", "random"]
+    assert set(skipped) == {"activation_patching_denoise", "attribution_patching"}
+    with pytest.raises(ValueError, match="unknown method"):
+        compare.run_methods(circuit.model, data, ["telepathy"])
+
+
+# ------------------------------------------------------------------------------ benchmark models
+def _one_off_and_pairs(circuit, data, pairs=()):
+    """Log-prob and accuracy: all heads, each head off alone, then each listed set of heads off."""
+    n_layers, n_heads = circuit.model.cfg.n_layers, circuit.model.cfg.n_heads
+    settings = [torch.ones(1, n_layers, n_heads), one_head_off(n_layers, n_heads)]
+    for heads in pairs:
+        gates = torch.ones(1, n_layers, n_heads)
+        for layer, head in heads:
+            gates[0, layer, head] = 0.0
+        settings.append(gates)
+    logprob, accuracy = evaluate_gates(circuit.model, data, torch.cat(settings))
+    n = n_layers * n_heads
+    return (logprob[0], logprob[1 : 1 + n].reshape(n_layers, n_heads), logprob[1 + n :],
+            accuracy[0], accuracy[1 : 1 + n].reshape(n_layers, n_heads), accuracy[1 + n :])
+
+
+def test_redundant_heads_each_suffice_and_together_are_necessary():
+    circuit = redundant_circuit()
+    data = circuit.data(64, 0)
+    first, second = circuit.heads_with_role("facilitating")
+    full, one_off, both_off, full_acc, one_off_acc, both_off_acc = _one_off_and_pairs(
+        circuit, data, [(first, second)])
+    assert full_acc == 1.0
+    assert one_off_acc[first] == 1.0 and one_off_acc[second] == 1.0
+    assert one_off[first] > -0.2 and one_off[second] > -0.2
+    assert both_off_acc[0] < 0.3 and both_off[0] < -1.5
+
+
+def test_interfering_circuit_distractor_hurts_and_weak_helper_helps():
+    circuit = interfering_circuit()
+    data = circuit.data(64, 0)
+    full, one_off, _, full_acc, one_off_acc, _ = _one_off_and_pairs(circuit, data)
+    distractor, weak_helper, main = (0, 1), (0, 2), (1, 0)
+    assert circuit.true_roles()[distractor] == "interfering"
+    assert full_acc == 1.0 and one_off_acc[main] < 0.3
+    assert one_off[distractor] > full  # removing it helps
+    assert one_off[weak_helper] < full  # removing it hurts
+    assert (data.tokens[:, 2] != data.tokens[:, 1]).all()  # the distractor is never the answer
+    assert (data.corrupt.tokens[:, 1] != data.tokens[:, 1]).all()
+
+
+def test_induction_circuit_needs_both_heads_and_no_fixed_offset_solves_it():
+    circuit = induction_circuit()
+    data = circuit.data(64, 0)
+    full, one_off, _, full_acc, one_off_acc, _ = _one_off_and_pairs(circuit, data)
+    previous_token, induction, copy_current = (0, 0), (1, 1), (1, 2)
+    assert full_acc == 1.0
+    assert one_off_acc[previous_token] < 0.3 and one_off_acc[induction] < 0.3
+    assert one_off[copy_current] > full
+    assert len(set(data.lengths.tolist())) > 1  # block lengths vary, so offsets differ per example
+    metric = target_logprob_metric(data)  # the clean answers, whatever the input
+    with torch.no_grad():
+        on_twin = float(metric(circuit.model(data.corrupt.tokens)))
+    assert on_twin < float(full) - 1.0  # the twin's first block no longer predicts the repeat
+
+
+def test_recall_benchmark_twin_changes_the_answer(recall):
+    circuit, data = recall
+    assert (data.corrupt.tokens[:, 1] != data.tokens[:, 1]).all()
+    assert torch.equal(data.corrupt.tokens[:, -1], data.corrupt.tokens[:, 1])
+    assert (circuit.true_roles() == np.array([["facilitating", "interfering", "irrelevant",
+                                               "irrelevant"]], dtype=object)).all()
+
+
+def test_trained_model_learns_induction_and_its_labelled_heads_carry_the_task():
+    circuit = trained_induction(seed=0)
+    roles = circuit.true_roles()
+    facilitating = torch.as_tensor(roles == "facilitating")
+    scores = circuit.diagnostics
+    assert facilitating[0].any() and facilitating[1].any()  # previous-token in 0, induction in 1
+    assert scores["previous_token_score"][0].max() > 0.5
+    assert scores["induction_score"][1].max() > 0.5
+    data = circuit.data(128, 0)
+    keep_only = facilitating.float()[None]
+    settings = torch.cat([torch.ones(1, 2, 4), keep_only, 1.0 - keep_only])
+    _, accuracy = evaluate_gates(circuit.model, data, settings)
+    full, only_labelled, without_labelled = accuracy.tolist()
+    assert full > 0.7
+    assert only_labelled > full - 0.05
+    assert without_labelled < 0.2
