@@ -68,6 +68,50 @@ def build_parser() -> argparse.ArgumentParser:
     contrastive.add_argument("--resume", action="store_true", help="continue the interrupted fit in --out")
     contrastive.set_defaults(handler=run_contrastive)
 
+    validate = commands.add_parser(
+        "validate", help="check a fit's roles on held-out data: ablation, sufficiency/necessity, patching",
+        description="Rebuild the model and a held-out draw of the run's task (or its data file), then "
+        "run targeted ablation, sufficiency and necessity against random head sets, and activation "
+        "patching vs CHG facilitation (Welch t-test, Spearman) when the task has a corrupt twin. Adds "
+        "validation.json, validation_ablation.csv and a picture to the run folder; rewrites report.html.")
+    validate.add_argument("run_dir", type=Path, help="run folder written by 'chg-tlens fit' or 'demo'")
+    validate.add_argument("--n", type=int, default=32, help="held-out examples for a task run (default 32)")
+    validate.add_argument("--seed-index", type=int, default=0, help="which fitted seed to test (default 0)")
+    validate.add_argument("--threshold", type=float, default=None, help="role cut-off (default: the run's)")
+    validate.add_argument("--max-heads", type=int, default=20,
+                          help="heads changed along each ablation curve (default 20)")
+    validate.add_argument("--random", type=int, default=10,
+                          help="random head sets for sufficiency/necessity (default 10)")
+    validate.add_argument("--top-k", type=int, default=10,
+                          help="heads flagged by patching for the t-test (default 10)")
+    validate.add_argument("--no-patching", action="store_true", help="skip activation patching")
+    validate.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
+    validate.add_argument("--device", default=None, help="torch device (default: the model's)")
+    validate.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    validate.set_defaults(handler=run_validate)
+
+    compare = commands.add_parser(
+        "compare", help="CHG against patching, attribution, gradient and pruning baselines",
+        description="Score heads with every method (or --methods) on benchmark models whose roles are "
+        "known (planted circuits and a model trained on the spot) and, with --task, on a real model. "
+        "Writes results.json and results.md (ROC AUC, precision and faithfulness at k, cost).")
+    compare.add_argument("--out", type=Path, required=True, help="folder for results.json and results.md")
+    compare.add_argument("--methods", default=None,
+                         help="comma-separated subset of the methods (default: all); see --list-methods")
+    compare.add_argument("--list-methods", action="store_true", help="print the method names and stop")
+    compare.add_argument("--no-known", action="store_true", help="skip the known-role benchmark models")
+    compare.add_argument("--no-trained", action="store_true",
+                         help="skip the benchmark model trained on the spot (saves ~1 min)")
+    compare.add_argument("--n", type=int, default=64, help="examples per benchmark-model draw (default 64)")
+    compare.add_argument("--model", default="smollm2-135m", help="model for --task (default smollm2-135m)")
+    compare.add_argument("--task", action="append", default=[],
+                         help="built-in task to compare on the real model (repeatable)")
+    compare.add_argument("--task-n", type=int, default=8, help="examples per real-model task (default 8)")
+    compare.add_argument("--steps", type=int, default=20,
+                         help="CHG updates per stage (and probing steps) on the real model (default 20)")
+    compare.add_argument("--quiet", action="store_true", help="no progress lines")
+    compare.set_defaults(handler=run_compare)
+
     report = commands.add_parser("report", help="write report.html for a run folder")
     report.add_argument("run_dir", type=Path, help="run folder written by 'chg-tlens fit'")
     report.add_argument("--threshold", type=float, default=None, help="role cut-off (default: the run's)")
@@ -176,7 +220,7 @@ def run_fit(args: argparse.Namespace) -> int:
     from chg_tlens.fit import CHGConfig, fit_chg
     from chg_tlens.models import load_model
     from chg_tlens.runs import write_run_folder
-    from chg_tlens.tasks import make_task
+    from chg_tlens.tasks import TASKS, make_task
 
     config = config_from_args(CHGConfig, args)
     _check_threshold(args.threshold)
@@ -184,13 +228,16 @@ def run_fit(args: argparse.Namespace) -> int:
         config.device = config.device or f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     if args.data is not None and not args.data.exists():
         raise FileNotFoundError(f"--data: file not found: {args.data}")
+    if args.task is not None and args.task not in TASKS:
+        raise UsageError(f"--task: unknown task {args.task!r}; the tasks are {list(TASKS)}.")
     model = load_model(args.model, device=config.device, dtype=args.dtype)
     if args.task is not None:
         data = make_task(args.task, model, n=args.n, seed=config.seed)
         source = {"task": args.task, "n": args.n}
     else:
         data = GateData.from_file(model, args.data, args.prompt_field, args.target_field, args.text_field)
-        source = {"data": str(args.data)}
+        source = {"data": str(args.data), "prompt_field": args.prompt_field,
+                  "target_field": args.target_field, "text_field": args.text_field}
     started = time.time()
     result = fit_chg(model, data, config, run_dir=args.out, resume=args.resume)
     if not distributed.is_main_process():
@@ -232,6 +279,152 @@ def contrastive_data(function_views: Callable, model: Any, function: str, retain
     train = function_views(model, n=n, seed=seed, function=function, split="train")
     held_out = function_views(model, n=n_eval, seed=seed + 1, function=function, split="test")
     return train.contrastive(keep), held_out.contrastive(keep)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    import json
+
+    from chg_tlens.plot import figure_png
+    from chg_tlens.report import write_report
+    from chg_tlens.result import CHGResult
+    from chg_tlens.runs import RUN_FILE, add_validation, write_table
+    from chg_tlens.validate import plot_ablation_curve, validate_run
+
+    run_file = args.run_dir / RUN_FILE
+    if not run_file.is_file():
+        raise FileNotFoundError(f"{run_file} not found: validate needs a run folder written by "
+                                "'chg-tlens fit' or 'chg-tlens demo'.")
+    try:
+        run = json.loads(run_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{run_file} is not valid JSON ({error.msg}, line {error.lineno}).") from None
+    threshold = run.get("threshold", 0.5) if args.threshold is None else args.threshold
+    _check_threshold(threshold)
+    for name in ("n", "max_heads", "batch_size", "top_k"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    result = CHGResult.load(args.run_dir)
+    model, data, held_out = _validation_model_and_data(run, result, args)
+    summary, ablation = validate_run(model, data, result, seed=args.seed_index, threshold=threshold,
+                                     max_heads=args.max_heads, n_random=args.random, top_k=args.top_k,
+                                     patching=not args.no_patching, batch_size=args.batch_size)
+    summary["held_out"] = held_out
+    write_table(ablation, args.run_dir / "validation_ablation.csv")
+    (args.run_dir / "pictures").mkdir(exist_ok=True)
+    ax = plot_ablation_curve(ablation)
+    ax.set_title(f"targeted ablation from G+ (seed {summary['seed']})")
+    (args.run_dir / "pictures" / "validation_ablation.png").write_bytes(figure_png(ax.figure, dpi=100))
+    add_validation(args.run_dir, "chg_tlens_validate", summary)
+    report = write_report(args.run_dir, threshold=threshold)
+    _print_validation(summary)
+    print(f"\nwrote {args.run_dir / 'validation.json'} and {report}")
+    return EXIT_OK
+
+
+def _validation_model_and_data(run: dict[str, Any], result: Any, args: argparse.Namespace
+                               ) -> tuple[Any, Any, bool]:
+    """The run's model and a fresh draw of its data: a new seed for a task (held out), the same file
+    otherwise. Returns (model, data, whether the data is held out)."""
+    seed = int(result.config.get("seed", 0)) + 1000
+    model_name = run.get("model")
+    if model_name == "planted-repeat":
+        from chg_tlens.planted import repeat_circuit
+
+        circuit = repeat_circuit()
+        return circuit.model, circuit.data(args.n, seed), True
+    if not model_name:
+        raise ValueError("run.json names no model; cannot rebuild the run.")
+    from chg_tlens.models import load_model
+
+    model = load_model(model_name, device=args.device, dtype=args.dtype)
+    if run.get("task"):
+        from chg_tlens.tasks import make_task
+
+        return model, make_task(run["task"], model, n=args.n, seed=seed), True
+    if run.get("data"):
+        from chg_tlens.data import GateData
+
+        path = Path(run["data"])
+        if not path.exists():
+            raise FileNotFoundError(f"the run's data file is gone: {path}")
+        data = GateData.from_file(model, path, run.get("prompt_field", "prompt"),
+                                  run.get("target_field", "target"), run.get("text_field"))
+        return model, data, False
+    raise ValueError("run.json names neither a task nor a data file; cannot rebuild the data.")
+
+
+def _print_validation(summary: dict[str, Any]) -> None:
+    held = "held-out" if summary.get("held_out") else "the fit's own"
+    print(f"validation of seed {summary['seed']} on {summary['n_examples']} {held} examples; "
+          f"{len(summary['facilitating_heads'])} facilitating heads")
+    for name in ("sufficiency", "necessity"):
+        block = summary[name]
+        if "skipped" in block:
+            print(f"  {name}: skipped ({block['skipped']})")
+            continue
+        line = (f"  {name}: log-prob full {block['full model']['logprob']:.3f}, circuit "
+                f"{block['circuit']['logprob']:.3f}, no heads {block['no heads']['logprob']:.3f}")
+        if "random_mean" in block:
+            line += (f", random sets {block['random_mean']['logprob']:.3f} (circuit as strong as or "
+                     f"stronger than {block['circuit_at_least_as_strong_share']:.0%} of them)")
+        print(line)
+    for score, block in summary["ablation"].items():
+        print(f"  ablation from G+ of the top {block['k']} {score} heads: "
+              f"change in log-prob {block['delta_logprob_at_k']:+.3f}")
+    patching = summary["activation_patching"]
+    if "skipped" in patching:
+        print(f"  activation patching: skipped ({patching['skipped']})")
+    else:
+        print(f"  activation patching top-{patching['n_flagged']} vs rest, CHG facilitation "
+              f"{patching['facilitation_flagged']:.3f} vs {patching['facilitation_rest']:.3f}: "
+              f"Welch t = {patching['t']:.2f}, p = {patching['p']:.2g}; Spearman rho = "
+              f"{patching['spearman_rho']:.2f}")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens' patching draws a bar per call
+    from chg_tlens.compare import (
+        METHODS,
+        compare_methods,
+        comparison_markdown,
+        jsonable,
+        known_role_benchmarks,
+        task_benchmark,
+    )
+    from chg_tlens.runs import write_json
+
+    if args.list_methods:
+        print("\n".join(METHODS))
+        return EXIT_OK
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods or [] if m not in METHODS]
+    if unknown:
+        raise UsageError(f"--methods: unknown {unknown}; choose from {list(METHODS)}.")
+    if args.no_known and not args.task:
+        raise UsageError("nothing to compare: --no-known without any --task.")
+    for name in ("n", "task_n", "steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+
+    def suite() -> Any:
+        if not args.no_known:
+            yield from known_role_benchmarks(args.n, include_trained=not args.no_trained)
+        if args.task:
+            from chg_tlens.models import load_model
+
+            model = load_model(args.model)
+            for task in args.task:
+                yield task_benchmark(model, args.model, task, n=args.task_n, steps=args.steps)
+
+    log = None if args.quiet else (lambda line: print(line, flush=True))
+    frame, details = compare_methods(suite(), methods, log=log)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(jsonable({"rows": frame.to_dict("records"), "benchmarks": details}), args.out / "results.json")
+    markdown = comparison_markdown(frame, details)
+    (args.out / "results.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    return EXIT_OK
 
 
 def run_report(args: argparse.Namespace) -> int:

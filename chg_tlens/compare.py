@@ -5,6 +5,7 @@
     faithfulness_curve             how much of the task do a method's top-k heads carry on their own?
     chg_head_scores, run_chg       CHG facilitation as one more ``HeadScores``
     run_methods                    every method of ``chg_tlens.baselines`` plus CHG on one model and task
+    Benchmark, compare_methods     many methods on many benchmarks -> one table (+ Markdown)
 
 The rank statistics are written out here in numpy (average ranks for ties), so they have no
 dependency beyond numpy and are checked on hand-made examples in the tests.
@@ -13,7 +14,7 @@ dependency beyond numpy and are checked on hand-made examples in the tests.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -325,3 +326,197 @@ def _check_k(k: Any, n: int) -> None:
         raise ValueError(f"k must be an integer within [1, {n}], got {k!r}.")
 
 
+
+
+# ------------------------------------------------------------------------------ benchmarks -> a table
+REAL_INDUCTION_THRESHOLD = 0.4
+"""On a real model, a head whose mean attention on the induction position exceeds this is a reference head."""
+REAL_K_SHARE = 0.1
+"""Without reference roles, faithfulness is measured at this share of all heads."""
+
+
+@dataclass
+class Benchmark:
+    """One model and task to score heads on: scores come from ``fit_data``, faithfulness from ``eval_data``.
+
+    ``roles`` is a ``[layer, head]`` array of role names when the truth is known (planted circuits, a
+    trained model, attention-pattern references), else None; ``k`` is the head count for precision
+    and faithfulness at k.
+    """
+
+    name: str
+    model: Any
+    fit_data: GateData
+    eval_data: GateData
+    roles: np.ndarray | None
+    k: int
+    settings: MethodSettings
+    note: str = ""
+
+
+def known_role_benchmarks(n: int = 64, include_trained: bool = True) -> list[Benchmark]:
+    """The planted circuits (and a model trained here) of :mod:`chg_tlens.benchmark_models`."""
+    from chg_tlens import benchmark_models
+
+    suite = []
+    for circuit in benchmark_models.all_benchmarks(include_trained=include_trained):
+        roles = circuit.true_roles()
+        suite.append(Benchmark(circuit.name, circuit.model, circuit.data(n, 0), circuit.data(n, 1), roles,
+                               int((roles == "facilitating").sum()), MethodSettings(), circuit.description))
+    return suite
+
+
+def task_benchmark(model: Any, model_name: str, task: str, n: int = 8, steps: int = 20,
+                   n_seeds: int = 2, seed: int = 0) -> Benchmark:
+    """A built-in task on a real model; only ``induction`` gets reference roles (attention patterns)."""
+    from chg_tlens.tasks import make_task
+
+    layout = adapter.require_model(model)
+    settings = MethodSettings(batch_size=n, subnetwork_steps=steps,
+                              chg=CHGConfig(n_seeds=n_seeds, steps=steps, batch_size=n, progress=False))
+    options = {"seq_len": 8} if task == "induction" else {}
+    fit_data = make_task(task, model, n=n, seed=seed, **options)
+    eval_data = make_task(task, model, n=n, seed=seed + 1, **options)
+    roles, note = None, "no reference roles"
+    k = max(1, round(REAL_K_SHARE * layout.n_layers * layout.n_heads))
+    if task == "induction":
+        roles = induction_reference(model, fit_data)
+        k = max(1, int((roles == "facilitating").sum()))
+        note = f"reference: attention-pattern induction score > {REAL_INDUCTION_THRESHOLD}"
+    return Benchmark(f"{model_name}/{task}", model, fit_data, eval_data, roles, k, settings, note)
+
+
+def induction_reference(model: Any, data: GateData) -> np.ndarray:
+    """Heads whose attention goes to the token after the current token's earlier occurrence."""
+    from chg_tlens import benchmark_models
+
+    seq_len = int(data.meta["options"]["seq_len"])
+    n = len(data)
+    scores = benchmark_models.attention_diagnostics(
+        model, data.tokens, torch.full((n,), seq_len), torch.ones(n, dtype=torch.long))
+    flagged = scores["induction"] > REAL_INDUCTION_THRESHOLD
+    return np.where(flagged.numpy(), "facilitating", "irrelevant").astype(object)
+
+
+def compare_methods(
+    suite: Iterable[Benchmark], methods: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Every named method on every benchmark: one row per (benchmark, method), plus per-benchmark details
+    (note, k, skipped methods, raw scores, seconds)."""
+    rows: list[dict[str, Any]] = []
+    details: dict[str, Any] = {}
+    for benchmark in suite:
+        started = time.time()
+        scored, skipped = run_methods(benchmark.model, benchmark.fit_data, methods, benchmark.settings)
+        rows.extend(evaluate_benchmark(benchmark, scored))
+        details[benchmark.name] = {
+            "note": benchmark.note, "k": benchmark.k, "skipped": skipped,
+            "roles": None if benchmark.roles is None else benchmark.roles.tolist(),
+            "scores": {s.method: s.scores.tolist() for s in scored},
+            "seconds": round(time.time() - started, 1),
+        }
+        if log is not None:
+            log(f"[{benchmark.name}] {len(scored)} scores in {time.time() - started:.1f} s")
+    return pd.DataFrame(rows), details
+
+
+def evaluate_benchmark(benchmark: Benchmark, scored: list[HeadScores]) -> list[dict[str, Any]]:
+    """One row per method: truth metrics, faithfulness at k, agreement with CHG, cost."""
+    reference = next((s for s in scored if s.method == "chg_max"), None)
+    rows = []
+    for item in scored:
+        curve = faithfulness_curve(benchmark.model, benchmark.eval_data, item, ks=[benchmark.k])
+        row: dict[str, Any] = {
+            "benchmark": benchmark.name, "method": item.method, "k": benchmark.k,
+            "auc": None, "precision_at_k": None,
+            "faithfulness_at_k": float(curve["faithfulness"].iloc[0]),
+            "logprob_at_k": float(curve["logprob"].iloc[0]),
+            "logprob_all": float(curve["logprob_all"].iloc[0]),
+            "spearman_vs_chg": None if reference is None else spearman(item, reference),
+            **item.cost(),
+        }
+        roles = benchmark.roles
+        if roles is not None and 0 < (roles == "facilitating").sum() < roles.size:
+            truth = truth_metrics(item, roles, k=benchmark.k)
+            row["auc"], row["precision_at_k"] = truth["auc"], truth["precision_at_k"]
+        labels = item.details.get("role_labels")
+        if item.method == "chg_max" and labels is not None and roles is not None:
+            row["chg_role_accuracy"] = float(np.mean(labels == roles[None]))
+            needed = roles == "facilitating"
+            row["chg_facilitating_found_every_seed"] = float(np.mean(
+                np.all(labels[:, needed] == "facilitating", axis=0))) if needed.any() else None
+        rows.append(row)
+    return rows
+
+
+COMPARISON_TABLES = (
+    ("auc", "ROC AUC (facilitating heads)"),
+    ("precision_at_k", "Precision at k"),
+    ("faithfulness_at_k", "Faithfulness at k"),
+    ("spearman_vs_chg", "Spearman correlation with CHG (max over seeds)"),
+    ("chg_role_accuracy", "CHG's own role labels: share of heads labelled as the truth says "
+     "(mean over seeds)"),
+    ("chg_facilitating_found_every_seed", "CHG: share of truly facilitating heads labelled facilitating in "
+     "every seed"),
+    ("forward_passes", "Cost: example forward passes"),
+    ("backward_passes", "Cost: example backward passes"),
+    ("seconds", "Cost: seconds"),
+)
+
+
+def comparison_markdown(frame: pd.DataFrame, details: dict[str, Any]) -> str:
+    """The :func:`compare_methods` table as Markdown: one method x benchmark table per metric."""
+    lines = ["# Head-scoring methods on benchmarks with known roles", "",
+             "Positives = heads whose true role is *facilitating*. AUC: chance 0.5, perfect 1. "
+             "Faithfulness at k: mean target log-prob with only the method's top-k heads kept, "
+             "scaled so 0 = no heads, 1 = all heads (above 1: the kept set beats the full model). "
+             "k = number of true facilitating heads (10% of heads where no reference exists).", ""]
+    for metric, title in COMPARISON_TABLES:
+        if metric not in frame:
+            continue
+        table = frame.pivot_table(index="method", columns="benchmark", values=metric, aggfunc="first",
+                                  sort=False, dropna=False)
+        table = table.reindex(columns=list(details))
+        if metric.startswith("chg_"):
+            table = table.dropna(how="all")
+        lines += [f"## {title}", "", _markdown_table(table, metric), ""]
+    lines += ["## Benchmarks", ""]
+    for name, info in details.items():
+        skipped = ", ".join(f"{m} ({why})" for m, why in info["skipped"].items()) or "none"
+        lines.append(f"- **{name}** (k = {info['k']}): {info['note']}. Skipped: {skipped}. "
+                     f"{info['seconds']} s.")
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_table(table: pd.DataFrame, metric: str) -> str:
+    integer = metric.endswith("passes")
+    header = "| method | " + " | ".join(str(c) for c in table.columns) + " |"
+    rule = "|---|" + "---|" * len(table.columns)
+    body = []
+    for method, values in table.iterrows():
+        cells = []
+        for value in values:
+            if value is None or (isinstance(value, float) and np.isnan(value)):
+                cells.append("n/a")
+            elif integer:
+                cells.append(f"{int(value):,}")
+            else:
+                cells.append(f"{value:.3f}" if metric != "seconds" else f"{value:.1f}")
+        body.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join([header, rule, *body])
+
+
+def jsonable(value: Any) -> Any:
+    """Tensors and arrays as lists, anything unknown as its string: for results files."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return str(value)

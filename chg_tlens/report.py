@@ -22,9 +22,8 @@ from typing import Any
 
 from chg_tlens import plot
 from chg_tlens.result import META_FILE, ROLES, TENSORS_FILE, UNCLASSIFIED, CHGResult, ResultFileError
+from chg_tlens.runs import RUN_FILE, VALIDATION_FILE
 
-RUN_FILE = "run.json"
-VALIDATION_FILE = "validation.json"
 ROLES_FILE = "roles.csv"
 REPORT_FILE = "report.html"
 DEFAULT_THRESHOLD = 0.5
@@ -39,6 +38,8 @@ FIGURE_CAPTIONS = {
     "gate_scatter": "G+ against G\u2212 for every head and seed, coloured by that seed's role; dashed "
                     "lines are where a role's score equals the threshold.",
     "role_shares": "Share of heads in each role, per seed.",
+    "validation_ablation": "Targeted ablation from G+ on held-out data: heads set to 0 (or 1) cumulatively "
+                           "in order of their role score; facilitating should fall, irrelevant stay flat.",
     "loss_curves": "Loss per update in each stage: each seed thin, the mean thick, mean target NLL dashed.",
 }
 
@@ -65,8 +66,10 @@ def write_report(
     target = Path(output) if output is not None else folder / REPORT_FILE
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()
              and not p.name.startswith(".") and p.resolve() != target.resolve()}
+    validation_pictures = {p.stem: p.read_bytes()
+                           for p in sorted((folder / "pictures").glob("validation_*.png"))}
     page = render_report(result, run=run, validation=validation, threshold=threshold, files=files,
-                         title=folder.resolve().name)
+                         title=folder.resolve().name, validation_pictures=validation_pictures)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(page, encoding="utf-8")
     return target
@@ -79,8 +82,12 @@ def render_report(
     threshold: float = DEFAULT_THRESHOLD,
     files: dict[str, int] | None = None,
     title: str | None = None,
+    validation_pictures: dict[str, bytes] | None = None,
 ) -> str:
-    """The report page as a string, for a result in memory (``write_report`` adds the folder's files)."""
+    """The report page as a string, for a result in memory (``write_report`` adds the folder's files).
+
+    ``validation_pictures`` maps a name to PNG bytes (``chg-tlens validate`` writes ablation curves).
+    """
     if not isinstance(result, CHGResult):
         raise TypeError(f"result: expected a chg_tlens.CHGResult, got {type(result).__name__}.")
     if run is not None and not isinstance(run, dict):
@@ -95,8 +102,10 @@ def render_report(
         _section("Roles", _roles_html(result, threshold)),
         _section("Pictures", _figures_html(result, threshold)),
     ]
-    if validation is not None:
-        sections.append(_section("Validation", _json_html(validation), section_id="validation"))
+    if validation is not None or validation_pictures:
+        content = "" if validation is None else _json_html(validation)
+        content += _png_figures(validation_pictures or {})
+        sections.append(_section("Validation", content, section_id="validation"))
     sections.append(_section("Details", _details_html(result, run, files)))
     return _page(heading, title or heading, "\n".join(sections))
 
@@ -155,9 +164,16 @@ def _roles_html(result: CHGResult, threshold: float) -> str:
 
 
 def _figures_html(result: CHGResult, threshold: float) -> str:
+    return _png_figures({name: plot.figure_png(figure, dpi=100)
+                         for name, figure in plot.figures(result, threshold).items()})
+
+
+def _png_figures(pictures: dict[str, bytes]) -> str:
+    if not pictures:
+        return ""
     blocks = []
-    for name, figure in plot.figures(result, threshold).items():
-        encoded = base64.b64encode(plot.figure_png(figure, dpi=100)).decode("ascii")
+    for name, png in pictures.items():
+        encoded = base64.b64encode(png).decode("ascii")
         caption = FIGURE_CAPTIONS.get(name, name.replace("_", " "))
         blocks.append(
             f'<figure id="fig-{_e(name)}"><img class="plot" data-plot="{_e(name)}" alt="{_e(caption)}" '

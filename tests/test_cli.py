@@ -1,0 +1,126 @@
+"""The command line: complete help, run folders that validate and report, exit codes for bad input.
+
+Everything runs in-process through ``chg_tlens.cli.main`` (the ``chg-tlens`` entry point), on the planted
+repeat circuit (known roles) and, sized small, on the embedded SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from chg_tlens.cli import EXIT_OK, EXIT_USAGE, build_parser, main
+
+SUBCOMMANDS = ["fit", "contrastive", "validate", "compare", "report", "demo", "bench"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_complete_help(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        for flag in action.option_strings:
+            assert flag in text
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings} has no help text"
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory) -> Path:
+    """``chg-tlens demo --planted`` then ``chg-tlens validate`` on its run folder."""
+    folder = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["demo", "--planted", "--quiet", "--out", str(folder)]) == EXIT_OK
+    assert main(["validate", str(folder), "--n", "32", "--random", "5"]) == EXIT_OK
+    return folder
+
+
+def test_demo_writes_a_complete_run_folder_with_the_planted_roles(planted_run):
+    for name in ("chg_gates.safetensors", "chg_result.json", "roles.csv", "summary.csv", "losses.csv",
+                 "run.json", "report.html", "pictures/heatmaps.png"):
+        assert (planted_run / name).is_file(), name
+    roles = pd.read_csv(planted_run / "roles.csv")
+    head_11 = roles[(roles["layer"] == 1) & (roles["head"] == 1)]
+    assert set(head_11["role"]) == {"facilitating"}  # the planted repeat head, in every seed
+    assert json.loads((planted_run / "run.json").read_text())["model"] == "planted-repeat"
+
+
+def test_validate_confirms_the_planted_circuit_on_held_out_data(planted_run):
+    summary = json.loads((planted_run / "validation.json").read_text())["chg_tlens_validate"]
+    assert summary["held_out"] is True
+    assert summary["facilitating_heads"] == ["1.1"]
+    sufficiency, necessity = summary["sufficiency"], summary["necessity"]
+    assert sufficiency["circuit"]["logprob"] > sufficiency["no heads"]["logprob"] + 1.0
+    assert sufficiency["circuit_at_least_as_strong_share"] == 1.0
+    assert necessity["circuit"]["logprob"] < necessity["full model"]["logprob"] - 1.0
+    ablation = summary["ablation"]
+    assert ablation["facilitating"]["delta_logprob_at_k"] < ablation["irrelevant"]["delta_logprob_at_k"] - 1.0
+    assert "skipped" in summary["activation_patching"]  # the repeat task has no corrupt twin
+    page = (planted_run / "report.html").read_text()
+    assert 'data-plot="validation_ablation"' in page and "circuit_at_least_as_strong_share" in page
+    assert (planted_run / "validation_ablation.csv").is_file()
+
+
+def test_fit_from_a_jsonl_file_on_the_embedded_model(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"question": p, "answer": t}) for p, t in [
+        ("The capital of France is", " Paris"), ("The capital of Italy is", " Rome"),
+        ("The capital of Spain is", " Madrid"), ("The capital of Japan is", " Tokyo")]))
+    out = tmp_path / "run"
+    code = main(["fit", "--data", str(data), "--prompt-field", "question", "--target-field", "answer",
+                 "--steps", "2", "--n-seeds", "2", "--batch-size", "2", "--quiet", "--no-pictures",
+                 "--out", str(out)])
+    assert code == EXIT_OK
+    roles = pd.read_csv(out / "roles.csv")
+    assert len(roles) == 2 * 30 * 9  # seeds x layers x heads of SmolLM2-135M
+    run = json.loads((out / "run.json").read_text())
+    assert run["data"] == str(data) and run["prompt_field"] == "question"
+    assert "Share of heads per role" in capsys.readouterr().out
+
+
+def test_compare_scores_the_known_role_benchmarks(tmp_path):
+    out = tmp_path / "compare"
+    code = main(["compare", "--out", str(out), "--no-trained", "--methods", "chg,random", "--n", "32",
+                 "--quiet"])
+    assert code == EXIT_OK
+    rows = pd.DataFrame(json.loads((out / "results.json").read_text())["rows"])
+    chg = rows[(rows["method"] == "chg_max") & rows["auc"].notna()]
+    assert len(chg) >= 3 and (chg["auc"] == 1.0).all()
+    assert "ROC AUC" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["fit", "--task", "nonsense", "--out", "{tmp}/x"], ["unknown task", "nonsense"]),
+    (["fit", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/x"], ["not found", "missing.jsonl"]),
+    (["fit", "--task", "sva", "--threshold", "1.5", "--out", "{tmp}/x"], ["--threshold", "1.5"]),
+    (["validate", "{tmp}"], ["run.json", "not found"]),
+    (["compare", "--out", "{tmp}/c", "--methods", "chg,telepathy"], ["unknown", "telepathy"]),
+    (["compare", "--out", "{tmp}/c", "--no-known"], ["nothing to compare"]),
+    (["report", "{tmp}/nowhere"], ["nowhere"]),
+])
+def test_bad_input_exits_2_with_one_line_naming_the_problem(argv, words, tmp_path, capsys):
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_USAGE
+    assert len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_validate_on_a_corrupt_result_file_exits_2_and_leaves_the_folder_alone(planted_run, tmp_path, capsys):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for path in planted_run.iterdir():
+        if path.is_file():
+            (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "chg_gates.safetensors").write_bytes(b"not a tensor file")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["validate", str(folder)]) == EXIT_USAGE
+    assert "chg_gates.safetensors" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
