@@ -254,7 +254,11 @@ class GateData:
         text_field: str | None = None,
     ) -> GateData:
         """A JSONL, JSON, or CSV file, or a folder saved with ``datasets.Dataset.save_to_disk``."""
-        return cls.from_hf(model, load_records(path), prompt_field, target_field, text_field)
+        records = load_records(path)
+        try:
+            return cls.from_hf(model, records, prompt_field, target_field, text_field)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     # ----------------------------------------------------------------- use
     def __len__(self) -> int:

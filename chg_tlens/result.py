@@ -151,6 +151,28 @@ class CHGResult:
         }
         return pd.DataFrame(columns)
 
+    def compare_roles(self, other: CHGResult, threshold: float = 0.5) -> pd.DataFrame:
+        """Head by head, this result's consensus role and facilitation next to ``other``'s (e.g. two tasks,
+        or two runs of one task). Results from different models cannot be compared head by head: that
+        raises, naming both models. ``frame.attrs["same_data"]`` says whether the data fingerprints match.
+        """
+        require_same_model(self, other)
+        frame = pd.DataFrame({
+            "layer": np.repeat(np.arange(self.n_layers), self.n_heads),
+            "head": np.tile(np.arange(self.n_heads), self.n_layers),
+        })
+        for name, result in (("a", self), ("b", other)):
+            consensus = np.full((self.n_layers, self.n_heads), "mixed", dtype=object)
+            for role, heads in result.roles(threshold).items():
+                for layer, head in heads:
+                    consensus[layer, head] = role
+            frame[f"role_{name}"] = consensus.ravel()
+            frame[f"facilitating_{name}"] = result.facilitating.max(dim=0).values.numpy().ravel()
+        frame["same_role"] = frame["role_a"] == frame["role_b"]
+        fingerprints = [r.provenance.get("data_fingerprint") for r in (self, other)]
+        frame.attrs["same_data"] = fingerprints[0] is not None and fingerprints[0] == fingerprints[1]
+        return frame
+
     def loss_frame(self) -> pd.DataFrame:
         """Loss curves, long format: stage, step, seed, loss, nll."""
         frames = []
@@ -282,3 +304,20 @@ class ContrastiveResult:
                              "accuracy_min": float(accuracy.min()), "accuracy_max": float(accuracy.max()),
                              "logprob": float(logprob.mean())})
         return pd.DataFrame(rows)
+
+
+def require_same_model(a: CHGResult, b: CHGResult) -> None:
+    """Raise unless two results come from the same model (name, class, and head layout)."""
+    if not isinstance(b, CHGResult):
+        raise TypeError(f"expected a CHGResult to compare with, got {type(b).__name__}.")
+    for key in ("model_name", "model_class"):
+        first, second = a.provenance.get(key), b.provenance.get(key)
+        if first is not None and second is not None and first != second:
+            raise ValueError(
+                f"provenance mismatch: these results come from different models ({key} {first!r} vs "
+                f"{second!r}); head-by-head comparison only makes sense on one model."
+            )
+    if (a.n_layers, a.n_heads) != (b.n_layers, b.n_heads):
+        raise ValueError(
+            f"provenance mismatch: {a.n_layers} x {a.n_heads} heads vs {b.n_layers} x {b.n_heads} heads."
+        )

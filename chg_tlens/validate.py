@@ -29,9 +29,9 @@ from torch import Tensor
 
 from chg_tlens import adapter
 from chg_tlens.data import GateData
-from chg_tlens.fit import gated_logits
+from chg_tlens.fit import score_gates
 from chg_tlens.gates import HeadGates
-from chg_tlens.objectives import target_accuracy, target_logprobs
+from chg_tlens.objectives import target_logprobs
 from chg_tlens.result import ROLES, CHGResult
 
 Head = tuple[int, int]
@@ -74,13 +74,9 @@ def evaluate_gates(
         for first in range(0, values.shape[0], configs_per_pass):
             chunk = slice(first, first + configs_per_pass)
             gates = HeadGates.fixed(values[chunk]).to(device)
-            for start in range(0, len(data), examples_per_pass):
-                batch = data.subset(range(start, min(start + examples_per_pass, len(data))))
-                tokens = batch.tokens.to(device)
-                target_mask = batch.target_mask.to(device)
-                logits = gated_logits(model, gates, tokens)
-                logprob[chunk] += target_logprobs(logits, tokens, target_mask, gates.n_masks).sum(1).cpu()
-                accuracy[chunk] += target_accuracy(logits, tokens, target_mask, gates.n_masks).sum(1).cpu()
+            per_example_logprob, per_example_accuracy = score_gates(model, data, gates, examples_per_pass)
+            logprob[chunk] = per_example_logprob.sum(dim=1)
+            accuracy[chunk] = per_example_accuracy.sum(dim=1)
     return logprob / len(data), accuracy / len(data)
 
 

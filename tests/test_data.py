@@ -135,3 +135,34 @@ def _small_model():
     if "model" not in _cached:
         _cached["model"] = random_bridge()
     return _cached["model"]
+
+
+NO_PROMPT_FIELD = "no field\\(s\\) \\['prompt', 'target'\\]; its fields are \\['answer', 'question'\\]"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("pairs.jsonl", '{"question": "the keys to the cabinet", "answer": " are"}\n', NO_PROMPT_FIELD),
+    ("pairs.csv", "question,answer\nthe keys to the cabinet, are\n", NO_PROMPT_FIELD),
+    ("broken.jsonl", '{"prompt": "the keys", "target": " are"}\n{"prompt": \n', "broken.jsonl, line 2"),
+    ("empty.jsonl", "\n", "holds no records"),
+    ("pairs.txt", "the keys are", "unknown data format '.txt'"),
+    ("list.json", '[1, 2]', "expected a list of records"),
+])
+def test_data_files_with_problems_are_named(words, tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as caught:
+        GateData.from_file(words, path)
+    assert name in str(caught.value)
+
+
+def test_a_missing_data_file_is_named(words, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+        GateData.from_file(words, tmp_path / "nowhere.jsonl")
+
+
+def test_a_data_file_with_the_named_fields_loads(words, tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("question,answer\nthe keys to the cabinet, are\n")
+    data = GateData.from_file(words, path, prompt_field="question", target_field="answer")
+    assert len(data) == 1 and data.n_targets == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -71,3 +72,21 @@ def test_roles_for_one_seed_and_thresholds(result):
         result.roles(seed=9)
     everything = result.role_labels(threshold=1.0)
     assert (everything == "unclassified").mean() > 0.5
+
+
+def test_compare_roles_lines_up_two_runs_of_one_model(result, recall):
+    again = fit_chg(recall.model, recall.data(64, 1), CHGConfig(n_seeds=2, steps=30, batch_size=16,
+                                                                 progress=False))
+    frame = result.compare_roles(again)
+    assert len(frame) == result.n_layers * result.n_heads
+    assert frame.attrs["same_data"] is False  # another draw of the data
+    for head in recall.heads:
+        row = frame[(frame["layer"] == head.layer) & (frame["head"] == head.head)].iloc[0]
+        assert row["role_a"] == row["role_b"] == head.role
+    assert result.compare_roles(result).attrs["same_data"] is True
+
+
+def test_compare_roles_refuses_results_of_another_model(result):
+    other = dataclasses.replace(result, provenance={**result.provenance, "model_name": "gpt2"})
+    with pytest.raises(ValueError, match="provenance mismatch.*'gpt2'"):
+        result.compare_roles(other)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from chg_tlens.data import GateData
@@ -66,7 +66,7 @@ class FunctionViews(NamedTuple):
         require_choice("FunctionViews.contrastive", "retain", retain, VIEWS)
         kept, dropped = (self.in_context, self.instruction) if retain == "in_context" \
             else (self.instruction, self.in_context)
-        return replace(kept, forget=dropped)
+        return GateData.contrastive(retain=kept, forget=dropped)
 
 
 def function_views(
