@@ -63,6 +63,9 @@ def load_model(
     spec: Any,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    device_map: str | dict[str, str | int] | None = None,
+    n_devices: int | None = None,
+    max_memory: dict[str | int, str | int] | None = None,
 ) -> TransformerBridge | HookedTransformer:
     """A TransformerLens model in eval mode, from any spec a user is likely to have.
 
@@ -73,9 +76,21 @@ def load_model(
     ``config.json``, a ``.gguf`` path, or a loaded TransformerLens model, which is returned as it is
     (never moved or cast, so ``device`` and ``dtype`` must then be left as None). ``dtype`` defaults
     to float32; ``device`` to what TransformerLens picks (CUDA when available).
+
+    Models too big for one GPU: ``device_map`` (``"auto"``, ``"balanced"`` or a dict), ``n_devices`` and
+    ``max_memory`` go to ``TransformerBridge.boot_transformers``, which places the layers with Hugging
+    Face's dispatcher (TransformerLens 4 only; exclusive with ``device``). CHG's gates follow the model:
+    each head's gate is applied on whatever device its ``hook_z`` runs.
     """
+    placement = {k: v for k, v in (("device_map", device_map), ("n_devices", n_devices),
+                                   ("max_memory", max_memory)) if v is not None}
+    if placement and device is not None:
+        raise ValueError(f"load_model: give either device={device!r} or {sorted(placement)}, not both.")
+    if placement and legacy_model_class() is not None:
+        raise ValueError(f"load_model: {sorted(placement)} need TransformerLens 4 (TransformerBridge); "
+                         "on 3.x use HookedTransformer's n_devices yourself.")
     if is_transformer_lens_model(spec):
-        if device is not None or dtype is not None:
+        if device is not None or dtype is not None or placement:
             raise ValueError(
                 "load_model: spec is an already loaded model, which is passed through unchanged; "
                 f"got device={device!r}, dtype={dtype!r}. Move or cast it yourself "
@@ -92,7 +107,7 @@ def load_model(
                 f"got {device!r}."
             ) from exc
     folder, name = _resolve_spec(spec)
-    return _boot(folder, name, device, torch_dtype)
+    return _boot(folder, name, device, torch_dtype, placement)
 
 
 def cache_dir() -> Path:
@@ -242,7 +257,8 @@ def _resolve_spec(spec: Any) -> tuple[Path, str]:
 
 
 def _boot(
-    folder: Path, name: str, device: str | torch.device | None, dtype: torch.dtype
+    folder: Path, name: str, device: str | torch.device | None, dtype: torch.dtype,
+    placement: dict[str, Any] | None = None,
 ) -> TransformerBridge | HookedTransformer:
     """One boot path for every spec, so all of them tokenize and hook the same way."""
     legacy = legacy_model_class()
@@ -252,7 +268,8 @@ def _boot(
         from transformer_lens.model_bridge import TransformerBridge
 
         with _quiet():
-            model = TransformerBridge.boot_transformers(str(folder), device=device, dtype=dtype)
+            model = TransformerBridge.boot_transformers(str(folder), device=device, dtype=dtype,
+                                                        **(placement or {}))
     model.cfg.model_name = name
     return model.eval()
 

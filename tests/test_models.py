@@ -186,6 +186,21 @@ def test_local_folder_hook_z_is_per_head(tiny_model) -> None:
     assert shapes == [(1, tokens.shape[1], 4, 8)]
 
 
+def test_device_map_reaches_the_bridge_on_tl4_and_is_refused_by_name_on_tl3(
+    tiny_folder: Path, tiny_model
+) -> None:
+    if legacy_model_class() is not None:
+        with pytest.raises(ValueError, match="need TransformerLens 4"):
+            load_model(tiny_folder, device_map={"": "cpu"})
+        return
+    placed = load_model(tiny_folder, device_map={"": "cpu"})
+    tokens = tiny_model.to_tokens("the dog ran")
+    with torch.no_grad():
+        assert torch.allclose(placed(tokens), tiny_model(tokens), atol=1e-5)
+    with pytest.raises(ValueError, match="either device='cpu' or \\['device_map'\\]"):
+        load_model(tiny_folder, device="cpu", device_map="auto")
+
+
 def test_loaded_model_passes_through(tiny_model) -> None:
     assert load_model(tiny_model) is tiny_model
 
