@@ -9,7 +9,7 @@ STAMP_TL39 := $(VENV_TL39)/.chg_tlens_installed
 TL39_TESTS := tests/test_gates.py tests/test_objectives.py tests/test_data.py tests/test_fit.py \
 	tests/test_result.py tests/test_contrastive.py tests/test_reliability.py tests/test_models.py
 
-.PHONY: setup setup-tl39 browser demo test lint pytest pytest-tl39 bench clean
+.PHONY: setup setup-tl39 browser demo test lint pytest notebooks pytest-tl39 bench clean
 
 setup: $(STAMP)
 
@@ -47,10 +47,14 @@ lint: setup
 pytest: setup browser
 	$(PY) -m pytest -q
 
+# The tour in notebooks/, executed top to bottom (outputs are not saved), so it stays in step with the code.
+notebooks: setup
+	$(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=900 notebooks/
+
 pytest-tl39: setup-tl39
 	$(VENV_TL39)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning $(TL39_TESTS)
 
-test: lint pytest pytest-tl39
+test: lint pytest notebooks pytest-tl39
 
 bench: setup
 	$(VENV)/bin/chg-tlens bench
