@@ -182,6 +182,28 @@ class _StopForward(Exception):
     """Raised from a hook once the final residual is captured: the full unembedding is never run."""
 
 
+@contextmanager
+def silent_patching_progress(silent: bool = True) -> Iterator[None]:
+    """Turn off the tqdm bars that ``transformer_lens.patching`` draws on its own.
+
+    TransformerLens takes no progress flag and tqdm reads ``TQDM_DISABLE`` only at import, so
+    ``--quiet`` swaps the module's ``tqdm`` for a disabled one while the block runs, then restores it.
+    """
+    if not silent:
+        yield
+        return
+    from functools import partial
+
+    from transformer_lens import patching
+
+    original = patching.tqdm
+    patching.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        patching.tqdm = original
+
+
 def final_residual_hook(model: Any) -> str | None:
     """Hook whose activation is the unembedding's input, or None if this model has no such hook."""
     names = set(model.hook_dict.keys())

@@ -174,7 +174,7 @@ def activation_patching(
     ``noise`` runs the clean data and patches in the head's corrupt output: score = metric(clean) -
     metric(patched), "how much of the task is lost". Denoising misses heads that only work together
     (an AND), noising misses heads that back each other up (an OR). Needs ``data.corrupt``.
-    TransformerLens draws its own progress bar; ``TQDM_DISABLE=1`` hides it.
+    TransformerLens draws its own progress bar; ``adapter.silent_patching_progress()`` hides it.
     """
     layout = adapter.require_model(model)
     data = _checked_pair(model, data, "activation_patching")

@@ -510,13 +510,15 @@ def _command_line() -> str:
 # ----------------------------------------------------------------------------------- entry
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run, and map failures to exit codes: bad input is one line, a bug is a traceback."""
+    from chg_tlens import adapter
     from chg_tlens.checkpoint import CheckpointError
     from chg_tlens.result import ResultFileError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        with adapter.silent_patching_progress(getattr(args, "quiet", False)):
+            return args.handler(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError, OSError, CheckpointError,
             ResultFileError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -315,7 +315,8 @@ def patching_scores(
     the clean answer. Works with TransformerBridge (TL 4) and HookedTransformer (TL 3.9).
 
     The whole dataset goes through each forward pass (as in TransformerLens); subset big datasets.
-    TransformerLens draws its own progress bar; set ``TQDM_DISABLE=1`` to hide it.
+    TransformerLens draws its own progress bar; wrap the call in
+    ``adapter.silent_patching_progress()`` (what ``--quiet`` does) to hide it.
     """
     from transformer_lens import patching
 

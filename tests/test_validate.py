@@ -8,7 +8,7 @@ import torch
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
-from chg_tlens import CHGConfig, GateData, fit_chg
+from chg_tlens import CHGConfig, GateData, adapter, fit_chg
 from chg_tlens.planted import PlantedHead, build_planted_model
 from chg_tlens.validate import (
     ablation_curve,
@@ -278,6 +278,21 @@ def test_patching_scores_equal_a_hand_made_hook_z_patch(recall):
     assert float(raw[0, 0]) == pytest.approx(by_hand, abs=1e-5)
     normalized = patching_scores(model, data)
     assert float(normalized[0, 0]) == pytest.approx((by_hand - corrupt) / (clean - corrupt), abs=1e-5)
+
+
+def test_silent_patching_progress_hides_transformer_lens_bars_and_restores_them(recall, capsys):
+    from transformer_lens import patching
+
+    data = recall_pair(8, 5)
+    original = patching.tqdm
+    loud = patching_scores(recall.model, data)
+    drawn = capsys.readouterr().err
+    with adapter.silent_patching_progress():
+        quiet = patching_scores(recall.model, data)
+    assert "it/s" in drawn or "%" in drawn, "TransformerLens drew no bar, so this test checks nothing"
+    assert capsys.readouterr().err == ""
+    assert torch.equal(loud, quiet)
+    assert patching.tqdm is original
 
 
 def test_patching_refuses_missing_or_misshapen_corrupt_data(recall):
