@@ -356,7 +356,7 @@ def length_bucketing(model: Any, data: GateData, repeats: int, model_name: str, 
     """
     horizon = window * max(1, math.ceil(20 * len(data) / (window * batch_size)))  # ~20 epochs
     random_batches = [data.batch_indices(step, batch_size) for step in range(horizon)]
-    bucketed_batches = [bucketed_batch_indices(data, step, batch_size, window=window)
+    bucketed_batches = [data.batch_indices(step, batch_size, bucket_window=window)
                         for step in range(horizon)]
     random_waste = padding_share(data.lengths, random_batches)
     bucketed_waste = padding_share(data.lengths, bucketed_batches)
@@ -374,22 +374,6 @@ def length_bucketing(model: Any, data: GateData, repeats: int, model_name: str, 
                     statistics.median(times["bucketed"]), "s/window",
                     paired_ratio(times["bucketed"], times["random"]), samples=times))
     return rows
-
-
-def bucketed_batch_indices(data: GateData, step: int, batch_size: int, seed: int = 0,
-                           window: int = BUCKET_WINDOW) -> Int[Tensor, " batch"]:
-    """Like ``GateData.batch_indices`` but with batches of similar length: a pure function of (seed, step).
-
-    The same endless chain of epoch permutations is cut into windows of ``window`` batches; each
-    window is sorted by length, cut into batches, and the batches are shuffled within the window.
-    Every example is still seen once per pass over the chain.
-    """
-    window_index, slot = divmod(step, window)
-    items = data.batch_indices(window_index, window * batch_size, seed)
-    items = items[torch.argsort(data.lengths[items], stable=True)]
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + window_index)
-    order = torch.randperm(window, generator=generator)
-    return items.reshape(window, batch_size)[order[slot]]
 
 
 def padding_share(lengths: Int[Tensor, " example"], batches: list[Tensor]) -> float:

@@ -166,7 +166,7 @@ def _config_arguments(parser: argparse.ArgumentParser, config_class: type) -> No
             continue
         flag = "--" + spec.name.replace("_", "-")
         default = spec.default if spec.default is not MISSING else None
-        help_text = f"{docs.get(spec.name, '')} (default {default})"
+        help_text = f"{docs.get(spec.name, '')} (default {default})".replace("%", "%%")  # argparse %-formats
         hint = hints[spec.name]
         if typing.get_origin(hint) in (typing.Union, types.UnionType):
             options = [a for a in typing.get_args(hint) if a is not type(None)]

@@ -308,15 +308,29 @@ class GateData:
         """This data with a counterfactual twin attached (same number of examples)."""
         return replace(self, corrupt=corrupt)
 
-    def batch_indices(self, step: int, batch_size: int, seed: int = 0) -> Int[Tensor, " batch"]:
+    def batch_indices(self, step: int, batch_size: int, seed: int = 0,
+                      bucket_window: int = 1) -> Int[Tensor, " batch"]:
         """Example indices of update ``step``: a pure function of (seed, step), so a resumed fit sees
         exactly the batches an uninterrupted one would.
 
         Examples are drawn from an endless chain of seeded epoch permutations; batch ``t`` is items
         ``t*B .. (t+1)*B - 1`` of that chain (a batch larger than the data wraps into the next epoch).
+        With ``bucket_window = W > 1`` the chain is cut into windows of ``W`` batches, each window is
+        sorted by length, cut into batches and the batches shuffled: batches of similar length, so
+        little compute goes to padding, and every example is still seen as often.
         """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if isinstance(bucket_window, bool) or not isinstance(bucket_window, int) or bucket_window < 1:
+            raise ValueError(
+                f"bucket_window must be an integer >= 1 (1 = no bucketing), got {bucket_window!r}.")
+        if bucket_window > 1:
+            window, slot = divmod(step, bucket_window)
+            items = self.batch_indices(window, bucket_window * batch_size, seed)
+            items = items[torch.argsort(self.lengths[items], stable=True)]
+            order = torch.randperm(bucket_window,
+                                   generator=torch.Generator().manual_seed(seed * 1_000_003 + window))
+            return items.reshape(bucket_window, batch_size)[order[slot]]
         n = len(self)
         first, last = step * batch_size, (step + 1) * batch_size
         picked = []

@@ -80,7 +80,7 @@ def _varied_data(n: int = 37, seed: int = 0) -> GateData:
 def test_bucketed_batches_cover_the_same_chain_sorted_by_length():
     data, batch, window = _varied_data(), 4, 3
     for w in range(5):
-        bucketed = [bench.bucketed_batch_indices(data, w * window + slot, batch, seed=2, window=window)
+        bucketed = [data.batch_indices(w * window + slot, batch, seed=2, bucket_window=window)
                     for slot in range(window)]
         chain = data.batch_indices(w, window * batch, seed=2)
         # the window holds exactly the examples the random order would use there ...
@@ -88,8 +88,8 @@ def test_bucketed_batches_cover_the_same_chain_sorted_by_length():
         # ... and each batch holds lengths no batch of the same window interleaves with
         spans = sorted((int(data.lengths[b].min()), int(data.lengths[b].max())) for b in bucketed)
         assert all(high <= next_low for (_, high), (next_low, _) in zip(spans, spans[1:], strict=False))
-    again = bench.bucketed_batch_indices(data, 7, batch, seed=2, window=window)
-    assert torch.equal(again, bench.bucketed_batch_indices(data, 7, batch, seed=2, window=window))
+    again = data.batch_indices(7, batch, seed=2, bucket_window=window)
+    assert torch.equal(again, data.batch_indices(7, batch, seed=2, bucket_window=window))
 
 
 def test_padding_share_counts_pad_tokens():
@@ -99,7 +99,7 @@ def test_padding_share_counts_pad_tokens():
     assert bench.padding_share(lengths, [torch.tensor([1, 2])]) == 0.0
     data = _varied_data(96)
     random = [data.batch_indices(s, 8) for s in range(48)]
-    bucketed = [bench.bucketed_batch_indices(data, s, 8) for s in range(48)]
+    bucketed = [data.batch_indices(s, 8, bucket_window=8) for s in range(48)]
     assert bench.padding_share(data.lengths, bucketed) < bench.padding_share(data.lengths, random)
 
 

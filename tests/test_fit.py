@@ -69,6 +69,29 @@ def test_same_seed_same_gates_and_other_seed_other_gates(recall):
     assert not torch.allclose(a.theta_zero, c.theta_zero)
 
 
+def _recall_of_varied_length(n: int, seed: int) -> GateData:
+    """The recall task (last token = token at position 1) with lengths 4..16, so batches need padding."""
+    rng = np.random.default_rng(seed)
+    sequences, masks = [], []
+    for length in rng.integers(4, 17, size=n):
+        tokens = [0, *rng.integers(1, 10, size=length - 2).tolist()]
+        sequences.append([*tokens, tokens[1]])
+        masks.append([False] * (length - 1) + [True])
+    return GateData.from_sequences(sequences, masks)
+
+
+def test_length_bucketing_keeps_the_planted_roles_and_trims_padding(recall):
+    data = _recall_of_varied_length(128, 0)
+    padded_tokens = {}
+    for window in (1, 4):
+        batches = [data.batch_indices(step, 32, seed=5, bucket_window=window) for step in range(16)]
+        padded_tokens[window] = sum(data.subset(index).tokens.numel() for index in batches)
+    assert padded_tokens[4] < 0.8 * padded_tokens[1]
+    result = fit_chg(recall.model, data, CHGConfig(**SMALL, bucket_window=4))
+    for seed in range(result.n_seeds):
+        assert (result.role_labels()[seed] == recall.true_roles()).all(), result.role_labels()[seed]
+
+
 def test_masks_trained_together_equal_masks_trained_alone(repeat):
     data = repeat.data(64, 2)
     config = dict(steps=25, batch_size=16, progress=False)
@@ -119,6 +142,7 @@ def test_two_sided_clamp_freezes_a_closed_irrelevant_head_and_one_sided_does_not
         ("lr_reg", (0.5,), "two positive learning rates"),
         ("clamp_mode", "both", "clamp_mode must be"),
         ("grad_clip", 0.0, "grad_clip must be positive"),
+        ("bucket_window", 0, "bucket_window must be a positive integer"),
     ],
 )
 def test_invalid_config_is_named(recall, field, value, message):
