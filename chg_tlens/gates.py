@@ -100,6 +100,12 @@ class HeadGates(nn.Module):
             return self.fixed_values
         return torch.sigmoid(self.theta)
 
+    def _layer_values(self, layer: int) -> Float[Tensor, "mask head"]:
+        """One layer's gates; the hook of each layer applies the sigmoid to its own slice only."""
+        if self.fixed_values is not None:
+            return self.fixed_values[:, layer]
+        return torch.sigmoid(self.theta[:, layer])
+
     def repeat_batch(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "mask_batch pos"]:
         """The batch repeated once per mask, replica-major: rows ``m*B:(m+1)*B`` belong to mask m."""
         return tokens.repeat(self.n_masks, *([1] * (tokens.ndim - 1)))
@@ -115,7 +121,7 @@ class HeadGates(nn.Module):
                     f"HeadGates: {hook_z_name(layer)} has shape {list(z.shape)}; expected "
                     f"[batch, pos, {self.n_heads}, d_head]. Were the gates built for another model?"
                 )
-            gate = self.values()[:, layer].to(device=z.device, dtype=z.dtype)  # [mask, head]
+            gate = self._layer_values(layer).to(device=z.device, dtype=z.dtype)  # [mask, head]
             if self.n_masks == 1:
                 return z * gate[0][None, None, :, None]
             if z.shape[0] % self.n_masks:
