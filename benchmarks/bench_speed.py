@@ -14,7 +14,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from chg_tlens.bench import MARKDOWN_FILE, run_benchmarks  # noqa: E402
+from chg_tlens.app.bench import MARKDOWN_FILE, run_benchmarks  # noqa: E402
 
 
 def main() -> None:

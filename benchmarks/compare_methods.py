@@ -26,16 +26,15 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens' patching draws a 
 
 import torch  # noqa: E402
 
-from chg_tlens.compare import (  # noqa: E402
+from chg_tlens.analysis.compare import (  # noqa: E402
     METHODS,
     Benchmark,
     compare_methods,
-    comparison_markdown,
-    jsonable,
     known_role_benchmarks,
     task_benchmark,
 )
-from chg_tlens.runs import write_json  # noqa: E402
+from chg_tlens.app.markdown import comparison_markdown  # noqa: E402
+from chg_tlens.app.runs import jsonable, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -73,7 +72,7 @@ def suite(args: argparse.Namespace) -> Iterator[Benchmark]:
     yield from known_role_benchmarks(args.n, include_trained=not args.skip_trained)
     if args.skip_real:
         return
-    from chg_tlens.models import load_model
+    from chg_tlens.models.load import load_model
 
     model = load_model("smollm2-135m", device="cpu")
     for task in args.real_tasks.split(","):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from chg_tlens import ContrastiveConfig, fit_contrastive_chg, load_model
-from chg_tlens.cli import contrastive_data
+from chg_tlens.app.cli import contrastive_data
 from chg_tlens.tasks import function_views
 
 

@@ -28,8 +28,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from chg_tlens.data import GateData  # noqa: E402
-from chg_tlens.fit import CHGConfig, fit_chg  # noqa: E402
+from chg_tlens import CHGConfig, fit_chg  # noqa: E402
+from chg_tlens.core.data import GateData  # noqa: E402
 
 LLAMA_1B = dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
                 intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from chg_tlens import load_model
-from chg_tlens.accuracy import task_accuracy
-from chg_tlens.runs import write_json
+from chg_tlens.analysis.accuracy import task_accuracy
+from chg_tlens.app.runs import write_json
 from chg_tlens.tasks import make_task
 
 CASES: list[tuple[str, str, dict[str, Any]]] = [

@@ -25,16 +25,16 @@ import pandas as pd
 import torch
 
 from chg_tlens import CHGConfig, CHGResult, GateData, fit_chg
-from chg_tlens.models import load_model
-from chg_tlens.tasks import make_task
-from chg_tlens.validate import (
+from chg_tlens.analysis.validate import (
     ablation_curve,
     mediation_test,
     necessity,
     patching_scores,
-    plot_ablation_curve,
     sufficiency,
 )
+from chg_tlens.app.plot import ablation_curves, figure_png
+from chg_tlens.models.load import load_model
+from chg_tlens.tasks import make_task
 
 INDUCTION_SEQ_LEN = 8
 DETECTOR_THRESHOLD = 0.4
@@ -184,16 +184,8 @@ def ablation_summary(frame: pd.DataFrame) -> dict[str, Any]:
 
 
 def save_plot(frame: pd.DataFrame, path: Path, task: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ax = plot_ablation_curve(frame)
-    ax.set_title(f"SmolLM2-135M, {task}: targeted ablation from G+ (seed 0)")
-    ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=120)
-    plt.close(ax.figure)
+    figure = ablation_curves(frame, title=f"SmolLM2-135M, {task}: targeted ablation from G+ (seed 0)")
+    path.write_bytes(figure_png(figure, dpi=120))
 
 
 def markdown_report(results: dict[str, Any]) -> str:

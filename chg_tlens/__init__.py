@@ -2,15 +2,45 @@
 
 Learned soft gates on every attention head's ``hook_z`` sort heads into facilitating, interfering and
 irrelevant for a task (Nam et al., 2025).
+
+Layers, each importing only those below it: ``app`` > ``analysis`` > ``testbeds`` > ``tasks`` > ``core``
+> ``models``. The names notebooks use are re-exported here; the tool modules (``validate``, ``plot``,
+``compare``, ``baselines``) load on first use so ``import chg_tlens`` stays light.
 """
 
-from chg_tlens.data import GateData
-from chg_tlens.fit import CHGConfig, ContrastiveConfig, fit_chg, fit_contrastive_chg
-from chg_tlens.gates import HeadGates
-from chg_tlens.models import load_model
-from chg_tlens.result import CHGResult, ContrastiveResult, ResultFileError
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from chg_tlens.core.config import CHGConfig, ContrastiveConfig
+from chg_tlens.core.data import GateData
+from chg_tlens.core.fit import fit_chg, fit_contrastive_chg
+from chg_tlens.core.gates import HeadGates
+from chg_tlens.core.result import CHGResult, ContrastiveResult, ResultFileError
+from chg_tlens.errors import InputError
+from chg_tlens.models.load import load_model
 
 __version__ = "0.1.0"
+
+_TOOL_MODULES = {
+    "validate": "chg_tlens.analysis.validate",
+    "baselines": "chg_tlens.analysis.baselines",
+    "compare": "chg_tlens.analysis.compare",
+    "plot": "chg_tlens.app.plot",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """``chg_tlens.validate`` and friends, and ``task_accuracy``, imported when first asked for."""
+    if name in _TOOL_MODULES:
+        return importlib.import_module(_TOOL_MODULES[name])
+    if name == "task_accuracy":
+        from chg_tlens.analysis.accuracy import task_accuracy
+
+        return task_accuracy
+    raise AttributeError(f"module 'chg_tlens' has no attribute {name!r}")
+
 
 __all__ = [
     "CHGConfig",
@@ -19,8 +49,10 @@ __all__ = [
     "ContrastiveResult",
     "GateData",
     "HeadGates",
+    "InputError",
     "ResultFileError",
     "fit_chg",
     "fit_contrastive_chg",
     "load_model",
+    "task_accuracy",
 ]

@@ -2,6 +2,6 @@
 
 import sys
 
-from chg_tlens.cli import main
+from chg_tlens.app.cli import main
 
 sys.exit(main())

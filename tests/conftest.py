@@ -12,7 +12,7 @@ import socket
 import pytest
 import torch
 
-from chg_tlens.planted import recall_circuit, repeat_circuit
+from chg_tlens.testbeds.planted import recall_circuit, repeat_circuit
 
 # One intra-op thread: the toy models are too small to gain from two, and a second thread makes every
 # test crawl whenever anything else shares the two cores (measured: a planted fit 2.5 s vs 24 s).

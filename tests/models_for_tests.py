@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from chg_tlens.adapter import build_native_model
+from chg_tlens.models.adapter import build_native_model
 
 WORDS = ["<bos>", "<pad>", "<unk>", "when", "mary", "and", "john", "went", "to", "the", "store",
          "gave", "a", "drink", "keys", "key", "cabinet", "are", "is", "of"]

@@ -7,10 +7,11 @@ import pytest
 import torch
 from models_for_tests import random_bridge
 
-from chg_tlens import baselines
-from chg_tlens.benchmark_models import induction_circuit, interfering_circuit, recall_benchmark
-from chg_tlens.data import GateData
-from chg_tlens.objectives import target_logprobs
+from chg_tlens.analysis import baselines
+from chg_tlens.core.data import GateData
+from chg_tlens.core.objectives import target_logprobs
+from chg_tlens.errors import InputError
+from chg_tlens.testbeds.benchmark_models import induction_circuit, interfering_circuit, recall_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +228,7 @@ def test_bad_input_fails_early_naming_the_argument(recall):
         baselines.ablation_scores(circuit.model, data, "half")
     with pytest.raises(ValueError, match="direction"):
         baselines.activation_patching(circuit.model, data, "sideways")
-    with pytest.raises(TypeError, match="GateData"):
+    with pytest.raises(InputError, match="GateData"):
         baselines.gradient_importance(circuit.model, data.tokens)
     with pytest.raises(ValueError, match="batch_size"):
         baselines.gradient_importance(circuit.model, data, batch_size=0)

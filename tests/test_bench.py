@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chg_tlens import bench
-from chg_tlens.data import GateData
+from chg_tlens.app import bench
+from chg_tlens.core.data import GateData
 
 REPO = Path(__file__).resolve().parents[1]
 MEASUREMENTS = {"gate overhead", "target-only logits", "masks per pass", "length bucketing", "end to end"}

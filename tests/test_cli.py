@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from chg_tlens.cli import EXIT_OK, EXIT_USAGE, build_parser, main
+from chg_tlens.app.cli import EXIT_OK, EXIT_USAGE, build_parser, main
 
 SUBCOMMANDS = ["fit", "contrastive", "validate", "compare", "report", "demo", "bench"]
 

@@ -7,81 +7,82 @@ import numpy as np
 import pytest
 import torch
 
-from chg_tlens import compare
-from chg_tlens.baselines import HeadScores, one_head_off
-from chg_tlens.benchmark_models import (
+from chg_tlens.analysis import compare, metrics
+from chg_tlens.analysis.baselines import HeadScores, one_head_off
+from chg_tlens.analysis.validate import evaluate_gates, target_logprob_metric
+from chg_tlens.core.config import CHGConfig
+from chg_tlens.core.data import GateData
+from chg_tlens.errors import InputError
+from chg_tlens.testbeds.benchmark_models import (
     induction_circuit,
     interfering_circuit,
     recall_benchmark,
     redundant_circuit,
     trained_induction,
 )
-from chg_tlens.data import GateData
-from chg_tlens.fit import CHGConfig
-from chg_tlens.validate import evaluate_gates, target_logprob_metric
 
 
 # ------------------------------------------------------------------------------ rank statistics
 def test_average_ranks_share_ties():
-    assert compare.average_ranks(np.array([3.0, 1.0, 2.0, 2.0])).tolist() == [4.0, 1.0, 2.5, 2.5]
+    assert metrics.average_ranks(np.array([3.0, 1.0, 2.0, 2.0])).tolist() == [4.0, 1.0, 2.5, 2.5]
 
 
 def test_spearman_on_hand_made_examples():
     a = np.array([[1.0, 2.0], [3.0, 4.0]])
-    assert compare.spearman(a, a * 10 + 3) == pytest.approx(1.0)
-    assert compare.spearman(a, -a) == pytest.approx(-1.0)
+    assert metrics.spearman(a, a * 10 + 3) == pytest.approx(1.0)
+    assert metrics.spearman(a, -a) == pytest.approx(-1.0)
     # ranks of b: 1, 2, 3.5, 5, 3.5 -> sum of products 8, sums of squares 10 and 9.5
     b = np.array([5.0, 6.0, 7.0, 8.0, 7.0])
-    assert compare.spearman(np.arange(1.0, 6.0), b) == pytest.approx(8 / np.sqrt(95))
-    assert np.isnan(compare.spearman(a, np.ones((2, 2))))
+    assert metrics.spearman(np.arange(1.0, 6.0), b) == pytest.approx(8 / np.sqrt(95))
+    assert np.isnan(metrics.spearman(a, np.ones((2, 2))))
 
 
 def test_roc_auc_on_hand_made_examples():
     positives = np.array([True, False, True, False])
     # pairs (pos, neg): 0.9>0.8, 0.9>0.1, 0.7<0.8, 0.7>0.1 -> 3 of 4
-    assert compare.roc_auc(np.array([0.9, 0.8, 0.7, 0.1]), positives) == pytest.approx(0.75)
+    assert metrics.roc_auc(np.array([0.9, 0.8, 0.7, 0.1]), positives) == pytest.approx(0.75)
     # a tie between a positive and a negative counts half
-    assert compare.roc_auc(np.array([1.0, 1.0, 0.0]), np.array([True, False, False])) == pytest.approx(0.75)
-    assert compare.roc_auc(torch.tensor([[0.0, 2.0], [1.0, 3.0]]),
+    assert metrics.roc_auc(np.array([1.0, 1.0, 0.0]), np.array([True, False, False])) == pytest.approx(0.75)
+    assert metrics.roc_auc(torch.tensor([[0.0, 2.0], [1.0, 3.0]]),
                            torch.tensor([[False, True], [False, True]])) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="one positive and one negative"):
-        compare.roc_auc(np.array([1.0, 2.0]), np.array([True, True]))
-    with pytest.raises(TypeError, match="boolean"):
-        compare.roc_auc(np.array([1.0, 2.0]), np.array([1, 0]))
+        metrics.roc_auc(np.array([1.0, 2.0]), np.array([True, True]))
+    with pytest.raises(InputError, match="boolean"):
+        metrics.roc_auc(np.array([1.0, 2.0]), np.array([1, 0]))
 
 
 def test_precision_at_k_on_hand_made_examples():
     scores = np.array([4.0, 3.0, 2.0, 1.0])
     positives = np.array([True, False, True, False])
-    assert compare.precision_at_k(scores, positives, 1) == pytest.approx(1.0)
-    assert compare.precision_at_k(scores, positives, 2) == pytest.approx(0.5)
-    assert compare.precision_at_k(scores, positives) == pytest.approx(0.5)  # k = number of positives
-    assert compare.precision_at_k(scores, positives, 3) == pytest.approx(2 / 3)
+    assert metrics.precision_at_k(scores, positives, 1) == pytest.approx(1.0)
+    assert metrics.precision_at_k(scores, positives, 2) == pytest.approx(0.5)
+    assert metrics.precision_at_k(scores, positives) == pytest.approx(0.5)  # k = number of positives
+    assert metrics.precision_at_k(scores, positives, 3) == pytest.approx(2 / 3)
     # three heads tie for one place, one of them positive: a third of a hit
     tied = np.array([1.0, 1.0, 1.0, 0.0])
-    assert compare.precision_at_k(tied, np.array([True, False, False, False]), 1) == pytest.approx(1 / 3)
+    assert metrics.precision_at_k(tied, np.array([True, False, False, False]), 1) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="k must be"):
-        compare.precision_at_k(scores, positives, 5)
+        metrics.precision_at_k(scores, positives, 5)
 
 
 def test_top_k_heads_and_overlap():
     a = torch.tensor([[3.0, 2.0], [1.0, 0.0]])
     b = torch.tensor([[3.0, 0.0], [2.0, 1.0]])
-    assert compare.top_k_heads(a, 2) == [(0, 0), (0, 1)]
-    assert compare.top_k_heads(b, 2) == [(0, 0), (1, 0)]
-    assert compare.top_k_overlap(a, b, 2) == pytest.approx(0.5)
-    assert compare.top_k_overlap(a, b, 4) == pytest.approx(1.0)
-    assert compare.top_k_overlap(HeadScores(a, "a"), HeadScores(a, "a"), 1) == pytest.approx(1.0)
+    assert metrics.top_k_heads(a, 2) == [(0, 0), (0, 1)]
+    assert metrics.top_k_heads(b, 2) == [(0, 0), (1, 0)]
+    assert metrics.top_k_overlap(a, b, 2) == pytest.approx(0.5)
+    assert metrics.top_k_overlap(a, b, 4) == pytest.approx(1.0)
+    assert metrics.top_k_overlap(HeadScores(a, "a"), HeadScores(a, "a"), 1) == pytest.approx(1.0)
 
 
 def test_truth_metrics_and_agreement_table():
     roles = np.array([["facilitating", "interfering"], ["irrelevant", "irrelevant"]], dtype=object)
     perfect = HeadScores(torch.tensor([[1.0, -1.0], [0.0, 0.0]]), "perfect")
     backwards = HeadScores(-perfect.scores, "backwards")
-    assert compare.truth_metrics(perfect, roles) == {"auc": 1.0, "precision_at_k": 1.0, "n_positive": 1}
-    assert compare.truth_metrics(backwards, roles)["auc"] == pytest.approx(0.0)
-    assert compare.truth_metrics(backwards, roles, positive_role="interfering")["auc"] == pytest.approx(1.0)
-    table = compare.method_agreement([perfect, backwards], k=1)
+    assert metrics.truth_metrics(perfect, roles) == {"auc": 1.0, "precision_at_k": 1.0, "n_positive": 1}
+    assert metrics.truth_metrics(backwards, roles)["auc"] == pytest.approx(0.0)
+    assert metrics.truth_metrics(backwards, roles, positive_role="interfering")["auc"] == pytest.approx(1.0)
+    table = metrics.method_agreement([perfect, backwards], k=1)
     assert table.loc[0, "spearman"] == pytest.approx(-1.0) and table.loc[0, "top_k_overlap"] == 0.0
 
 

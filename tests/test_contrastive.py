@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chg_tlens import ContrastiveConfig, GateData, fit_contrastive_chg
-from chg_tlens.planted import contrastive_circuit
+from chg_tlens.testbeds.planted import contrastive_circuit
 
 
 @pytest.fixture(scope="module")
@@ -57,5 +57,5 @@ def test_bad_contrastive_input_is_named(two_modes):
     with pytest.raises(ValueError, match="matched retain/forget items"):
         fit_contrastive_chg(two_modes.model, retain.subset(range(4)).__class__.from_tokens(
             retain.tokens, retain.target_mask), ContrastiveConfig(progress=False))
-    with pytest.raises(ValueError, match="logprob_clamp must be positive"):
+    with pytest.raises(ValueError, match="logprob_clamp must be a positive number"):
         fit_contrastive_chg(two_modes.model, data, ContrastiveConfig(logprob_clamp=0, progress=False))

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from models_for_tests import WORDS, random_bridge, word_model
 
 from chg_tlens import GateData
-from chg_tlens.objectives import target_nll
+from chg_tlens.core.objectives import target_nll
+from chg_tlens.errors import InputError
 
 PROMPT = "when mary and john went to the store john gave a drink to"
 
@@ -58,9 +59,9 @@ def test_bad_inputs_get_clear_errors(words):
         GateData.from_tokens(torch.ones(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="does not match tokens shape"):
         GateData.from_tokens(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool))
-    with pytest.raises(TypeError, match="must be bool"):
+    with pytest.raises(InputError, match="must be bool"):
         GateData.from_tokens(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
-    with pytest.raises(TypeError, match="integer ids"):
+    with pytest.raises(InputError, match="integer ids"):
         GateData.from_tokens(torch.ones(2, 4), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="the dataset is empty"):
         GateData.from_tokens(torch.ones(0, 4, dtype=torch.long), torch.ones(0, 4, dtype=torch.bool))

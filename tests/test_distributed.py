@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from chg_tlens import CHGConfig, fit_chg
-from chg_tlens.distributed import local_slice
-from chg_tlens.planted import repeat_circuit
+from chg_tlens.core.distributed import local_slice
+from chg_tlens.testbeds.planted import repeat_circuit
 
 CONFIG = dict(n_seeds=2, steps=30, batch_size=16, progress=False)
 

@@ -9,7 +9,8 @@ from models_for_tests import random_bridge
 from torch import nn
 
 from chg_tlens import CHGConfig, GateData, fit_chg
-from chg_tlens.gates import initial_theta
+from chg_tlens.core.gates import initial_theta
+from chg_tlens.errors import InputError
 
 SMALL = dict(n_seeds=3, steps=150, batch_size=32, progress=False)
 
@@ -141,7 +142,7 @@ def test_two_sided_clamp_freezes_a_closed_irrelevant_head_and_one_sided_does_not
         ("lam", -0.1, "lam must be >= 0"),
         ("lr_reg", (0.5,), "two positive learning rates"),
         ("clamp_mode", "both", "clamp_mode must be"),
-        ("grad_clip", 0.0, "grad_clip must be positive"),
+        ("grad_clip", 0.0, "grad_clip must be a positive number"),
         ("bucket_window", 0, "bucket_window must be a positive integer"),
     ],
 )
@@ -154,7 +155,7 @@ def test_invalid_config_is_named(recall, field, value, message):
 
 def test_models_without_heads_or_hooks_are_refused(recall):
     data = recall.data(8, 0)
-    with pytest.raises(TypeError, match="expected a TransformerLens model"):
+    with pytest.raises(InputError, match="expected a TransformerLens model"):
         fit_chg(nn.Linear(4, 4), data, CHGConfig(progress=False))
 
     class NoHeads(nn.Module):
@@ -171,7 +172,7 @@ def test_models_without_heads_or_hooks_are_refused(recall):
         fit_chg(NoHeads(0), data, CHGConfig(progress=False))
     with pytest.raises(ValueError, match="no per-head attention output hooks"):
         fit_chg(NoHeads(4), data, CHGConfig(progress=False))
-    with pytest.raises(TypeError, match="chg_tlens.GateData"):
+    with pytest.raises(InputError, match="chg_tlens.GateData"):
         fit_chg(recall.model, {"tokens": []}, CHGConfig(progress=False))
 
 

@@ -8,7 +8,8 @@ from models_for_tests import random_bridge
 from torch import nn
 
 from chg_tlens import HeadGates
-from chg_tlens.adapter import hook_z_name
+from chg_tlens.errors import InputError
+from chg_tlens.models.adapter import hook_z_name
 
 
 def test_gates_at_one_leave_logits_unchanged():
@@ -131,13 +132,13 @@ def test_wrong_batch_for_masks_and_wrong_model_are_named():
     with pytest.raises(ValueError, match="expected \\[batch, pos, 6, d_head\\]"):
         with model.hooks(fwd_hooks=HeadGates(2, 6).hooks()):
             model(torch.zeros(1, 5, dtype=torch.long))
-    with pytest.raises(TypeError, match="expected a TransformerLens model"):
+    with pytest.raises(InputError, match="expected a TransformerLens model"):
         HeadGates.from_model(nn.Linear(3, 3))
 
 
 def test_target_logits_fast_path_equals_full_logits_for_every_mask():
-    from chg_tlens.fit import gated_logits, gated_target_logits
-    from chg_tlens.objectives import pick_target_logits
+    from chg_tlens.core.forward import gated_logits, gated_target_logits
+    from chg_tlens.core.objectives import pick_target_logits
 
     model = random_bridge()
     tokens = torch.randint(0, 20, (3, 9), generator=torch.Generator().manual_seed(6))

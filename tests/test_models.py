@@ -18,9 +18,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from chg_tlens import CHGConfig, GateData, fit_chg
-from chg_tlens import models as chg_models
-from chg_tlens.adapter import legacy_model_class
-from chg_tlens.models import (
+from chg_tlens.models import load as chg_models
+from chg_tlens.models.adapter import legacy_model_class
+from chg_tlens.models.load import (
     CACHE_ENV,
     cache_dir,
     embedded_gguf_path,

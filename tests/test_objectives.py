@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chg_tlens.objectives import (
+from chg_tlens.core.objectives import (
     chg_loss,
     contrastive_loss,
     gate_reward,

@@ -12,8 +12,8 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from PIL import Image
 
-from chg_tlens import plot
-from chg_tlens.result import CHGResult
+from chg_tlens.app import plot
+from chg_tlens.core.result import CHGResult
 
 GATE_OPEN, GATE_CLOSED = 5.0, -5.0  # logits: sigmoid 0.993 and 0.007
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from chg_tlens import CHGConfig, CHGResult, GateData, fit_chg
-from chg_tlens.adapter import write_weights
-from chg_tlens.checkpoint import CHECKPOINT_FILE, PROGRESS_FILE, CheckpointError
+from chg_tlens.core.checkpoint import CHECKPOINT_FILE, PROGRESS_FILE, CheckpointError
+from chg_tlens.testbeds.surgery import write_weights
 
 FIT_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
 from chg_tlens import CHGConfig, fit_chg
-from chg_tlens.planted import repeat_circuit
+from chg_tlens.testbeds.planted import repeat_circuit
 circuit = repeat_circuit()
 config = CHGConfig(n_seeds=2, steps=400, batch_size=16, checkpoint_every=10, progress=False)
 result = fit_chg(circuit.model, circuit.data(64, 0), config, run_dir=sys.argv[1], resume=sys.argv[2] == "1")

@@ -22,8 +22,9 @@ import torch
 from PIL import Image
 
 from chg_tlens import CHGConfig, fit_chg
-from chg_tlens.report import render_report, write_report
-from chg_tlens.result import META_FILE, TENSORS_FILE, CHGResult, ResultFileError
+from chg_tlens.app.report import render_report, write_report
+from chg_tlens.core.result import META_FILE, TENSORS_FILE, CHGResult, ResultFileError
+from chg_tlens.errors import InputError
 
 HOSTILE_TASK = "repeat & <b>bold</b>"
 HOSTILE_COMMAND = ["chg-tlens", "fit", "--task", "<script>alert(1)</script>"]
@@ -161,7 +162,7 @@ def test_bad_run_folders_fail_with_the_path(planted_run, tmp_path):
     (broken / "validation.json").write_text("{not json")
     with pytest.raises(ResultFileError, match="validation.json is not valid JSON"):
         write_report(broken)
-    with pytest.raises(TypeError, match="result: expected a chg_tlens.CHGResult"):
+    with pytest.raises(InputError, match="result: expected a chg_tlens.CHGResult"):
         render_report({"theta": 1})
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chg_tlens import CHGConfig, CHGResult, ResultFileError, fit_chg
-from chg_tlens.result import META_FILE, TENSORS_FILE
+from chg_tlens.core.result import META_FILE, TENSORS_FILE
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import torch
 from models_for_tests import word_model
 
 from chg_tlens import HeadGates
-from chg_tlens.accuracy import task_accuracy
+from chg_tlens.analysis.accuracy import task_accuracy
+from chg_tlens.errors import InputError
 from chg_tlens.tasks import TASKS, function_views, induction, ioi, make_task, sva
 from chg_tlens.tasks.function import is_held_out
 
@@ -36,7 +37,7 @@ def test_tasks_reject_bad_options_by_name(repeat):
         induction(repeat.model, n=0)
     with pytest.raises(ValueError, match="seq_len=10 .* 21 tokens.*n_ctx=16.*seq_len <= 7"):
         induction(repeat.model, seq_len=10)
-    with pytest.raises(TypeError, match="expected a TransformerLens model"):
+    with pytest.raises(InputError, match="expected a TransformerLens model"):
         induction("gpt2")
 
 
@@ -97,7 +98,7 @@ def test_words_outside_a_small_vocabulary_are_refused():
 # ----------------------------------------------------------------- the real SmolLM2-135M
 @pytest.fixture(scope="module")
 def smollm2():
-    from chg_tlens.models import load_model
+    from chg_tlens.models.load import load_model
 
     return load_model("smollm2-135m")
 

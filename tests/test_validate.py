@@ -8,9 +8,8 @@ import torch
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
-from chg_tlens import CHGConfig, GateData, adapter, fit_chg
-from chg_tlens.planted import PlantedHead, build_planted_model
-from chg_tlens.validate import (
+from chg_tlens import CHGConfig, GateData, fit_chg
+from chg_tlens.analysis.validate import (
     ablation_curve,
     evaluate_gates,
     logit_diff_metric,
@@ -19,10 +18,11 @@ from chg_tlens.validate import (
     patching_scores,
     path_patching,
     path_patching_scores,
-    plot_ablation_curve,
+    silent_patching_progress,
     sufficiency,
     target_logprob_metric,
 )
+from chg_tlens.testbeds.planted import PlantedHead, build_planted_model
 
 SMALL = dict(n_seeds=3, steps=150, batch_size=32, progress=False)
 VOCAB, N_CTX, SEQ_LEN = 10, 16, 8
@@ -196,19 +196,15 @@ def test_ablation_curve_refuses_bad_input(recall, recall_fit, repeat_fit):
         ablation_curve(recall.model, data, recall_fit, torch.zeros(2, 2))
 
 
-def test_plot_ablation_curve_draws_one_line_per_curve(recall, recall_fit):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def test_ablation_curves_figure_draws_one_line_per_curve(recall, recall_fit):
+    from chg_tlens.app.plot import ablation_curves
 
     frame = ablation_curve(recall.model, recall.data(16, 0), recall_fit, ["facilitating", "irrelevant"])
-    ax = plot_ablation_curve(frame)
+    ax = ablation_curves(frame).axes[0]
     assert len(ax.get_lines()) == 4 + 1  # four curves and the zero line
     assert ax.get_lines()[0].get_ydata()[0] == 0.0
-    plt.close(ax.figure)
     with pytest.raises(ValueError, match="missing"):
-        plot_ablation_curve(frame.drop(columns=["n_changed"]))
+        ablation_curves(frame.drop(columns=["n_changed"]))
 
 
 # ---------------------------------------------------------------------- sufficiency and necessity
@@ -287,7 +283,7 @@ def test_silent_patching_progress_hides_transformer_lens_bars_and_restores_them(
     original = patching.tqdm
     loud = patching_scores(recall.model, data)
     drawn = capsys.readouterr().err
-    with adapter.silent_patching_progress():
+    with silent_patching_progress():
         quiet = patching_scores(recall.model, data)
     assert "it/s" in drawn or "%" in drawn, "TransformerLens drew no bar, so this test checks nothing"
     assert capsys.readouterr().err == ""
@@ -298,12 +294,12 @@ def test_silent_patching_progress_hides_transformer_lens_bars_and_restores_them(
 def test_patching_refuses_missing_or_misshapen_corrupt_data(recall):
     tokens, _, mask = recall_tokens(8, 0)
     clean = GateData.from_tokens(tokens, mask)
-    with pytest.raises(ValueError, match="corrupt: no corrupt data"):
+    with pytest.raises(ValueError, match="corrupt: the data has no corrupt twin"):
         patching_scores(recall.model, clean)
     short_mask = torch.zeros(8, SEQ_LEN - 1, dtype=torch.bool)
     short_mask[:, -1] = True
     short = GateData.from_tokens(tokens[:, :-1], short_mask)
-    with pytest.raises(ValueError, match="corrupt: tokens must have the clean tokens' shape"):
+    with pytest.raises(ValueError, match="corrupt: the corrupt twin has tokens of shape"):
         patching_scores(recall.model, clean, short)
     with pytest.raises(ValueError, match="same on clean and corrupt"):
         patching_scores(recall.model, clean, clean)
@@ -418,7 +414,7 @@ def test_mediation_test_refuses_groups_too_small_for_a_t_test(wide):
 # ---------------------------------------------------------------------- the real model
 @pytest.fixture(scope="module")
 def smollm():
-    from chg_tlens.models import load_model
+    from chg_tlens.models.load import load_model
 
     return load_model("smollm2-135m", device="cpu")
 

@@ -13,7 +13,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from chg_tlens.data import GateData
+from chg_tlens.core.data import GateData
+from chg_tlens.errors import InputError
 from chg_tlens.tasks.aba_abb import aba_abb
 from chg_tlens.tasks.arithmetic import arithmetic
 from chg_tlens.tasks.function import FunctionViews, function, function_views
@@ -37,12 +38,12 @@ TASKS: tuple[str, ...] = tuple(_GENERATORS)
 def make_task(name: str, model: Any, n: int = 64, seed: int = 0, **options: Any) -> GateData:
     """The task ``name`` for ``model``: ``n`` examples drawn with ``seed``; ``options`` go to the task."""
     if name not in _GENERATORS:
-        raise ValueError(f"make_task: unknown task {name!r}; the tasks are {list(TASKS)}.")
+        raise InputError(f"make_task: unknown task {name!r}; the tasks are {list(TASKS)}.")
     generator = _GENERATORS[name]
     accepted = [p for p in inspect.signature(generator).parameters if p not in ("model", "n", "seed")]
     unknown = [key for key in options if key not in accepted]
     if unknown:
-        raise ValueError(f"make_task: task {name!r} has no option(s) {unknown}; its options are {accepted}.")
+        raise InputError(f"make_task: task {name!r} has no option(s) {unknown}; its options are {accepted}.")
     return generator(model, n=n, seed=seed, **options)
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from chg_tlens import adapter
-from chg_tlens.data import GateData
+from chg_tlens.core.data import GateData
+from chg_tlens.errors import InputError
+from chg_tlens.models import adapter
 from chg_tlens.tasks.examples import TextExample, examples_to_data, require_count, require_tokenizer
 
 _MAX_REDRAWS = 200
@@ -51,7 +52,7 @@ def arithmetic(
                     and shape(str(a + other)) == shape(str(a + b)):
                 break
         else:
-            raise ValueError(
+            raise InputError(
                 f"{task}: found no second operand for {a}+{b} whose prompt and sum have the same token "
                 f"counts as the original for this tokenizer; try a larger max_operand."
             )

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from chg_tlens import adapter
-from chg_tlens.data import GateData
+from chg_tlens.core.data import GateData
+from chg_tlens.errors import InputError
+from chg_tlens.models import adapter
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def require_same_layout(task: str, clean: GateData, corrupt: GateData, examples:
         differs = (clean.target_mask != corrupt.target_mask).any(dim=1).nonzero().flatten().tolist()
     if differs:
         i = differs[0]
-        raise ValueError(
+        raise InputError(
             f"{task}: the corrupt twin of example {i} does not have the clean example's token layout "
             f"({int(clean.lengths[i])} vs {int(corrupt.lengths[i])} tokens) for this tokenizer: "
             f"{examples[i]!r}. Pass words that are single tokens for the model."
@@ -88,14 +89,14 @@ def require_same_layout(task: str, clean: GateData, corrupt: GateData, examples:
 def require_count(task: str, name: str, value: Any, minimum: int = 1) -> int:
     """An integer option of at least ``minimum``, or an error naming the option."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{task}: {name} must be an integer >= {minimum}, got {value!r}.")
+        raise InputError(f"{task}: {name} must be an integer >= {minimum}, got {value!r}.")
     return value
 
 
 def require_choice(task: str, name: str, value: Any, choices: Sequence[str]) -> str:
     """One of ``choices``, or an error listing them."""
     if value not in choices:
-        raise ValueError(f"{task}: {name} must be one of {list(choices)}, got {value!r}.")
+        raise InputError(f"{task}: {name} must be one of {list(choices)}, got {value!r}.")
     return value
 
 

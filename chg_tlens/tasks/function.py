@@ -19,7 +19,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from chg_tlens.data import GateData
+from chg_tlens.core.data import GateData
+from chg_tlens.errors import InputError
 from chg_tlens.tasks.examples import (
     TextExample,
     examples_to_data,
@@ -93,14 +94,14 @@ def function_views(
     require_choice(task, "function", function, list(FUNCTIONS))
     require_choice(task, "split", split, SPLITS)
     if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-        raise ValueError(f"{task}: test_fraction must lie strictly between 0 and 1, got {test_fraction!r}.")
+        raise InputError(f"{task}: test_fraction must lie strictly between 0 and 1, got {test_fraction!r}.")
     spec = FUNCTIONS[function]
     pairs = spec.pairs
     train = [p for p in pairs if not is_held_out(p[0], test_fraction)]
     queries = {"train": train, "test": [p for p in pairs if is_held_out(p[0], test_fraction)],
                "all": list(pairs)}[split]
     if len(train) < n_shots + 1:
-        raise ValueError(
+        raise InputError(
             f"{task}: n_shots={n_shots} needs at least {n_shots + 1} train items, "
             f"'{function}' has {len(train)}."
         )

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from chg_tlens import adapter
-from chg_tlens.data import GateData
+from chg_tlens.core.data import GateData
+from chg_tlens.errors import InputError
+from chg_tlens.models import adapter
 from chg_tlens.tasks.examples import require_count
 
 
@@ -36,17 +37,17 @@ def induction(
     require_count(task, "seed", seed, 0)
     require_count(task, "seq_len", seq_len, 2)
     if 1 + 2 * seq_len > layout.n_ctx:
-        raise ValueError(
+        raise InputError(
             f"{task}: seq_len={seq_len} makes sequences of 1 + 2 * {seq_len} = {1 + 2 * seq_len} tokens, "
             f"longer than the model's context n_ctx={layout.n_ctx}; use seq_len <= {(layout.n_ctx - 1) // 2}."
         )
     bos = _bos_id(model) if bos_token_id is None else bos_token_id
     require_count(task, "bos_token_id", bos, 0)
     if bos >= layout.d_vocab:
-        raise ValueError(f"{task}: bos_token_id must be < d_vocab={layout.d_vocab}, got {bos}.")
+        raise InputError(f"{task}: bos_token_id must be < d_vocab={layout.d_vocab}, got {bos}.")
     allowed = _ordinary_ids(model, layout.d_vocab, bos)
     if len(allowed) < 2:
-        raise ValueError(f"{task}: the vocabulary has fewer than 2 ordinary tokens to draw from.")
+        raise InputError(f"{task}: the vocabulary has fewer than 2 ordinary tokens to draw from.")
 
     generator = torch.Generator().manual_seed(seed)
     first = allowed[torch.randint(len(allowed), (n, seq_len), generator=generator)]

@@ -13,7 +13,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from chg_tlens.data import GateData
+from chg_tlens.core.data import GateData
+from chg_tlens.errors import InputError
 from chg_tlens.tasks.examples import (
     TextExample,
     examples_to_data,
@@ -96,7 +97,7 @@ def _checked_templates(templates: Sequence[str] | None) -> tuple[str, ...]:
     for template in templates:
         missing = [f for f in fields if f not in template]
         if missing:
-            raise ValueError(f"ioi: templates must contain {list(fields)}; {template!r} lacks {missing}.")
+            raise InputError(f"ioi: templates must contain {list(fields)}; {template!r} lacks {missing}.")
     if not templates:
-        raise ValueError("ioi: templates is empty; give at least one template or leave it as None.")
+        raise InputError("ioi: templates is empty; give at least one template or leave it as None.")
     return templates

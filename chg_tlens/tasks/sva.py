@@ -11,7 +11,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from chg_tlens.data import GateData
+from chg_tlens.core.data import GateData
 from chg_tlens.tasks.examples import (
     TextExample,
     examples_to_data,

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from chg_tlens import adapter
+from chg_tlens.errors import InputError
+from chg_tlens.models import adapter
 
 NAMES = [
     " Mary", " John", " James", " Michael", " David", " Sarah", " Anna", " Emma", " Paul", " Mark",
@@ -174,13 +175,13 @@ def _single_token_items(
     problems = {word: splits_or_unknown(model, word) for item in items for word in item}
     bad = [reason for reason in problems.values() if reason is not None]
     if strict and bad:
-        raise ValueError(
+        raise InputError(
             f"{task}: each word of every {what} must be a single token for this model's tokenizer, but "
             f"{'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}."
         )
     kept = [item for item in items if all(problems[word] is None for word in item)]
     if len(kept) < minimum:
-        raise ValueError(
+        raise InputError(
             f"{task}: needs at least {minimum} {what}s made of single tokens for this model's "
             f"tokenizer, found {len(kept)} of {len(items)}; for example {'; '.join(bad[:3])}. "
             f"Pass your own {what}s."

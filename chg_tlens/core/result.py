@@ -20,7 +20,8 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from chg_tlens.checkpoint import atomic_write_bytes
+from chg_tlens.core.checkpoint import atomic_write_bytes
+from chg_tlens.errors import InputError
 
 ROLES = ("facilitating", "interfering", "irrelevant")
 UNCLASSIFIED = "unclassified"
@@ -30,7 +31,7 @@ META_FILE = "chg_result.json"
 FORMAT_VERSION = 1
 
 
-class ResultFileError(ValueError):
+class ResultFileError(InputError):
     """A results file is missing, truncated, edited or of another format."""
 
 
@@ -110,7 +111,7 @@ class CHGResult:
         labels = self.role_labels(threshold)
         if seed is not None:
             if not -self.n_seeds <= seed < self.n_seeds:
-                raise ValueError(f"seed must be in [0, {self.n_seeds}), got {seed}.")
+                raise InputError(f"seed must be in [0, {self.n_seeds}), got {seed}.")
             labels = labels[seed : seed + 1] if seed >= 0 else labels[seed:][:1]
         out: dict[str, list[tuple[int, int]]] = {}
         for role in ROLES + (UNCLASSIFIED,):
@@ -256,7 +257,7 @@ class CHGResult:
 
 def _check_threshold(threshold: float) -> None:
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be within [0, 1], got {threshold}.")
+        raise InputError(f"threshold must be within [0, 1], got {threshold}.")
 
 
 def _sha256(path: Path) -> str:
@@ -309,15 +310,15 @@ class ContrastiveResult:
 def require_same_model(a: CHGResult, b: CHGResult) -> None:
     """Raise unless two results come from the same model (name, class, and head layout)."""
     if not isinstance(b, CHGResult):
-        raise TypeError(f"expected a CHGResult to compare with, got {type(b).__name__}.")
+        raise InputError(f"expected a CHGResult to compare with, got {type(b).__name__}.")
     for key in ("model_name", "model_class"):
         first, second = a.provenance.get(key), b.provenance.get(key)
         if first is not None and second is not None and first != second:
-            raise ValueError(
+            raise InputError(
                 f"provenance mismatch: these results come from different models ({key} {first!r} vs "
                 f"{second!r}); head-by-head comparison only makes sense on one model."
             )
     if (a.n_layers, a.n_heads) != (b.n_layers, b.n_heads):
-        raise ValueError(
+        raise InputError(
             f"provenance mismatch: {a.n_layers} x {a.n_heads} heads vs {b.n_layers} x {b.n_heads} heads."
         )

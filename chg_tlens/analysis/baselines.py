@@ -18,11 +18,10 @@ in example passes: a forward of a batch of 32 counts 32.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,11 +29,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from chg_tlens import adapter
-from chg_tlens.data import GateData
-from chg_tlens.gates import HeadGates
-from chg_tlens.objectives import target_logprobs
-from chg_tlens.validate import evaluate_gates, patching_scores, target_logprob_metric
+from chg_tlens.analysis.ablation import evaluate_gates
+from chg_tlens.analysis.patching import patching_scores, target_logprob_metric
+from chg_tlens.core import checks
+from chg_tlens.core.data import GateData
+from chg_tlens.core.forward import on_device
+from chg_tlens.core.gates import HeadGates
+from chg_tlens.core.objectives import target_logprobs
+from chg_tlens.errors import InputError
+from chg_tlens.models import adapter
 
 AblationKind = Literal["zero", "mean"]
 PatchDirection = Literal["denoise", "noise"]
@@ -68,20 +71,13 @@ class HeadScores:
 
     def __post_init__(self) -> None:
         if self.scores.ndim != 2:
-            raise ValueError(
+            raise InputError(
                 f"HeadScores.scores must be [layer, head], got shape {list(self.scores.shape)}."
             )
 
     def cost(self) -> dict[str, float]:
         return {"forward_passes": self.forward_passes, "backward_passes": self.backward_passes,
                 "seconds": round(self.seconds, 3)}
-
-
-# ------------------------------------------------------------------------------ data
-def example_chunks(data: GateData, batch_size: int) -> Iterator[GateData]:
-    """The examples of ``data`` once, in order, ``batch_size`` at a time."""
-    for start in range(0, len(data), batch_size):
-        yield data.subset(slice(start, start + batch_size))
 
 
 # ------------------------------------------------------------------------------ methods
@@ -97,17 +93,16 @@ def gradient_importance(
     head helps. Michel's per-layer normalisation is left out so scores compare across layers as is.
     """
     layout = adapter.require_model(model)
-    data = _checked_data(model, data)
-    _check_positive("batch_size", batch_size)
+    data = checks.gate_data(data, model)
+    checks.positive_int(batch_size, "batch_size")
     device = adapter.model_device(model)
     started = time.time()
     total = torch.zeros(layout.n_layers, layout.n_heads)
     with adapter.frozen(model):
-        for batch in example_chunks(data, batch_size):
+        for batch, tokens, target_mask in on_device(data, batch_size, device):
             values = torch.ones(len(batch), layout.n_layers, layout.n_heads, device=device,
                                 requires_grad=True)
             gates = differentiable_gates(values)
-            tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
             with model.hooks(fwd_hooks=gates.hooks()):
                 logits = model(tokens)  # mask m gates example m
             logprob = target_logprobs(logits, tokens, target_mask)  # [1, batch]
@@ -133,9 +128,9 @@ def ablation_scores(
     Positive = the task needs the head; negative = the task is better without it.
     """
     layout = adapter.require_model(model)
-    data = _checked_data(model, data)
+    data = checks.gate_data(data, model)
     if kind not in ("zero", "mean"):
-        raise ValueError(f"ablation_scores: kind must be 'zero' or 'mean', got {kind!r}.")
+        raise InputError(f"ablation_scores: kind must be 'zero' or 'mean', got {kind!r}.")
     started = time.time()
     n_heads_total = layout.n_layers * layout.n_heads
     if kind == "zero":
@@ -174,18 +169,19 @@ def activation_patching(
     ``noise`` runs the clean data and patches in the head's corrupt output: score = metric(clean) -
     metric(patched), "how much of the task is lost". Denoising misses heads that only work together
     (an AND), noising misses heads that back each other up (an OR). Needs ``data.corrupt``.
-    TransformerLens draws its own progress bar; ``adapter.silent_patching_progress()`` hides it.
+    TransformerLens draws its own progress bar; ``validate.silent_patching_progress()`` hides it.
     """
     layout = adapter.require_model(model)
-    data = _checked_pair(model, data, "activation_patching")
+    data = checks.gate_data(data, model)
+    checks.corrupt_twin(data, "activation_patching")
     if direction not in ("denoise", "noise"):
-        raise ValueError(f"activation_patching: direction must be 'denoise' or 'noise', got {direction!r}.")
-    _check_positive("batch_size", batch_size)
+        raise InputError(f"activation_patching: direction must be 'denoise' or 'noise', got {direction!r}.")
+    checks.positive_int(batch_size, "batch_size")
     device = adapter.model_device(model)
     started = time.time()
     total = torch.zeros(layout.n_layers, layout.n_heads)
     reference_total = 0.0
-    for batch in example_chunks(data, batch_size):
+    for batch, _, _ in on_device(data, batch_size, "cpu"):  # patching_scores moves them itself
         metric = target_logprob_metric(batch)
         source, run_on = (batch, batch.corrupt) if direction == "denoise" else (batch.corrupt, batch)
         patched = patching_scores(model, source, run_on, metric=metric, normalize=False)
@@ -217,19 +213,20 @@ def attribution_patching(
     ``data.corrupt``.
     """
     layout = adapter.require_model(model)
-    data = _checked_pair(model, data, "attribution_patching")
+    data = checks.gate_data(data, model)
+    checks.corrupt_twin(data, "attribution_patching")
     if backend not in ("auto", "transformer_lens", "hooks"):
-        raise ValueError(
+        raise InputError(
             f"attribution_patching: backend must be 'auto', 'transformer_lens' or 'hooks', got {backend!r}."
         )
-    _check_positive("batch_size", batch_size)
+    checks.positive_int(batch_size, "batch_size")
     available, why_not = transformer_lens_attribution_available(model)
     if backend == "transformer_lens" and not available:
-        raise ValueError(f"attribution_patching: backend='transformer_lens' cannot run: {why_not}.")
+        raise InputError(f"attribution_patching: backend='transformer_lens' cannot run: {why_not}.")
     use_tl = backend == "transformer_lens" or (backend == "auto" and available)
     started = time.time()
     if use_tl:
-        with _tracked_in_eval(model):
+        with adapter.frozen(model, track_weights=True):
             scores = _attribution_transformer_lens(model, data, layout)
     else:
         with adapter.frozen(model):
@@ -258,13 +255,13 @@ def subnetwork_probing(
     probability, without its saturation ties); the probability is in ``details["p_open"]``.
     """
     layout = adapter.require_model(model)
-    data = _checked_data(model, data)
+    data = checks.gate_data(data, model)
     for name, value in (("steps", steps), ("batch_size", batch_size)):
-        _check_positive(name, value)
+        checks.positive_int(value, name)
     if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"subnetwork_probing: lr must be a positive number, got {lr!r}.")
+        raise InputError(f"subnetwork_probing: lr must be a positive number, got {lr!r}.")
     if not (math.isfinite(l0_weight) and l0_weight >= 0):
-        raise ValueError(f"subnetwork_probing: l0_weight must be >= 0, got {l0_weight!r}.")
+        raise InputError(f"subnetwork_probing: l0_weight must be >= 0, got {l0_weight!r}.")
     device = adapter.model_device(model)
     generator = torch.Generator().manual_seed(seed)
     started = time.time()
@@ -345,8 +342,8 @@ def mean_head_activations(
     sums = [torch.zeros(width, layout.n_heads, layout.d_head) for _ in range(layout.n_layers)]
     counts = torch.zeros(width)
     with torch.no_grad():
-        for batch in example_chunks(data, batch_size):
-            _, cache = model.run_with_cache(batch.tokens.to(device), names_filter=_is_hook_z)
+        for batch, tokens, _ in on_device(data, batch_size, device):
+            _, cache = model.run_with_cache(tokens, names_filter=_is_hook_z)
             present = torch.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]  # [b, pos]
             counts[: present.shape[1]] += present.sum(dim=0).float()
             for layer in range(layout.n_layers):
@@ -369,24 +366,6 @@ def transformer_lens_attribution_available(model: Any) -> tuple[bool, str]:
     if missing:
         return False, f"the model has no {missing[0]} (attention-only?), which its node graph requires"
     return True, ""
-
-
-@contextlib.contextmanager
-def _tracked_in_eval(model: Any) -> Iterator[None]:
-    """Eval mode with every weight tracked by autograd, as TransformerLens' attribution_patch needs
-    (it differentiates with ``torch.autograd.grad``, so no ``.grad`` buffer is written); restored after."""
-    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        for parameter, _ in requires_grad:
-            parameter.requires_grad_(True)
-        model.eval()
-        yield
-    finally:
-        for parameter, flag in requires_grad:
-            parameter.requires_grad_(flag)
-        for module, training in modes:
-            module.train(training)
 
 
 def _attribution_transformer_lens(model: Any, data: GateData, layout: adapter.HeadLayout) -> Tensor:
@@ -413,8 +392,7 @@ def _attribution_hooks(model: Any, data: GateData, layout: adapter.HeadLayout, b
     """
     device = adapter.model_device(model)
     total = torch.zeros(layout.n_layers, layout.n_heads)
-    for batch in example_chunks(data, batch_size):
-        clean = batch.tokens.to(device)
+    for batch, clean, _ in on_device(data, batch_size, device):
         corrupt = batch.corrupt.tokens.to(device)
         with torch.no_grad():
             _, cache = model.run_with_cache(clean, names_filter=_is_hook_z)
@@ -455,36 +433,10 @@ def _metric_with_hooks(model: Any, data: GateData, hooks: list, batch_size: int)
     device = adapter.model_device(model)
     total = 0.0
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        for batch in example_chunks(data, batch_size):
-            total += float(target_logprob_metric(batch)(model(batch.tokens.to(device)))) * len(batch)
+        for batch, tokens, _ in on_device(data, batch_size, device):
+            total += float(target_logprob_metric(batch)(model(tokens))) * len(batch)
     return total / len(data)
 
 
 def _is_hook_z(name: str) -> bool:
     return name.endswith("attn.hook_z")
-
-
-def _checked_data(model: Any, data: Any) -> GateData:
-    if not isinstance(data, GateData):
-        raise TypeError(f"data: expected a chg_tlens.GateData, got {type(data).__name__}.")
-    return data.checked_for(model)
-
-
-def _checked_pair(model: Any, data: Any, method: str) -> GateData:
-    data = _checked_data(model, data)
-    if data.corrupt is None:
-        raise ValueError(
-            f"{method}: data has no corrupt twin (data.corrupt is None); attach one with "
-            "data.with_corrupt(GateData...) of the same shape."
-        )
-    if data.corrupt.tokens.shape != data.tokens.shape:
-        raise ValueError(
-            f"{method}: the corrupt twin has tokens of shape {list(data.corrupt.tokens.shape)}, the "
-            f"clean data {list(data.tokens.shape)}; patching swaps activations position by position."
-        )
-    return data
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")

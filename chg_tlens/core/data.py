@@ -19,7 +19,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from chg_tlens import adapter
+from chg_tlens.errors import InputError
+from chg_tlens.models import adapter
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,16 @@ class GateData:
     def __post_init__(self) -> None:
         _check_tokens_and_mask(self.tokens, self.target_mask)
         if self.lengths.shape != (self.tokens.shape[0],):
-            raise ValueError(
+            raise InputError(
                 f"GateData: lengths must have shape [{self.tokens.shape[0]}], "
                 f"got {list(self.lengths.shape)}."
             )
         positions = torch.arange(self.tokens.shape[1])[None, :]
         if (self.target_mask & (positions >= self.lengths[:, None])).any():
-            raise ValueError("GateData: target_mask marks padding (a position past an example's length).")
+            raise InputError("GateData: target_mask marks padding (a position past an example's length).")
         for name, twin in (("corrupt", self.corrupt), ("forget", self.forget)):
             if twin is not None and len(twin) != len(self):
-                raise ValueError(
+                raise InputError(
                     f"GateData: {name} twin has {len(twin)} examples, this data has {len(self)}."
                 )
 
@@ -83,24 +84,24 @@ class GateData:
     ) -> GateData:
         """Right-pad ragged token lists (and their masks) into one batch."""
         if len(sequences) == 0:
-            raise ValueError("GateData: no examples were given (the dataset is empty).")
+            raise InputError("GateData: no examples were given (the dataset is empty).")
         if len(sequences) != len(target_masks):
-            raise ValueError(
+            raise InputError(
                 f"GateData: {len(sequences)} sequences but {len(target_masks)} target masks."
             )
         width = max(len(s) for s in sequences)
         if width == 0:
-            raise ValueError("GateData: every sequence is empty.")
+            raise InputError("GateData: every sequence is empty.")
         tokens = torch.full((len(sequences), width), int(pad_token_id), dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.bool)
         for i, (seq, seq_mask) in enumerate(zip(sequences, target_masks, strict=True)):
             if len(seq) != len(seq_mask):
-                raise ValueError(
+                raise InputError(
                     f"GateData: example {i} has {len(seq)} tokens but a target mask of "
                     f"{len(seq_mask)}."
                 )
             if len(seq) == 0:
-                raise ValueError(f"GateData: example {i} is empty.")
+                raise InputError(f"GateData: example {i} is empty.")
             tokens[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
             mask[i, : len(seq)] = torch.as_tensor(list(seq_mask), dtype=torch.bool)
         lengths = torch.as_tensor([len(s) for s in sequences], dtype=torch.long)
@@ -121,20 +122,20 @@ class GateData:
         target's tokens are exactly what the tokenizer makes of the target string.
         """
         if len(prompts) != len(targets):
-            raise ValueError(f"GateData.from_pairs: {len(prompts)} prompts but {len(targets)} targets.")
+            raise InputError(f"GateData.from_pairs: {len(prompts)} prompts but {len(targets)} targets.")
         if len(prompts) == 0:
-            raise ValueError("GateData.from_pairs: no examples were given (the dataset is empty).")
+            raise InputError("GateData.from_pairs: no examples were given (the dataset is empty).")
         bos = adapter.prepends_bos(model) if prepend_bos is None else prepend_bos
         sequences, masks = [], []
         for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
             prompt_ids = adapter.encode(model, prompt, prepend_bos=bos)
             target_ids = adapter.encode(model, target, prepend_bos=False)
             if not target_ids:
-                raise ValueError(
+                raise InputError(
                     f"GateData.from_pairs: target {i} ({target!r}) tokenizes to nothing."
                 )
             if not prompt_ids:
-                raise ValueError(
+                raise InputError(
                     f"GateData.from_pairs: prompt {i} ({prompt!r}) tokenizes to nothing and no BOS "
                     "is prepended, so the first target token has nothing to be predicted from."
                 )
@@ -154,13 +155,13 @@ class GateData:
     ) -> GateData:
         """Plain text: every next-token prediction counts (all tokens after the first)."""
         if len(texts) == 0:
-            raise ValueError("GateData.from_text: no texts were given (the dataset is empty).")
+            raise InputError("GateData.from_text: no texts were given (the dataset is empty).")
         bos = adapter.prepends_bos(model) if prepend_bos is None else prepend_bos
         sequences, masks = [], []
         for i, text in enumerate(texts):
             ids = adapter.encode(model, text, prepend_bos=bos)
             if len(ids) < 2:
-                raise ValueError(
+                raise InputError(
                     f"GateData.from_text: text {i} ({text!r}) has fewer than two tokens, so it has "
                     "no next-token prediction to count."
                 )
@@ -183,14 +184,14 @@ class GateData:
         """A ``datasets.Dataset`` (or any list of dicts) with prompt/target fields, or a text field."""
         rows = list(dataset)
         if not rows:
-            raise ValueError("GateData.from_hf: the dataset is empty.")
+            raise InputError("GateData.from_hf: the dataset is empty.")
         columns = set(rows[0].keys())
         if text_field is not None:
             _require_fields(columns, [text_field])
             return cls.from_text(model, [str(r[text_field]) for r in rows], prepend_bos,
                                  {"source": "hf", "text_field": text_field})
         if target_field is None:
-            raise ValueError("GateData.from_hf: give target_field, or text_field for plain text.")
+            raise InputError("GateData.from_hf: give target_field, or text_field for plain text.")
         _require_fields(columns, [prompt_field, target_field])
         return cls.from_pairs(
             model,
@@ -208,11 +209,11 @@ class GateData:
         """
         for name, side in (("retain", retain), ("forget", forget)):
             if not isinstance(side, GateData):
-                raise TypeError(
+                raise InputError(
                     f"GateData.contrastive: {name} must be a GateData, got {type(side).__name__}."
                 )
         if len(retain) != len(forget):
-            raise ValueError(
+            raise InputError(
                 f"GateData.contrastive: {len(retain)} retain items but {len(forget)} forget items; "
                 "each item needs both versions."
             )
@@ -220,7 +221,7 @@ class GateData:
             a = retain.tokens[i][retain.target_mask[i]]
             b = forget.tokens[i][forget.target_mask[i]]
             if not torch.equal(a, b):
-                raise ValueError(
+                raise InputError(
                     f"GateData.contrastive: item {i} has different answers on the two sides "
                     f"(retain targets {a.tolist()}, forget targets {b.tolist()}); the sides must differ "
                     "only in how the task is posed."
@@ -258,7 +259,7 @@ class GateData:
         try:
             return cls.from_hf(model, records, prompt_field, target_field, text_field)
         except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+            raise InputError(f"{path}: {error}") from None
 
     # ----------------------------------------------------------------- use
     def __len__(self) -> int:
@@ -274,13 +275,13 @@ class GateData:
         longest = int(self.lengths.max())
         if longest > layout.n_ctx:
             worst = int(self.lengths.argmax())
-            raise ValueError(
+            raise InputError(
                 f"{argument}: example {worst} is {longest} tokens long, longer than the model's "
                 f"context n_ctx={layout.n_ctx}."
             )
         biggest = int(self.tokens.max())
         if biggest >= layout.d_vocab or int(self.tokens.min()) < 0:
-            raise ValueError(
+            raise InputError(
                 f"{argument}: token ids must lie in [0, {layout.d_vocab}) for this model, "
                 f"found {int(self.tokens.min())}..{biggest}."
             )
@@ -320,9 +321,9 @@ class GateData:
         little compute goes to padding, and every example is still seen as often.
         """
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+            raise InputError(f"batch_size must be positive, got {batch_size}.")
         if isinstance(bucket_window, bool) or not isinstance(bucket_window, int) or bucket_window < 1:
-            raise ValueError(
+            raise InputError(
                 f"bucket_window must be an integer >= 1 (1 = no bucketing), got {bucket_window!r}.")
         if bucket_window > 1:
             window, slot = divmod(step, bucket_window)
@@ -366,7 +367,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         try:
             return list(load_from_disk(str(path)))
         except Exception as error:  # datasets raises many types for a folder it cannot read
-            raise ValueError(f"{path} is not a folder written by datasets' save_to_disk: {error}") from None
+            raise InputError(f"{path} is not a folder written by datasets' save_to_disk: {error}") from None
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
@@ -375,23 +376,23 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+                    raise InputError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
     elif suffix == ".json":
         try:
             rows = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}).") from None
+            raise InputError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}).") from None
     elif suffix == ".csv":
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
     else:
-        raise ValueError(
+        raise InputError(
             f"{path}: unknown data format {suffix!r}; use .jsonl, .json, .csv or a datasets folder."
         )
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: expected a list of records (objects with named fields).")
+        raise InputError(f"{path}: expected a list of records (objects with named fields).")
     if not rows:
-        raise ValueError(f"{path}: the file holds no records (the dataset is empty).")
+        raise InputError(f"{path}: the file holds no records (the dataset is empty).")
     return rows
 
 
@@ -402,7 +403,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def _require_fields(columns: set[str], fields: list[str]) -> None:
     missing = [f for f in fields if f not in columns]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"dataset has no field(s) {missing}; its fields are {sorted(columns)}."
         )
 
@@ -410,13 +411,13 @@ def _require_fields(columns: set[str], fields: list[str]) -> None:
 def _as_token_tensor(tokens: Any) -> Tensor:
     tokens = torch.as_tensor(tokens)
     if tokens.is_floating_point() or tokens.dtype == torch.bool or tokens.is_complex():
-        raise TypeError(f"GateData: tokens must be integer ids, got dtype {tokens.dtype}.")
+        raise InputError(f"GateData: tokens must be integer ids, got dtype {tokens.dtype}.")
     if tokens.ndim != 2:
-        raise ValueError(
+        raise InputError(
             f"GateData: tokens must be [example, pos], got shape {list(tokens.shape)}."
         )
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ValueError(
+        raise InputError(
             f"GateData: tokens are empty (shape {list(tokens.shape)}); the dataset is empty."
         )
     return tokens.long().cpu()
@@ -425,9 +426,9 @@ def _as_token_tensor(tokens: Any) -> Tensor:
 def _as_mask_tensor(mask: Any, shape: torch.Size) -> Tensor:
     mask = torch.as_tensor(mask)
     if mask.dtype != torch.bool:
-        raise TypeError(f"GateData: target_mask must be bool, got dtype {mask.dtype}.")
+        raise InputError(f"GateData: target_mask must be bool, got dtype {mask.dtype}.")
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(
+        raise InputError(
             f"GateData: target_mask shape {list(mask.shape)} does not match tokens shape {list(shape)}."
         )
     return mask.cpu()
@@ -435,15 +436,15 @@ def _as_mask_tensor(mask: Any, shape: torch.Size) -> Tensor:
 
 def _check_tokens_and_mask(tokens: Tensor, mask: Tensor) -> None:
     if mask[:, 0].any():
-        raise ValueError(
+        raise InputError(
             "GateData: target_mask marks position 0, which no earlier position can predict."
         )
     per_example = mask.sum(dim=1)
     if int(per_example.sum()) == 0:
-        raise ValueError("GateData: target_mask marks no target tokens; the loss would be empty.")
+        raise InputError("GateData: target_mask marks no target tokens; the loss would be empty.")
     empty = torch.nonzero(per_example == 0).flatten()
     if len(empty):
-        raise ValueError(
+        raise InputError(
             f"GateData: example(s) {empty[:5].tolist()} have no target tokens; every example needs "
             "at least one."
         )

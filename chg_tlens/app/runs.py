@@ -13,13 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from torch import Tensor
 
-from chg_tlens.checkpoint import atomic_write_bytes
-from chg_tlens.result import CHGResult
-
-RUN_FILE = "run.json"
-VALIDATION_FILE = "validation.json"
+from chg_tlens.app.report import ROLES_FILE, RUN_FILE, VALIDATION_FILE, write_report
+from chg_tlens.core.checkpoint import atomic_write_bytes
+from chg_tlens.core.result import CHGResult
 
 
 def write_table(frame: pd.DataFrame, path: Path, index: bool = False) -> None:
@@ -44,17 +44,15 @@ def write_run_folder(
     """Write the result, its tables, pictures and report into ``folder``; return the folder."""
     folder = Path(folder)
     result.save(folder)
-    write_table(result.to_frame(threshold), folder / "roles.csv")
+    write_table(result.to_frame(threshold), folder / ROLES_FILE)
     write_table(result.summary(threshold), folder / "summary.csv", index=True)
     write_table(result.loss_frame(), folder / "losses.csv")
     write_json({**(run_info or {}), "threshold": threshold}, folder / RUN_FILE)
     if pictures:
-        from chg_tlens.plot import save_all
+        from chg_tlens.app.plot import save_all
 
         save_all(result, folder / "pictures", threshold=threshold)
     if report:
-        from chg_tlens.report import write_report
-
         write_report(folder, threshold=threshold)
     return folder
 
@@ -66,3 +64,18 @@ def add_validation(folder: str | os.PathLike, name: str, values: Any) -> Path:
     current[name] = values
     write_json(current, path)
     return path
+
+
+def jsonable(value: Any) -> Any:
+    """Tensors and arrays as lists, anything unknown as its string: for results files."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return str(value)

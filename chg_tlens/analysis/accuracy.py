@@ -12,11 +12,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from chg_tlens import adapter
-from chg_tlens.data import GateData
-from chg_tlens.fit import gated_logits
-from chg_tlens.gates import HeadGates
-from chg_tlens.objectives import target_accuracy, target_logprobs
+from chg_tlens.core import checks
+from chg_tlens.core.data import GateData
+from chg_tlens.core.forward import gated_logits, on_device
+from chg_tlens.core.gates import HeadGates
+from chg_tlens.core.objectives import target_accuracy, target_logprobs
+from chg_tlens.models import adapter
 
 
 def task_accuracy(
@@ -33,21 +34,16 @@ def task_accuracy(
     hooks; values are floats for one gate set and lists (one per mask) for several.
     """
     layout = adapter.require_model(model)
-    if not isinstance(data, GateData):
-        raise TypeError(f"data: expected a chg_tlens.GateData, got {type(data).__name__}.")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    checks.gate_data(data, model)
+    checks.positive_int(batch_size, "batch_size")
     if gates is not None:
-        _require_gates_for(gates, layout)
-    data.checked_for(model)
+        checks.gates_for(gates, layout)
     n_masks = 1 if gates is None else gates.n_masks
     with_contrast = has_single_answer_twin(data)
     device = adapter.model_device(model)
     sums: dict[str, Tensor] = {}
     with adapter.frozen(model), torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            batch = data.subset(range(start, min(start + batch_size, len(data))))
-            tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
+        for batch, tokens, target_mask in on_device(data, batch_size, device):
             logits = model(tokens) if gates is None else gated_logits(model, gates, tokens)
             token_share = target_accuracy(logits, tokens, target_mask, n_masks)
             scores = {
@@ -93,12 +89,3 @@ def _answer_contrast(
     difference = clean_logit - twin_logit
     return {"contrast": (difference > 0).float(), "logit_diff": difference}
 
-
-def _require_gates_for(gates: Any, layout: adapter.HeadLayout) -> None:
-    if not isinstance(gates, HeadGates):
-        raise TypeError(f"gates: expected a chg_tlens.HeadGates or None, got {type(gates).__name__}.")
-    if (gates.n_layers, gates.n_heads) != (layout.n_layers, layout.n_heads):
-        raise ValueError(
-            f"gates: built for {gates.n_layers} layers x {gates.n_heads} heads, but the model has "
-            f"{layout.n_layers} x {layout.n_heads}."
-        )

@@ -19,19 +19,21 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+from chg_tlens.app.settings import DEMO_SETTINGS
+from chg_tlens.errors import InputError
+
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 
-DEMO_SETTINGS = dict(task="sva", n_examples=64, n_seeds=2, batch_size=8, steps=100)
 """The CPU-sized main job: SmolLM2-135M on subject-verb agreement (README, 'make demo')."""
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """Bad usage the parser could not see (e.g. a combination of flags)."""
 
 
 # ----------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from chg_tlens.fit import CHGConfig, ContrastiveConfig
+    from chg_tlens.core.config import CHGConfig, ContrastiveConfig
 
     parser = argparse.ArgumentParser(
         prog="chg-tlens",
@@ -215,11 +217,11 @@ def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
 def run_fit(args: argparse.Namespace) -> int:
     import torch
 
-    from chg_tlens import distributed
-    from chg_tlens.data import GateData
-    from chg_tlens.fit import CHGConfig, fit_chg
-    from chg_tlens.models import load_model
-    from chg_tlens.runs import write_run_folder
+    from chg_tlens import CHGConfig, fit_chg
+    from chg_tlens.app.runs import write_run_folder
+    from chg_tlens.core import distributed
+    from chg_tlens.core.data import GateData
+    from chg_tlens.models.load import load_model
     from chg_tlens.tasks import TASKS, make_task
 
     config = config_from_args(CHGConfig, args)
@@ -251,9 +253,9 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_contrastive(args: argparse.Namespace) -> int:
-    from chg_tlens.fit import ContrastiveConfig, fit_contrastive_chg
-    from chg_tlens.models import load_model
-    from chg_tlens.runs import write_json
+    from chg_tlens import ContrastiveConfig, fit_contrastive_chg
+    from chg_tlens.app.runs import write_json
+    from chg_tlens.models.load import load_model
     from chg_tlens.tasks import function_views
 
     config = config_from_args(ContrastiveConfig, args)
@@ -284,11 +286,11 @@ def contrastive_data(function_views: Callable, model: Any, function: str, retain
 def run_validate(args: argparse.Namespace) -> int:
     import json
 
-    from chg_tlens.plot import figure_png
-    from chg_tlens.report import write_report
-    from chg_tlens.result import CHGResult
-    from chg_tlens.runs import RUN_FILE, add_validation, write_table
-    from chg_tlens.validate import plot_ablation_curve, validate_run
+    from chg_tlens.app.plot import ablation_curves, figure_png
+    from chg_tlens.app.report import RUN_FILE, write_report
+    from chg_tlens.app.runs import add_validation, write_table
+    from chg_tlens.app.validation import validate_run
+    from chg_tlens.core.result import CHGResult
 
     run_file = args.run_dir / RUN_FILE
     if not run_file.is_file():
@@ -297,7 +299,7 @@ def run_validate(args: argparse.Namespace) -> int:
     try:
         run = json.loads(run_file.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{run_file} is not valid JSON ({error.msg}, line {error.lineno}).") from None
+        raise InputError(f"{run_file} is not valid JSON ({error.msg}, line {error.lineno}).") from None
     threshold = run.get("threshold", 0.5) if args.threshold is None else args.threshold
     _check_threshold(threshold)
     for name in ("n", "max_heads", "batch_size", "top_k"):
@@ -311,9 +313,8 @@ def run_validate(args: argparse.Namespace) -> int:
     summary["held_out"] = held_out
     write_table(ablation, args.run_dir / "validation_ablation.csv")
     (args.run_dir / "pictures").mkdir(exist_ok=True)
-    ax = plot_ablation_curve(ablation)
-    ax.set_title(f"targeted ablation from G+ (seed {summary['seed']})")
-    (args.run_dir / "pictures" / "validation_ablation.png").write_bytes(figure_png(ax.figure, dpi=100))
+    figure = ablation_curves(ablation, title=f"targeted ablation from G+ (seed {summary['seed']})")
+    (args.run_dir / "pictures" / "validation_ablation.png").write_bytes(figure_png(figure, dpi=100))
     add_validation(args.run_dir, "chg_tlens_validate", summary)
     report = write_report(args.run_dir, threshold=threshold)
     _print_validation(summary)
@@ -328,13 +329,13 @@ def _validation_model_and_data(run: dict[str, Any], result: Any, args: argparse.
     seed = int(result.config.get("seed", 0)) + 1000
     model_name = run.get("model")
     if model_name == "planted-repeat":
-        from chg_tlens.planted import repeat_circuit
+        from chg_tlens.testbeds.planted import repeat_circuit
 
         circuit = repeat_circuit()
         return circuit.model, circuit.data(args.n, seed), True
     if not model_name:
-        raise ValueError("run.json names no model; cannot rebuild the run.")
-    from chg_tlens.models import load_model
+        raise InputError("run.json names no model; cannot rebuild the run.")
+    from chg_tlens.models.load import load_model
 
     model = load_model(model_name, device=args.device, dtype=args.dtype)
     if run.get("task"):
@@ -342,7 +343,7 @@ def _validation_model_and_data(run: dict[str, Any], result: Any, args: argparse.
 
         return model, make_task(run["task"], model, n=args.n, seed=seed), True
     if run.get("data"):
-        from chg_tlens.data import GateData
+        from chg_tlens.core.data import GateData
 
         path = Path(run["data"])
         if not path.exists():
@@ -350,7 +351,7 @@ def _validation_model_and_data(run: dict[str, Any], result: Any, args: argparse.
         data = GateData.from_file(model, path, run.get("prompt_field", "prompt"),
                                   run.get("target_field", "target"), run.get("text_field"))
         return model, data, False
-    raise ValueError("run.json names neither a task nor a data file; cannot rebuild the data.")
+    raise InputError("run.json names neither a task nor a data file; cannot rebuild the data.")
 
 
 def _print_validation(summary: dict[str, Any]) -> None:
@@ -383,15 +384,14 @@ def _print_validation(summary: dict[str, Any]) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens' patching draws a bar per call
-    from chg_tlens.compare import (
+    from chg_tlens.analysis.compare import (
         METHODS,
         compare_methods,
-        comparison_markdown,
-        jsonable,
         known_role_benchmarks,
         task_benchmark,
     )
-    from chg_tlens.runs import write_json
+    from chg_tlens.app.markdown import comparison_markdown
+    from chg_tlens.app.runs import jsonable, write_json
 
     if args.list_methods:
         print("\n".join(METHODS))
@@ -410,7 +410,7 @@ def run_compare(args: argparse.Namespace) -> int:
         if not args.no_known:
             yield from known_role_benchmarks(args.n, include_trained=not args.no_trained)
         if args.task:
-            from chg_tlens.models import load_model
+            from chg_tlens.models.load import load_model
 
             model = load_model(args.model)
             for task in args.task:
@@ -428,7 +428,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from chg_tlens.report import write_report
+    from chg_tlens.app.report import write_report
 
     if args.threshold is not None:
         _check_threshold(args.threshold)
@@ -438,18 +438,18 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from chg_tlens.fit import CHGConfig, fit_chg
-    from chg_tlens.runs import write_run_folder
+    from chg_tlens import CHGConfig, fit_chg
+    from chg_tlens.app.runs import write_run_folder
 
     started = time.time()
     if args.planted:
-        from chg_tlens.planted import repeat_circuit
+        from chg_tlens.testbeds.planted import repeat_circuit
 
         circuit = repeat_circuit()
         model, data, name = circuit.model, circuit.data(128, 0), "planted-repeat"
         config = CHGConfig(n_seeds=4, steps=150, batch_size=32, progress=not args.quiet, device=args.device)
     else:
-        from chg_tlens.models import load_model
+        from chg_tlens.models.load import load_model
         from chg_tlens.tasks import make_task
 
         model = load_model("smollm2-135m", device=args.device)
@@ -472,7 +472,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from chg_tlens.bench import run_benchmarks
+    from chg_tlens.app.bench import run_benchmarks
 
     table = run_benchmarks(args.out, skip_real=args.skip_real, repeats=args.repeats, device=args.device)
     print(table.to_string(index=False))
@@ -510,14 +510,14 @@ def _command_line() -> str:
 # ----------------------------------------------------------------------------------- entry
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run, and map failures to exit codes: bad input is one line, a bug is a traceback."""
-    from chg_tlens import adapter
-    from chg_tlens.checkpoint import CheckpointError
-    from chg_tlens.result import ResultFileError
+    from chg_tlens.analysis.patching import silent_patching_progress
+    from chg_tlens.core.checkpoint import CheckpointError
+    from chg_tlens.core.result import ResultFileError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with adapter.silent_patching_progress(getattr(args, "quiet", False)):
+        with silent_patching_progress(getattr(args, "quiet", False)):
             return args.handler(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError, OSError, CheckpointError,
             ResultFileError) as error:

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from chg_tlens.adapter import is_transformer_lens_model, legacy_model_class
+from chg_tlens.errors import InputError
+from chg_tlens.models.adapter import is_transformer_lens_model, legacy_model_class
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -85,13 +86,13 @@ def load_model(
     placement = {k: v for k, v in (("device_map", device_map), ("n_devices", n_devices),
                                    ("max_memory", max_memory)) if v is not None}
     if placement and device is not None:
-        raise ValueError(f"load_model: give either device={device!r} or {sorted(placement)}, not both.")
+        raise InputError(f"load_model: give either device={device!r} or {sorted(placement)}, not both.")
     if placement and legacy_model_class() is not None:
-        raise ValueError(f"load_model: {sorted(placement)} need TransformerLens 4 (TransformerBridge); "
+        raise InputError(f"load_model: {sorted(placement)} need TransformerLens 4 (TransformerBridge); "
                          "on 3.x use HookedTransformer's n_devices yourself.")
     if is_transformer_lens_model(spec):
         if device is not None or dtype is not None or placement:
-            raise ValueError(
+            raise InputError(
                 "load_model: spec is an already loaded model, which is passed through unchanged; "
                 f"got device={device!r}, dtype={dtype!r}. Move or cast it yourself "
                 "(model.to(...)) or leave device and dtype as None."
@@ -102,7 +103,7 @@ def load_model(
         try:
             torch.device(device)
         except (RuntimeError, TypeError) as exc:
-            raise ValueError(
+            raise InputError(
                 f"load_model: device must name a torch device such as 'cpu' or 'cuda:0', "
                 f"got {device!r}."
             ) from exc
@@ -190,7 +191,7 @@ def hub_folder(repo_id: str) -> Path:
     except GatedRepoError as exc:
         raise OSError(_gated_message(repo_id, exc)) from exc
     except RepositoryNotFoundError as exc:
-        raise ValueError(
+        raise InputError(
             f"load_model: {repo_id!r} is not a model on the Hugging Face hub (or it is private and "
             f"no token is set). Check the name, or pass a local folder or .gguf file. "
             f"Accepted: {_ACCEPTED}."
@@ -202,7 +203,7 @@ def hub_folder(repo_id: str) -> Path:
         raise OSError(_unreachable_message(repo_id, exc)) from exc
     names = [sibling.rfilename for sibling in info.siblings or []]
     if "config.json" not in names:
-        raise ValueError(
+        raise InputError(
             f"load_model: hub repository {repo_id!r} has no config.json, so transformers cannot "
             "load it as a model."
         )
@@ -227,7 +228,7 @@ def hub_folder(repo_id: str) -> Path:
 def _resolve_spec(spec: Any) -> tuple[Path, str]:
     """A local Hugging Face folder for ``spec`` and the name to record as ``cfg.model_name``."""
     if not isinstance(spec, (str, os.PathLike)):
-        raise ValueError(
+        raise InputError(
             f"load_model: spec must be a model name, path or TransformerLens model, got "
             f"{type(spec).__name__} {spec!r}. Accepted: {_ACCEPTED}."
         )
@@ -238,19 +239,19 @@ def _resolve_spec(spec: Any) -> tuple[Path, str]:
     if path.is_dir():
         if (path / "config.json").is_file():
             return path, path.resolve().name
-        raise ValueError(
+        raise InputError(
             f"load_model: folder {path} has no config.json, so it is not a Hugging Face model "
             f"folder. Accepted: {_ACCEPTED}."
         )
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return gguf_hf_folder(path), path.stem
-        raise ValueError(
+        raise InputError(
             f"load_model: {path} is a file but not a .gguf file. Accepted: {_ACCEPTED}."
         )
     if isinstance(spec, str) and _HUB_NAME.fullmatch(text) and not text.lower().endswith(".gguf"):
         return hub_folder(text), text
-    raise ValueError(
+    raise InputError(
         f"load_model: {text!r} is not an existing file or folder, nor a hub name. "
         f"Accepted: {_ACCEPTED}."
     )
@@ -315,7 +316,7 @@ def _hooked_config(
         return HookedTransformerConfig(**_llama_config(hf_config), device=device, dtype=dtype)
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures:
-        raise ValueError(
+        raise InputError(
             f"load_model: {folder} holds a {getattr(hf_config, 'model_type', '?')!r} model whose "
             "config.json names no architecture, which TransformerLens 3.9 needs to build a "
             "HookedTransformer. Use TransformerLens 4 (pip install 'transformer-lens>=4'), or a "
@@ -330,7 +331,7 @@ def _hooked_config(
                 str(neutral), hf_cfg=hf_config.to_dict(), fold_ln=False, device=device, dtype=dtype
             )
         except NotImplementedError as exc:
-            raise ValueError(
+            raise InputError(
                 f"load_model: TransformerLens 3.9 cannot build a HookedTransformer for "
                 f"{architectures[0]} ({exc}). Use TransformerLens 4 (pip install "
                 "'transformer-lens>=4'), whose TransformerBridge covers more architectures."
@@ -343,7 +344,7 @@ def _llama_config(hf_config: Any) -> dict[str, Any]:
     """HookedTransformerConfig fields of a Llama-architecture HF config (grouped-query heads kept)."""
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(hf_config, flag, False):
-            raise ValueError(
+            raise InputError(
                 f"load_model: this Llama model has {flag}=True, which TransformerLens 3.9's Llama "
                 "converter drops; use TransformerLens 4 (pip install 'transformer-lens>=4')."
             )
@@ -388,7 +389,7 @@ def _llama_config(hf_config: Any) -> dict[str, Any]:
             NTK_by_parts_factor=float(rope.get("factor", 1.0)),
         )
     elif rope_type != "default":
-        raise ValueError(
+        raise InputError(
             f"load_model: this Llama model uses {rope_type!r} rotary scaling, which TransformerLens "
             "3.9's HookedTransformer does not implement; use TransformerLens 4 "
             "(pip install 'transformer-lens>=4')."
@@ -407,7 +408,7 @@ def _parse_gguf(path: Path) -> tuple[Any, Any]:
     except ImportError:
         raise
     except Exception as exc:
-        raise ValueError(
+        raise InputError(
             f"{path}: could not read this GGUF file ({type(exc).__name__}: {exc}). It may be "
             "truncated or corrupt, or hold an architecture transformers cannot convert; "
             "download it again or pass another model."
@@ -420,7 +421,7 @@ def _check_gguf_header(path: Path) -> None:
     with path.open("rb") as handle:
         head = handle.read(len(_GGUF_MAGIC))
     if head != _GGUF_MAGIC:
-        raise ValueError(
+        raise InputError(
             f"{path}: not a GGUF file (it starts with {head!r}, a GGUF file starts with "
             f"{_GGUF_MAGIC!r}). Download it again or pass another model."
         )
@@ -513,7 +514,7 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         if isinstance(candidate, torch.dtype):
             dtype = candidate
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
+        raise InputError(
             f"load_model: dtype must be a floating torch dtype such as torch.float32 or "
             f"'bfloat16', got {dtype!r}."
         )

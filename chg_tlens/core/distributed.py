@@ -14,6 +14,8 @@ import torch.distributed as dist
 from jaxtyping import Int
 from torch import Tensor
 
+from chg_tlens.errors import InputError
+
 
 def world() -> tuple[int, int]:
     """(rank, world size); (0, 1) when no process group is running."""
@@ -45,7 +47,7 @@ def local_slice(index: Int[Tensor, " batch"]) -> Int[Tensor, " local"]:
     if size == 1:
         return index
     if len(index) % size:
-        raise ValueError(
+        raise InputError(
             f"batch_size={len(index)} must be a multiple of the number of processes ({size}) so every "
             "process holds an equal share and the averaged gradient equals the one-process gradient."
         )

@@ -16,6 +16,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from chg_tlens.errors import InputError
+
 ClampMode = Literal["one_sided", "two_sided"]
 
 
@@ -118,7 +120,7 @@ def gate_reward(
     elif mode == "one_sided":
         clamped = theta.clamp(max=clamp) if lam >= 0 else theta.clamp(min=-clamp)
     else:
-        raise ValueError(f"clamp mode must be 'one_sided' or 'two_sided', got {mode!r}.")
+        raise InputError(f"clamp mode must be 'one_sided' or 'two_sided', got {mode!r}.")
     return clamped.flatten(1).mean(dim=1)
 
 

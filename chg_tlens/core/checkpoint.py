@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
+from chg_tlens.errors import InputError
+
 CHECKPOINT_FILE = "checkpoint.pt"
 PROGRESS_FILE = "checkpoint.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint is missing, unreadable, or belongs to another fit."""
 
 

@@ -28,9 +28,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from chg_tlens.data import GateData
-from chg_tlens.objectives import target_nll
-from chg_tlens.planted import (
+from chg_tlens.core.data import GateData
+from chg_tlens.core.objectives import target_nll
+from chg_tlens.errors import InputError
+from chg_tlens.testbeds.planted import (
     PlantedCircuit,
     PlantedHead,
     _Subspaces,
@@ -164,7 +165,7 @@ def induction_circuit(vocab: int = 10, period: tuple[int, int] = (3, 6), prev_st
     low, high = period
     n_ctx = max(16, 1 + 2 * high)
     if not 2 <= low <= high or high >= vocab:
-        raise ValueError(
+        raise InputError(
             f"induction_circuit: period must be (low, high) with 2 <= low <= high < vocab={vocab}, "
             f"got {period}."
         )
@@ -249,12 +250,12 @@ class InductionTraining:
     def validate(self) -> InductionTraining:
         low, high = self.period
         if not 2 <= low <= high or 1 + 2 * high > self.n_ctx:
-            raise ValueError(
+            raise InputError(
                 f"InductionTraining.period must be (low, high) with 2 <= low <= high and two blocks "
                 f"fitting in n_ctx={self.n_ctx} after BOS, got {self.period}."
             )
         if self.vocab < 3:
-            raise ValueError(f"InductionTraining.vocab must be at least 3, got {self.vocab}.")
+            raise InputError(f"InductionTraining.vocab must be at least 3, got {self.vocab}.")
         return self
 
 

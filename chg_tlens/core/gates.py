@@ -17,7 +17,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from chg_tlens.adapter import hook_z_name, require_model
+from chg_tlens.errors import InputError
+from chg_tlens.models.adapter import hook_z_name, require_model
 
 HookFn = Callable[..., Tensor]
 
@@ -40,13 +41,13 @@ class HeadGates(nn.Module):
         super().__init__()
         for name, value in (("n_layers", n_layers), ("n_heads", n_heads), ("n_masks", n_masks)):
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"HeadGates: {name} must be a positive int, got {value!r}.")
+                raise InputError(f"HeadGates: {name} must be a positive int, got {value!r}.")
         if theta is None:
             theta = initial_theta(n_masks, n_layers, n_heads, seed)
         else:
             expected = (n_masks, n_layers, n_heads)
             if tuple(theta.shape) != expected:
-                raise ValueError(
+                raise InputError(
                     f"HeadGates: theta must have shape [mask, layer, head] = {list(expected)}, "
                     f"got {list(theta.shape)}."
                 )
@@ -66,12 +67,12 @@ class HeadGates(nn.Module):
         if values.ndim == 2:
             values = values.unsqueeze(0)
         if values.ndim != 3:
-            raise ValueError(
+            raise InputError(
                 f"HeadGates.fixed: values must be [layer, head] or [mask, layer, head], "
                 f"got shape {list(values.shape)}."
             )
         if not torch.isfinite(values).all() or values.min() < 0 or values.max() > 1:
-            raise ValueError("HeadGates.fixed: gate values must be finite and within [0, 1].")
+            raise InputError("HeadGates.fixed: gate values must be finite and within [0, 1].")
         n_masks, n_layers, n_heads = values.shape
         gates = cls(n_layers, n_heads, n_masks=n_masks, theta=torch.logit(values.clamp(1e-6, 1 - 1e-6)))
         gates.theta.requires_grad_(False)
@@ -117,7 +118,7 @@ class HeadGates(nn.Module):
     def _make_hook(self, layer: int) -> HookFn:
         def gate_hook_z(z: Float[Tensor, "mask_batch pos head d_head"], hook: object) -> Tensor:
             if z.ndim != 4 or z.shape[2] != self.n_heads:
-                raise ValueError(
+                raise InputError(
                     f"HeadGates: {hook_z_name(layer)} has shape {list(z.shape)}; expected "
                     f"[batch, pos, {self.n_heads}, d_head]. Were the gates built for another model?"
                 )
@@ -125,7 +126,7 @@ class HeadGates(nn.Module):
             if self.n_masks == 1:
                 return z * gate[0][None, None, :, None]
             if z.shape[0] % self.n_masks:
-                raise ValueError(
+                raise InputError(
                     f"HeadGates: batch of {z.shape[0]} rows is not a multiple of n_masks="
                     f"{self.n_masks}; pass gates.repeat_batch(tokens) to the model."
                 )

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from chg_tlens import adapter
-from chg_tlens.data import GateData
+from chg_tlens.core.data import GateData
+from chg_tlens.errors import InputError
+from chg_tlens.models import adapter
+from chg_tlens.testbeds import surgery
 
 Write = Literal["answer", "scratch"]
 ROLE_OF_SIGN = {1: "facilitating", -1: "interfering", 0: "irrelevant"}
@@ -90,7 +92,7 @@ def build_planted_model(
         n_heads=n_heads, d_vocab=vocab, attn_only=True, normalization_type=None,
         positional_embedding_type="standard",
     )
-    adapter.zero_weights(model)
+    surgery.zero_weights(model)
     embed = torch.zeros(vocab, spaces.d_model)
     embed[:, spaces.token] = torch.eye(vocab)
     pos_embed = torch.zeros(n_ctx, spaces.d_model)
@@ -98,9 +100,9 @@ def build_planted_model(
     pos_embed[:, spaces.constant] = 1.0
     unembed = torch.zeros(spaces.d_model, vocab)
     unembed[spaces.answer] = torch.eye(vocab)
-    adapter.write_weights(model, embed, pos_embed, unembed)
+    surgery.write_weights(model, embed, pos_embed, unembed)
     for planted in heads:
-        adapter.write_head_weights(model, planted.layer, planted.head,
+        surgery.write_head_weights(model, planted.layer, planted.head,
                                    *_head_weights(planted, spaces, d_head, sharpness))
     return model
 
@@ -181,7 +183,7 @@ def contrastive_circuit(vocab: int = 10, seq_len: int = 8, alpha: float = 3.0) -
     model = build_planted_model(1, 4, heads, vocab=vocab, n_ctx=max(16, seq_len), name="planted-two-modes")
     unembed = model.W_U.detach().clone()  # a default guess (token 1, logit +1) that wins once neither
     unembed[_Subspaces(vocab, max(16, seq_len)).constant, 1] = 1.0  # mode's head reads the answer
-    adapter.write_weights(model, unembed=unembed)
+    surgery.write_weights(model, unembed=unembed)
 
     def make(n: int, seed: int) -> GateData:
         rng = np.random.default_rng(seed)
@@ -232,7 +234,7 @@ def _head_weights(planted: PlantedHead, spaces: _Subspaces, d_head: int, sharpne
             w_q[spaces.position.start + query_pos, query_pos - where] = sharpness
         w_k[spaces.position, :n_ctx] = torch.eye(n_ctx)
     else:
-        raise ValueError(f"PlantedHead.attend must be ('fixed', p) or ('offset', k), got {planted.attend}.")
+        raise InputError(f"PlantedHead.attend must be ('fixed', p) or ('offset', k), got {planted.attend}.")
     w_v[spaces.token, : spaces.vocab] = torch.eye(spaces.vocab)
     w_v[spaces.token.start, 0] = 0.0  # token 0 (BOS / empty slot) carries no content
     target = spaces.scratch if planted.sign == 0 else spaces.answer

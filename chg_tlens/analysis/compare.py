@@ -21,96 +21,24 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool
-from torch import Tensor
 
-from chg_tlens import adapter, baselines
-from chg_tlens.baselines import HeadScores
-from chg_tlens.data import GateData
-from chg_tlens.fit import CHGConfig, fit_chg
-from chg_tlens.result import CHGResult
-from chg_tlens.validate import evaluate_gates
+from chg_tlens.analysis import baselines
+from chg_tlens.analysis.ablation import evaluate_gates
+from chg_tlens.analysis.baselines import HeadScores
+from chg_tlens.analysis.metrics import (
+    ScoresLike,
+    flat_scores,
+    spearman,
+    truth_metrics,
+)
+from chg_tlens.core.config import CHGConfig
+from chg_tlens.core.data import GateData
+from chg_tlens.core.fit import fit_chg
+from chg_tlens.core.result import CHGResult
+from chg_tlens.errors import InputError
+from chg_tlens.models import adapter
 
 SeedReduce = Literal["max", "mean"]
-ScoresLike = HeadScores | Tensor | np.ndarray
-
-
-# ------------------------------------------------------------------------------ rank statistics
-def average_ranks(values: ScoresLike) -> np.ndarray:
-    """Ranks 1..n of the flattened values, ties sharing the mean of the ranks they span."""
-    flat = _flat(values)
-    order = np.argsort(flat, kind="stable")
-    sorted_values = flat[order]
-    ranks = np.empty(len(flat))
-    start = 0
-    while start < len(flat):
-        stop = start
-        while stop + 1 < len(flat) and sorted_values[stop + 1] == sorted_values[start]:
-            stop += 1
-        ranks[order[start : stop + 1]] = (start + stop) / 2 + 1
-        start = stop + 1
-    return ranks
-
-
-def spearman(a: ScoresLike, b: ScoresLike) -> float:
-    """Spearman rank correlation of two score tables (Pearson on average ranks); NaN if one is flat."""
-    ra, rb = average_ranks(a), average_ranks(b)
-    if len(ra) != len(rb):
-        raise ValueError(f"spearman: the score tables hold {len(ra)} and {len(rb)} heads.")
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = np.sqrt((ra**2).sum() * (rb**2).sum())
-    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
-
-
-def top_k_heads(scores: ScoresLike, k: int) -> list[tuple[int, int]]:
-    """The ``k`` highest-scoring ``(layer, head)``; ties go to the earlier head (row-major)."""
-    shape = _shape(scores)
-    flat = _flat(scores)
-    _check_k(k, len(flat))
-    order = np.argsort(-flat, kind="stable")[:k]
-    return [(int(i) // shape[1], int(i) % shape[1]) for i in order]
-
-
-def top_k_overlap(a: ScoresLike, b: ScoresLike, k: int) -> float:
-    """Share of the top ``k`` heads two methods have in common (0 = none, 1 = the same set)."""
-    return len(set(top_k_heads(a, k)) & set(top_k_heads(b, k))) / k
-
-
-def roc_auc(scores: ScoresLike, positives: Bool[Tensor, "layer head"] | np.ndarray) -> float:
-    """Probability that a random positive head outscores a random negative one (ties count half).
-
-    The Mann-Whitney form: ``(sum of positive ranks - P(P+1)/2) / (P N)`` with average ranks.
-    """
-    flat = _flat(scores)
-    labels = _labels(positives, len(flat), "roc_auc")
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(
-            f"roc_auc: needs at least one positive and one negative head, got {n_pos} and {n_neg}."
-        )
-    ranks = average_ranks(flat)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def precision_at_k(
-    scores: ScoresLike, positives: Bool[Tensor, "layer head"] | np.ndarray, k: int | None = None
-) -> float:
-    """Share of positives among the ``k`` top heads (``k`` = number of positives by default).
-
-    Ties at the cut share the remaining places in proportion, so the value does not depend on
-    which of several equal heads the sort happens to put first.
-    """
-    flat = _flat(scores)
-    labels = _labels(positives, len(flat), "precision_at_k")
-    if k is None:
-        k = int(labels.sum())
-    _check_k(k, len(flat))
-    cut = np.sort(flat)[::-1][k - 1]
-    above = flat > cut
-    tied = flat == cut
-    places_left = k - int(above.sum())
-    hits = labels[above].sum() + places_left * labels[tied].mean()
-    return float(hits / k)
 
 
 # ------------------------------------------------------------------------------ faithfulness
@@ -128,17 +56,17 @@ def faithfulness_curve(
     = they do better than the full model (the interfering heads are out).
     """
     layout = adapter.require_model(model)
-    flat = _flat(scores)
+    flat = flat_scores(scores)
     n_total = layout.n_layers * layout.n_heads
     if len(flat) != n_total:
-        raise ValueError(
+        raise InputError(
             f"faithfulness_curve: scores hold {len(flat)} heads, the model has {n_total} "
             f"({layout.n_layers} layers x {layout.n_heads} heads)."
         )
     ks = list(range(n_total + 1)) if ks is None else [int(k) for k in ks]
     for k in ks:
         if not 0 <= k <= n_total:
-            raise ValueError(f"faithfulness_curve: every k must be within [0, {n_total}], got {k}.")
+            raise InputError(f"faithfulness_curve: every k must be within [0, {n_total}], got {k}.")
     order = np.argsort(-flat, kind="stable")
     settings = [torch.ones(n_total), torch.zeros(n_total)]
     for k in ks:
@@ -158,31 +86,6 @@ def faithfulness_curve(
     return pd.DataFrame(rows)
 
 
-# ------------------------------------------------------------------------------ against the truth
-def truth_metrics(
-    scores: ScoresLike, roles: np.ndarray, positive_role: str = "facilitating", k: int | None = None
-) -> dict[str, float]:
-    """ROC AUC and precision at ``k`` of ``scores`` for the heads whose true role is ``positive_role``."""
-    roles = np.asarray(roles, dtype=object)
-    positives = roles == positive_role
-    return {
-        "auc": roc_auc(scores, positives),
-        "precision_at_k": precision_at_k(scores, positives, k),
-        "n_positive": int(positives.sum()),
-    }
-
-
-def method_agreement(methods: Sequence[HeadScores], k: int) -> pd.DataFrame:
-    """Every pair of methods: Spearman correlation and top-k overlap, one row per pair."""
-    rows = []
-    for i, first in enumerate(methods):
-        for second in methods[i + 1 :]:
-            rows.append({"method_a": first.method, "method_b": second.method,
-                         "spearman": spearman(first, second),
-                         "top_k_overlap": top_k_overlap(first, second, k), "k": k})
-    return pd.DataFrame(rows)
-
-
 # ------------------------------------------------------------------------------ CHG as a method
 def chg_head_scores(result: CHGResult, reduce: SeedReduce = "max") -> HeadScores:
     """CHG facilitation (``G-``) reduced over seeds: ``max`` (a head some seed needs) or ``mean``.
@@ -192,13 +95,13 @@ def chg_head_scores(result: CHGResult, reduce: SeedReduce = "max") -> HeadScores
     each repeated once per seed.
     """
     if not isinstance(result, CHGResult):
-        raise TypeError(f"result: expected a CHGResult, got {type(result).__name__}.")
+        raise InputError(f"result: expected a CHGResult, got {type(result).__name__}.")
     if reduce == "max":
         scores = result.facilitating.max(dim=0).values
     elif reduce == "mean":
         scores = result.facilitating.mean(dim=0)
     else:
-        raise ValueError(f"chg_head_scores: reduce must be 'max' or 'mean', got {reduce!r}.")
+        raise InputError(f"chg_head_scores: reduce must be 'max' or 'mean', got {reduce!r}.")
     config = result.config
     passes = 3 * int(config.get("steps", 0)) * int(config.get("batch_size", 0)) * result.n_seeds
     return HeadScores(scores.detach().float().cpu(), f"chg_{reduce}", passes, passes,
@@ -276,7 +179,7 @@ def run_methods(
     names = list(METHODS) if names is None else list(names)
     unknown = [name for name in names if name not in METHODS]
     if unknown:
-        raise ValueError(f"run_methods: unknown method(s) {unknown}; choose from {list(METHODS)}.")
+        raise InputError(f"run_methods: unknown method(s) {unknown}; choose from {list(METHODS)}.")
     settings = settings or MethodSettings()
     scored: list[HeadScores] = []
     skipped: dict[str, str] = {}
@@ -287,45 +190,6 @@ def run_methods(
             continue
         scored.extend(runner(model, data, settings))
     return scored, skipped
-
-
-# ------------------------------------------------------------------------------ pieces
-def _flat(values: ScoresLike) -> np.ndarray:
-    if isinstance(values, HeadScores):
-        values = values.scores
-    if isinstance(values, Tensor):
-        values = values.detach().float().cpu().numpy()
-    flat = np.asarray(values, dtype=float).ravel()
-    if not np.isfinite(flat).all():
-        raise ValueError("scores must be finite (found NaN or inf).")
-    return flat
-
-
-def _shape(values: ScoresLike) -> tuple[int, int]:
-    if isinstance(values, HeadScores):
-        values = values.scores
-    shape = tuple(np.shape(values))
-    if len(shape) != 2:
-        raise ValueError(f"scores must be [layer, head], got shape {list(shape)}.")
-    return shape[0], shape[1]
-
-
-def _labels(positives: Any, n: int, function: str) -> np.ndarray:
-    if isinstance(positives, Tensor):
-        positives = positives.detach().cpu().numpy()
-    labels = np.asarray(positives).ravel()
-    if labels.dtype != bool:
-        raise TypeError(f"{function}: positives must be a boolean [layer, head] mask, got {labels.dtype}.")
-    if len(labels) != n:
-        raise ValueError(f"{function}: positives cover {len(labels)} heads, the scores {n}.")
-    return labels
-
-
-def _check_k(k: Any, n: int) -> None:
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n:
-        raise ValueError(f"k must be an integer within [1, {n}], got {k!r}.")
-
-
 
 
 # ------------------------------------------------------------------------------ benchmarks -> a table
@@ -356,7 +220,7 @@ class Benchmark:
 
 def known_role_benchmarks(n: int = 64, include_trained: bool = True) -> list[Benchmark]:
     """The planted circuits (and a model trained here) of :mod:`chg_tlens.benchmark_models`."""
-    from chg_tlens import benchmark_models
+    from chg_tlens.testbeds import benchmark_models
 
     suite = []
     for circuit in benchmark_models.all_benchmarks(include_trained=include_trained):
@@ -388,7 +252,7 @@ def task_benchmark(model: Any, model_name: str, task: str, n: int = 8, steps: in
 
 def induction_reference(model: Any, data: GateData) -> np.ndarray:
     """Heads whose attention goes to the token after the current token's earlier occurrence."""
-    from chg_tlens import benchmark_models
+    from chg_tlens.testbeds import benchmark_models
 
     seq_len = int(data.meta["options"]["seq_len"])
     n = len(data)
@@ -448,75 +312,3 @@ def evaluate_benchmark(benchmark: Benchmark, scored: list[HeadScores]) -> list[d
                 np.all(labels[:, needed] == "facilitating", axis=0))) if needed.any() else None
         rows.append(row)
     return rows
-
-
-COMPARISON_TABLES = (
-    ("auc", "ROC AUC (facilitating heads)"),
-    ("precision_at_k", "Precision at k"),
-    ("faithfulness_at_k", "Faithfulness at k"),
-    ("spearman_vs_chg", "Spearman correlation with CHG (max over seeds)"),
-    ("chg_role_accuracy", "CHG's own role labels: share of heads labelled as the truth says "
-     "(mean over seeds)"),
-    ("chg_facilitating_found_every_seed", "CHG: share of truly facilitating heads labelled facilitating in "
-     "every seed"),
-    ("forward_passes", "Cost: example forward passes"),
-    ("backward_passes", "Cost: example backward passes"),
-    ("seconds", "Cost: seconds"),
-)
-
-
-def comparison_markdown(frame: pd.DataFrame, details: dict[str, Any]) -> str:
-    """The :func:`compare_methods` table as Markdown: one method x benchmark table per metric."""
-    lines = ["# Head-scoring methods on benchmarks with known roles", "",
-             "Positives = heads whose true role is *facilitating*. AUC: chance 0.5, perfect 1. "
-             "Faithfulness at k: mean target log-prob with only the method's top-k heads kept, "
-             "scaled so 0 = no heads, 1 = all heads (above 1: the kept set beats the full model). "
-             "k = number of true facilitating heads (10% of heads where no reference exists).", ""]
-    for metric, title in COMPARISON_TABLES:
-        if metric not in frame:
-            continue
-        table = frame.pivot_table(index="method", columns="benchmark", values=metric, aggfunc="first",
-                                  sort=False, dropna=False)
-        table = table.reindex(columns=list(details))
-        if metric.startswith("chg_"):
-            table = table.dropna(how="all")
-        lines += [f"## {title}", "", _markdown_table(table, metric), ""]
-    lines += ["## Benchmarks", ""]
-    for name, info in details.items():
-        skipped = ", ".join(f"{m} ({why})" for m, why in info["skipped"].items()) or "none"
-        lines.append(f"- **{name}** (k = {info['k']}): {info['note']}. Skipped: {skipped}. "
-                     f"{info['seconds']} s.")
-    return "\n".join(lines) + "\n"
-
-
-def _markdown_table(table: pd.DataFrame, metric: str) -> str:
-    integer = metric.endswith("passes")
-    header = "| method | " + " | ".join(str(c) for c in table.columns) + " |"
-    rule = "|---|" + "---|" * len(table.columns)
-    body = []
-    for method, values in table.iterrows():
-        cells = []
-        for value in values:
-            if value is None or (isinstance(value, float) and np.isnan(value)):
-                cells.append("n/a")
-            elif integer:
-                cells.append(f"{int(value):,}")
-            else:
-                cells.append(f"{value:.3f}" if metric != "seconds" else f"{value:.1f}")
-        body.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join([header, rule, *body])
-
-
-def jsonable(value: Any) -> Any:
-    """Tensors and arrays as lists, anything unknown as its string: for results files."""
-    if isinstance(value, (Tensor, np.ndarray)):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    return str(value)

@@ -7,13 +7,15 @@ keys of ``hook_dict``). Everything else in the package asks this module, never t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from chg_tlens.errors import InputError
 
 
 def hook_z_name(layer: int) -> str:
@@ -75,7 +77,7 @@ def require_model(model: Any, argument: str = "model") -> HeadLayout:
     Fails before any compute, naming what was found, so a wrong object never reaches a fit.
     """
     if not is_transformer_lens_model(model):
-        raise TypeError(
+        raise InputError(
             f"{argument}: expected a TransformerLens model (TransformerBridge or HookedTransformer), "
             f"got {type(model).__name__}. Load one with chg_tlens.load_model(...)."
         )
@@ -83,14 +85,14 @@ def require_model(model: Any, argument: str = "model") -> HeadLayout:
     n_layers = int(getattr(cfg, "n_layers", 0) or 0)
     n_heads = int(getattr(cfg, "n_heads", 0) or 0)
     if n_layers <= 0 or n_heads <= 0:
-        raise ValueError(
+        raise InputError(
             f"{argument}: the model has no attention heads to gate "
             f"(cfg.n_layers={n_layers}, cfg.n_heads={n_heads})."
         )
     names = _canonical_hook_names(model)
     missing = [hook_z_name(layer) for layer in range(n_layers) if hook_z_name(layer) not in names]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{argument}: the model has no per-head attention output hooks "
             f"(missing {missing[:3]}{' ...' if len(missing) > 3 else ''}); CHG gates hook_z "
             f"[batch, pos, head_index, d_head] on every layer."
@@ -122,7 +124,7 @@ def tokenizer_of(model: Any, purpose: str) -> Any:
     """The model's tokenizer, or a clear error saying what needed it."""
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
-        raise ValueError(
+        raise InputError(
             f"{purpose} needs a tokenizer, but the model has none (model.tokenizer is None). "
             "Pass token ids with GateData.from_tokens(...) instead."
         )
@@ -159,16 +161,18 @@ def encode(model: Any, text: str, prepend_bos: bool) -> list[int]:
 
 
 @contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Freeze the weights and switch to eval for a fit, then restore both as they were.
+def frozen(model: nn.Module, track_weights: bool = False) -> Iterator[nn.Module]:
+    """Switch to eval and freeze the weights for a fit, then restore both as they were.
 
-    Gradients then reach only the gates, and dropout never perturbs a fit.
+    Gradients then reach only the gates, and dropout never perturbs a fit. ``track_weights=True``
+    keeps every weight tracked by autograd instead (TransformerLens' attribution_patch differentiates
+    through them with ``torch.autograd.grad``; no ``.grad`` buffer is written).
     """
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     try:
         for parameter, _ in requires_grad:
-            parameter.requires_grad_(False)
+            parameter.requires_grad_(track_weights)
         model.eval()
         yield model
     finally:
@@ -178,76 +182,34 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             module.train(training)
 
 
-class _StopForward(Exception):
-    """Raised from a hook once the final residual is captured: the full unembedding is never run."""
+@dataclass(frozen=True)
+class FinalResidual:
+    """Where the unembedding's input can be caught, and what still has to run on it to give logits."""
+
+    hook_name: str
+    norm: Callable[[Tensor], Tensor]
+    """The final norm when the hook fires before it (identity when the hook is after it, or no norm)."""
 
 
-@contextmanager
-def silent_patching_progress(silent: bool = True) -> Iterator[None]:
-    """Turn off the tqdm bars that ``transformer_lens.patching`` draws on its own.
+def final_residual(model: Any) -> FinalResidual:
+    """The final residual stream of either TransformerLens.
 
-    TransformerLens takes no progress flag and tqdm reads ``TQDM_DISABLE`` only at import, so
-    ``--quiet`` swaps the module's ``tqdm`` for a disabled one while the block runs, then restores it.
+    A bridge has ``unembed.hook_in`` (after the final norm). A HookedTransformer has no hook there, and
+    ``ln_final.hook_normalized`` fires before the norm's weight and bias, so the last block's
+    ``hook_resid_post`` is used and the model's own ``ln_final`` is applied to the rows that are kept.
     """
-    if not silent:
-        yield
-        return
-    from functools import partial
-
-    from transformer_lens import patching
-
-    original = patching.tqdm
-    patching.tqdm = partial(original, disable=True)
-    try:
-        yield
-    finally:
-        patching.tqdm = original
-
-
-def final_residual_hook(model: Any) -> str | None:
-    """Hook whose activation is the unembedding's input, or None if this model has no such hook."""
     names = set(model.hook_dict.keys())
-    for name in ("unembed.hook_in", "ln_final.hook_normalized"):
-        if name in names:
-            return name
-    return None
+    if "unembed.hook_in" in names:
+        return FinalResidual("unembed.hook_in", _identity)
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    if last not in names:
+        raise RuntimeError(f"{type(model).__name__} has neither unembed.hook_in nor {last}.")
+    norm = getattr(model, "ln_final", None)
+    return FinalResidual(last, norm if norm is not None else _identity)
 
 
-def logits_at(
-    model: Any,
-    tokens: Tensor,
-    example: Tensor,
-    position: Tensor,
-    fwd_hooks: list | None = None,
-) -> Tensor:
-    """Logits ``[n, vocab]`` at ``(example, position)`` pairs only, under ``fwd_hooks``.
-
-    The forward stops at the unembedding's input and only the requested rows are unembedded: the
-    unembedding and its softmax dominate small models with large vocabularies. Models without a hook
-    there (or with an output soft-cap folded into their forward) fall back to full logits.
-    """
-    hook_name = final_residual_hook(model)
-    soft_cap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
-    if hook_name is None:
-        with model.hooks(fwd_hooks=list(fwd_hooks or [])):
-            return model(tokens)[example, position]
-    captured: dict[str, Tensor] = {}
-
-    def capture(resid: Tensor, hook: Any) -> Tensor:
-        captured["resid"] = resid
-        raise _StopForward
-
-    try:
-        with model.hooks(fwd_hooks=[*(fwd_hooks or []), (hook_name, capture)]):
-            model(tokens)
-    except _StopForward:
-        pass
-    if "resid" not in captured:
-        raise RuntimeError(f"the forward pass never reached {hook_name}; cannot take target logits.")
-    logits = model.unembed(captured["resid"][example, position].unsqueeze(0)).squeeze(0)
-    if soft_cap > 0:
-        logits = soft_cap * torch.tanh(logits / soft_cap)
-    return logits
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 # ----------------------------------------------------------------------------------- toy models
@@ -287,49 +249,22 @@ def build_native_model(model_name: str = "native", seed: int = 0, **config: Any)
     return model
 
 
-@torch.no_grad()
-def write_weights(
-    model: nn.Module,
-    embed: Tensor | None = None,
-    pos_embed: Tensor | None = None,
-    unembed: Tensor | None = None,
-) -> None:
-    """Overwrite embedding ``[vocab, d_model]``, positional ``[n_ctx, d_model]`` and unembedding
-    ``[d_model, vocab]`` matrices (TransformerLens layouts) of a model from :func:`build_native_model`."""
+def embedding_weights(model: nn.Module) -> dict[str, Tensor]:
+    """Views of the embedding ``W_E [vocab, d_model]``, positional ``W_pos [n_ctx, d_model]`` and
+    unembedding ``W_U [d_model, vocab]`` in TransformerLens layouts, whichever version holds them."""
     if is_bridge(model):
         native = model.original_model
-        targets = [(native.tok_embed.weight, embed), (native.pos.weight, pos_embed),
-                   (native.head.weight, None if unembed is None else unembed.T)]
-    else:
-        targets = [(model.embed.W_E, embed), (model.pos_embed.W_pos, pos_embed), (model.unembed.W_U, unembed)]
-    for parameter, value in targets:
-        if value is not None:
-            parameter.copy_(value)
+        return {"W_E": native.tok_embed.weight, "W_pos": native.pos.weight, "W_U": native.head.weight.T}
+    return {"W_E": model.embed.W_E, "W_pos": model.pos_embed.W_pos, "W_U": model.unembed.W_U}
 
 
-@torch.no_grad()
-def write_head_weights(
-    model: nn.Module, layer: int, head: int, w_q: Tensor, w_k: Tensor, w_v: Tensor, w_o: Tensor
-) -> None:
-    """Overwrite one head's W_Q, W_K, W_V ``[d_model, d_head]`` and W_O ``[d_head, d_model]``."""
+def head_weights(model: nn.Module, layer: int, head: int) -> dict[str, Tensor]:
+    """Views of one head's ``W_Q, W_K, W_V [d_model, d_head]`` and ``W_O [d_head, d_model]``: writing
+    into them (under ``torch.no_grad()``) changes the model, so only test beds do it."""
     if is_bridge(model):
         attn = model.original_model.layers[layer].attn
-        d_head = model.cfg.d_head
-        rows = slice(head * d_head, (head + 1) * d_head)
-        attn.q.weight[rows] = w_q.T
-        attn.k.weight[rows] = w_k.T
-        attn.v.weight[rows] = w_v.T
-        attn.o.weight[:, rows] = w_o.T
-    else:
-        attn = model.blocks[layer].attn
-        attn.W_Q[head] = w_q
-        attn.W_K[head] = w_k
-        attn.W_V[head] = w_v
-        attn.W_O[head] = w_o
-
-
-@torch.no_grad()
-def zero_weights(model: nn.Module) -> None:
-    """Every parameter (and bias) to zero: the blank slate a planted circuit is drawn on."""
-    for parameter in model.parameters():
-        parameter.zero_()
+        rows = slice(head * model.cfg.d_head, (head + 1) * model.cfg.d_head)
+        return {"W_Q": attn.q.weight[rows].T, "W_K": attn.k.weight[rows].T, "W_V": attn.v.weight[rows].T,
+                "W_O": attn.o.weight[:, rows].T}
+    attn = model.blocks[layer].attn
+    return {"W_Q": attn.W_Q[head], "W_K": attn.W_K[head], "W_V": attn.W_V[head], "W_O": attn.W_O[head]}

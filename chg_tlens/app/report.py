@@ -20,11 +20,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from chg_tlens import plot
-from chg_tlens.result import META_FILE, ROLES, TENSORS_FILE, UNCLASSIFIED, CHGResult, ResultFileError
-from chg_tlens.runs import RUN_FILE, VALIDATION_FILE
+from chg_tlens.app import plot
+from chg_tlens.core.result import META_FILE, ROLES, TENSORS_FILE, UNCLASSIFIED, CHGResult, ResultFileError
+from chg_tlens.errors import InputError
 
 ROLES_FILE = "roles.csv"
+RUN_FILE = "run.json"
+"""What the run was: the command line, the model and task, the threshold."""
+VALIDATION_FILE = "validation.json"
+"""What ``chg-tlens validate`` found, shown in the report when present."""
 REPORT_FILE = "report.html"
 DEFAULT_THRESHOLD = 0.5
 MAX_LIST_ITEMS = 64
@@ -89,9 +93,9 @@ def render_report(
     ``validation_pictures`` maps a name to PNG bytes (``chg-tlens validate`` writes ablation curves).
     """
     if not isinstance(result, CHGResult):
-        raise TypeError(f"result: expected a chg_tlens.CHGResult, got {type(result).__name__}.")
+        raise InputError(f"result: expected a chg_tlens.CHGResult, got {type(result).__name__}.")
     if run is not None and not isinstance(run, dict):
-        raise TypeError(f"run: expected a dict (the contents of {RUN_FILE}), got {type(run).__name__}.")
+        raise InputError(f"run: expected a dict (the contents of {RUN_FILE}), got {type(run).__name__}.")
     result.role_labels(threshold)  # rejects a bad threshold before any drawing
     run = run or {}
     model, task = _model_and_task(result, run)

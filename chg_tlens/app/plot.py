@@ -25,7 +25,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torch import Tensor
 
-from chg_tlens.result import ROLES, STAGES, UNCLASSIFIED, CHGResult
+from chg_tlens.core.result import ROLES, STAGES, UNCLASSIFIED, CHGResult
+from chg_tlens.errors import InputError
 
 ALL_ROLES = ROLES + (UNCLASSIFIED,)
 ROLE_COLORS = {
@@ -63,7 +64,7 @@ def head_values(
 ) -> Float[Tensor, "layer head"]:
     """One quantity per head: the mean over seeds (``seed=None``) or one seed's values."""
     if quantity not in QUANTITIES:
-        raise ValueError(f"quantity must be one of {sorted(QUANTITIES)}, got {quantity!r}.")
+        raise InputError(f"quantity must be one of {sorted(QUANTITIES)}, got {quantity!r}.")
     values = getattr(result, quantity).detach().float().cpu()
     if seed is None:
         return values.mean(dim=0)
@@ -110,7 +111,7 @@ def heatmaps(
 ) -> Figure:
     """Side-by-side heatmaps of G+, G- and the three role scores (or ``quantities``), one colour bar each."""
     if isinstance(quantities, str) or len(quantities) == 0:
-        raise ValueError(f"quantities must be a non-empty list of names from {sorted(QUANTITIES)}, "
+        raise InputError(f"quantities must be a non-empty list of names from {sorted(QUANTITIES)}, "
                          f"got {quantities!r}.")
     for quantity in quantities:
         head_values(result, quantity, seed)  # validates names and seed before drawing
@@ -236,7 +237,7 @@ def loss_curves(result: CHGResult, axes: Sequence[Axes] | None = None) -> Figure
     else:
         axes = list(axes)
         if len(axes) < max(1, len(stages)):
-            raise ValueError(f"axes must hold one Axes per stage ({len(stages)}), got {len(axes)}.")
+            raise InputError(f"axes must hold one Axes per stage ({len(stages)}), got {len(axes)}.")
         fig = axes[0].figure
     if not stages:
         axes[0].text(0.5, 0.5, "no loss curves recorded", ha="center", va="center",
@@ -287,6 +288,30 @@ def save_all(
         paths[name] = folder / f"{name}.png"
         paths[name].write_bytes(figure_png(fig, dpi))
     return paths
+
+
+def ablation_curves(frame: Any, ax: Axes | None = None, metric: str = "delta_logprob",
+                    title: str | None = None) -> Figure:
+    """One line per (score, value) of a ``validate.ablation_curve`` frame: the paper's targeted ablation."""
+    needed = {"score", "value", "n_changed", metric}
+    missing = needed - set(getattr(frame, "columns", ()))
+    if missing:
+        raise InputError(
+            f"frame: expected the columns of validate.ablation_curve(...) including {sorted(needed)}, "
+            f"missing {sorted(missing)}."
+        )
+    fig, ax = _figure_and_axes(ax, (6, 4))
+    for (name, value), group in frame.groupby(["score", "value"], sort=False):
+        group = group.sort_values("n_changed")
+        ax.plot(group["n_changed"], group[metric], marker=".", label=f"{name} -> {value:g}")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("heads changed (in order of score)")
+    ax.set_ylabel({"delta_logprob": "change in mean target log-prob",
+                   "delta_accuracy": "change in accuracy"}.get(metric, metric))
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    return fig
 
 
 def figure_png(fig: Figure, dpi: int = 110) -> bytes:
@@ -345,7 +370,7 @@ def _panel_size(result: CHGResult, colorbar: bool = True, legend: bool = False) 
 def _figure_and_axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
     if ax is not None:
         if not isinstance(ax, Axes):
-            raise TypeError(f"ax must be a matplotlib Axes or None, got {type(ax).__name__}.")
+            raise InputError(f"ax must be a matplotlib Axes or None, got {type(ax).__name__}.")
         return ax.figure, ax
     fig = Figure(figsize=size, layout="constrained")
     return fig, fig.add_subplot()
@@ -358,7 +383,7 @@ def _role_patches() -> list[Patch]:
 def _seed_index(result: CHGResult, seed: Any) -> int:
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) \
             or not -result.n_seeds <= seed < result.n_seeds:
-        raise ValueError(f"seed must be None (mean over seeds) or an integer in [0, {result.n_seeds}), "
+        raise InputError(f"seed must be None (mean over seeds) or an integer in [0, {result.n_seeds}), "
                          f"got {seed!r}.")
     return int(seed) % result.n_seeds
 
@@ -370,7 +395,7 @@ def _seed_suffix(result: CHGResult, seed: int | None) -> str:
 
 
 __all__ = [
-    "ALL_ROLES", "DEFAULT_HEATMAPS", "QUANTITIES", "ROLE_COLORS", "figure_png", "figures",
+    "ALL_ROLES", "DEFAULT_HEATMAPS", "QUANTITIES", "ROLE_COLORS", "ablation_curves", "figure_png", "figures",
     "gate_scatter", "head_values", "heatmap", "heatmaps", "loss_curves", "role_agreement", "role_map",
     "role_shares", "save_all", "seed_agreement",
 ]

@@ -41,12 +41,16 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from chg_tlens import adapter
-from chg_tlens.data import GateData
-from chg_tlens.fit import CHGConfig, chg_objective, gated_logits
-from chg_tlens.gates import HeadGates
-from chg_tlens.objectives import chg_loss, target_nll
-from chg_tlens.runs import write_json
+from chg_tlens.app.markdown import markdown_table
+from chg_tlens.app.runs import write_json
+from chg_tlens.core.config import CHGConfig
+from chg_tlens.core.data import GateData
+from chg_tlens.core.fit import chg_objective
+from chg_tlens.core.forward import gated_logits
+from chg_tlens.core.gates import HeadGates
+from chg_tlens.core.objectives import chg_loss, target_nll
+from chg_tlens.errors import InputError
+from chg_tlens.models import adapter
 
 MIN_BLOCK_SECONDS = 0.2
 """Each timed block repeats its step until it lasts at least this long (tiny models take milliseconds)."""
@@ -108,12 +112,12 @@ def run_benchmarks(
     SmolLM2-135M as well (minutes). ``repeats`` timed repeats per measurement (median reported).
     """
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise ValueError(f"run_benchmarks: repeats must be a positive integer, got {repeats!r}.")
+        raise InputError(f"run_benchmarks: repeats must be a positive integer, got {repeats!r}.")
     device_name = device or "cpu"
     try:
         torch_device = torch.device(device_name)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"run_benchmarks: device must name a torch device such as 'cpu' or 'cuda', "
+        raise InputError(f"run_benchmarks: device must name a torch device such as 'cpu' or 'cuda', "
                          f"got {device!r}.") from exc
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,7 +179,7 @@ def tiny_subject(device: torch.device) -> Subject:
 
 def smollm2_subject(device: torch.device) -> Subject:
     """SmolLM2-135M on subject-verb agreement (7 tokens) and IOI (16-20), plus a mix of five tasks."""
-    from chg_tlens.models import load_model
+    from chg_tlens.models.load import load_model
     from chg_tlens.tasks import make_task
 
     model = load_model("smollm2-135m", device=str(device))
@@ -203,7 +207,7 @@ def plain_step(model: Any, batch: GateData) -> Step:
     tokens, target_mask = _on_model_device(model, batch)
     hook_name = "hook_embed"
     if hook_name not in model.hook_dict:
-        raise ValueError(f"gate overhead: the model has no {hook_name!r} hook to make the embedding "
+        raise InputError(f"gate overhead: the model has no {hook_name!r} hook to make the embedding "
                          "output require grad.")
 
     def step() -> None:
@@ -388,7 +392,7 @@ def end_to_end(which: str, device: str | None) -> list[Row]:
     """The demo fit (``which`` = 'smollm2-135m' or 'planted-repeat') in a fresh process: time and RSS."""
     with tempfile.TemporaryDirectory() as scratch:
         result_path = Path(scratch) / "end_to_end.json"
-        code = ("import sys; from chg_tlens.bench import end_to_end_child; "
+        code = ("import sys; from chg_tlens.app.bench import end_to_end_child; "
                 "end_to_end_child(sys.argv[1], sys.argv[2] or None, sys.argv[3])")
         done = subprocess.run([sys.executable, "-c", code, which, device or "", str(result_path)],
                               capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -411,13 +415,13 @@ def end_to_end(which: str, device: str | None) -> list[Row]:
 
 def end_to_end_child(which: str, device: str | None, result_path: str) -> None:
     """Body of the end-to-end subprocess: load, fit with the demo settings, write time and RSS as JSON."""
-    from chg_tlens.cli import DEMO_SETTINGS
-    from chg_tlens.fit import fit_chg
+    from chg_tlens.app.settings import DEMO_SETTINGS
+    from chg_tlens.core.fit import fit_chg
 
     imports_rss = peak_rss_mb()
     started = time.perf_counter()
     if which == "smollm2-135m":
-        from chg_tlens.models import load_model
+        from chg_tlens.models.load import load_model
         from chg_tlens.tasks import make_task
 
         model = load_model("smollm2-135m", device=device)
@@ -426,14 +430,14 @@ def end_to_end_child(which: str, device: str | None, result_path: str) -> None:
         config = CHGConfig(n_seeds=settings["n_seeds"], batch_size=settings["batch_size"],
                            steps=settings["steps"], progress=False, device=device)
     elif which == "planted-repeat":
-        from chg_tlens.planted import repeat_circuit
+        from chg_tlens.testbeds.planted import repeat_circuit
 
         circuit = repeat_circuit()
         model, data = circuit.model, circuit.data(128, 0)
         config = CHGConfig(n_seeds=4, steps=150, batch_size=32, progress=False, device=device)
         settings = {"n_examples": 128}
     else:
-        raise ValueError(
+        raise InputError(
             f"end_to_end_child: which must be 'smollm2-135m' or 'planted-repeat', got {which!r}.")
     loaded = time.perf_counter()
     with torch.no_grad():  # weights are memory-mapped until first used: page them in
@@ -526,18 +530,7 @@ def markdown(table: pd.DataFrame, record: dict[str, Any]) -> str:
         f"{record['seconds']:.0f} s in all.", "",
         "`ratio` = candidate / baseline (below 1: the candidate is cheaper).", "",
     ]
-    header = list(table.columns)
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(_cell(row[c]) for c in header) + " |")
+    lines.append(markdown_table(table))
     lines += ["", "## Findings", ""] + [f"- {note}" for note in record["notes"]]
     return "\n".join(lines) + "\n"
 
-
-def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-    return str(value)

@@ -1,0 +1,343 @@
+"""Do the roles agree with causal mediation? Activation patching (TransformerLens' own) and path patching.
+
+Metrics map logits to a scalar; every intervention is a hook inside ``model.hooks(...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from chg_tlens.core import checks
+from chg_tlens.core.data import GateData
+from chg_tlens.core.objectives import target_logprobs
+from chg_tlens.errors import InputError
+from chg_tlens.models import adapter
+
+Head = tuple[int, int]
+Metric = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
+ReceiverInput = Literal["q", "k", "v", "z"]
+
+
+def target_logprob_metric(data: GateData) -> Metric:
+    """Metric for patching: mean log-prob of ``data``'s own targets (a scalar per forward)."""
+    tokens, target_mask = data.tokens, data.target_mask
+
+    def mean_target_logprob(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        return target_logprobs(logits, tokens.to(logits.device), target_mask.to(logits.device)).mean()
+
+    return mean_target_logprob
+
+
+def logit_diff_metric(clean: GateData, corrupt: GateData) -> Metric:
+    """Metric for patching: logit of the clean target minus logit of the corrupt target, averaged
+    over target tokens of each example, then over examples. Needs both at the same positions."""
+    if clean.tokens.shape != corrupt.tokens.shape or not torch.equal(clean.target_mask,
+                                                                     corrupt.target_mask):
+        raise InputError(
+            "logit_diff_metric: clean and corrupt must have the same shape and the same target "
+            f"positions (tokens {list(clean.tokens.shape)} vs {list(corrupt.tokens.shape)})."
+        )
+    example, position = torch.nonzero(clean.target_mask[:, 1:], as_tuple=True)
+    clean_answer = clean.tokens[example, position + 1]
+    corrupt_answer = corrupt.tokens[example, position + 1]
+    counts = torch.bincount(example, minlength=len(clean)).clamp(min=1)
+
+    def mean_logit_diff(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        picked = logits[example.to(logits.device), position.to(logits.device)].float()
+        diff = (picked.gather(-1, clean_answer.to(logits.device)[:, None])
+                - picked.gather(-1, corrupt_answer.to(logits.device)[:, None])).squeeze(-1)
+        per_example = diff.new_zeros(len(clean)).index_add(0, example.to(logits.device), diff)
+        return (per_example / counts.to(logits.device)).mean()
+
+    return mean_logit_diff
+
+
+def patching_scores(
+    model: Any,
+    clean: GateData,
+    corrupt: GateData | None = None,
+    metric: Metric | None = None,
+    normalize: bool = True,
+) -> Float[Tensor, "layer head"]:
+    """Head-level activation patching through TransformerLens' own ``patching`` module.
+
+    Runs ``transformer_lens.patching.get_act_patch_attn_head_out_all_pos``: the corrupt run with one
+    head's ``hook_z`` (all positions) replaced by its clean value, once per head. ``metric`` maps logits
+    to a scalar (default: mean target log-prob of ``clean``'s targets). With ``normalize`` the result
+    is the fraction of the corrupt -> clean change recovered, ``(m - m_corrupt) / (m_clean - m_corrupt)``:
+    about 1 for a head that carries the whole effect, 0 for none, negative for one that works against
+    the clean answer. Works with TransformerBridge (TL 4) and HookedTransformer (TL 3.9).
+
+    The whole dataset goes through each forward pass (as in TransformerLens); subset big datasets.
+    TransformerLens draws its own progress bar; wrap the call in
+    ``silent_patching_progress()`` (what ``--quiet`` does) to hide it.
+    """
+    from transformer_lens import patching
+
+    adapter.require_model(model)
+    clean, corrupt = clean_and_corrupt(model, clean, corrupt)
+    metric = target_logprob_metric(clean) if metric is None else _require_metric(metric)
+    device = adapter.model_device(model)
+    clean_tokens, corrupt_tokens = clean.tokens.to(device), corrupt.tokens.to(device)
+    z_names = [adapter.hook_z_name(layer) for layer in range(model.cfg.n_layers)]
+    with adapter.frozen(model), torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=z_names)
+        scores = patching.get_act_patch_attn_head_out_all_pos(model, corrupt_tokens, clean_cache, metric)
+        if not normalize:
+            return scores.detach().float().cpu()
+        clean_value = float(metric(clean_logits))
+        corrupt_value = float(metric(model(corrupt_tokens)))
+    return ((scores.detach().float().cpu() - corrupt_value) / _gap(clean_value, corrupt_value))
+
+
+@dataclass(frozen=True)
+class PathPatchingResult:
+    """Metric values of one path-patching experiment and the share of the effect the path carries.
+
+    ``effect = (patched - clean) / (corrupt - clean)``: 1 when the path alone carries the whole
+    clean -> corrupt change of the metric, 0 when it carries none.
+    """
+
+    clean: float
+    corrupt: float
+    patched: float
+    effect: float
+    senders: list[Head]
+    receivers: list[Head] | str
+    receiver_input: str
+
+
+def path_patching(
+    model: Any,
+    clean: GateData,
+    corrupt: GateData | None,
+    senders: Sequence[Head],
+    receivers: Sequence[Head] | Literal["logits"],
+    metric: Metric | None = None,
+    receiver_input: ReceiverInput = "v",
+) -> PathPatchingResult:
+    """The effect of ``senders`` that flows only through ``receivers``' inputs (Wang et al., 2022).
+
+    1. Run clean and corrupt, caching every head's ``hook_z``.
+    2. Run clean again with the senders' ``hook_z`` set to their corrupt values and every other head's
+       ``hook_z`` frozen to its clean value; record the receivers' ``receiver_input`` (their query,
+       key, value or output ``hook_q/k/v/z``, as computed in this run).
+    3. Run clean with only the receivers' inputs replaced by the recorded ones, everything else free;
+       measure ``metric``.
+
+    ``receivers="logits"`` takes the direct path to the output: the metric of step 2 itself. Only
+    attention heads are frozen; MLPs recompute, so sender -> MLP -> receiver routes count as part of
+    the path. Senders and receivers are ``(layer, head)`` lists, as :meth:`CHGResult.roles` returns.
+    K and V inputs are refused on grouped-query models (a key/value head is shared by several query
+    heads); use ``"q"`` or ``"z"`` there. The whole dataset goes through each of the four forward passes.
+    """
+    layout = adapter.require_model(model)
+    clean, corrupt = clean_and_corrupt(model, clean, corrupt)
+    sender_list = checks.heads(senders, layout, "senders", allow_empty=False)
+    metric = target_logprob_metric(clean) if metric is None else _require_metric(metric)
+    if isinstance(receivers, str):
+        if receivers != "logits":
+            raise InputError(f"receivers: expected a list of (layer, head) or 'logits', got {receivers!r}.")
+        receiver_list: list[Head] | str = "logits"
+    else:
+        receiver_list = checks.heads(receivers, layout, "receivers", allow_empty=False)
+        overlap = sorted(set(sender_list) & set(receiver_list))
+        if overlap:
+            raise InputError(f"receivers: heads {overlap} are also senders; a head cannot be both.")
+        _require_receiver_input(model, receiver_input)
+    run = _PathPatchingRun(model, clean, corrupt, metric)
+    with adapter.frozen(model), torch.no_grad():
+        clean_value, corrupt_value = run.baselines()
+        layers = None if receiver_list == "logits" else sorted({layer for layer, _ in receiver_list})
+        frozen_logits, recorded = run.record(sender_list, receiver_input, layers)
+        if receiver_list == "logits":
+            patched = float(metric(frozen_logits))
+        else:
+            patched = run.patched_metric(receiver_list, receiver_input, recorded)
+    return PathPatchingResult(
+        clean=clean_value, corrupt=corrupt_value, patched=patched,
+        effect=(patched - clean_value) / _gap(corrupt_value, clean_value),
+        senders=sender_list, receivers=receiver_list, receiver_input=receiver_input,
+    )
+
+
+def path_patching_scores(
+    model: Any,
+    clean: GateData,
+    corrupt: GateData | None,
+    senders: Sequence[Head],
+    metric: Metric | None = None,
+    receiver_input: ReceiverInput = "v",
+) -> Float[Tensor, "layer head"]:
+    """:func:`path_patching` effect with each head alone as the receiver, as a ``[layer, head]`` map.
+
+    Steps 1 and 2 run once; step 3 once per head after the first sender layer. Heads in or before the
+    first sender's layer cannot receive from any sender and the senders themselves are not receivers:
+    both are 0.0 by construction, not measured.
+    """
+    layout = adapter.require_model(model)
+    clean, corrupt = clean_and_corrupt(model, clean, corrupt)
+    sender_list = checks.heads(senders, layout, "senders", allow_empty=False)
+    metric = target_logprob_metric(clean) if metric is None else _require_metric(metric)
+    _require_receiver_input(model, receiver_input)
+    first = min(layer for layer, _ in sender_list)
+    layers = list(range(first + 1, layout.n_layers))
+    run = _PathPatchingRun(model, clean, corrupt, metric)
+    scores = torch.zeros(layout.n_layers, layout.n_heads)
+    with adapter.frozen(model), torch.no_grad():
+        clean_value, corrupt_value = run.baselines()
+        _, recorded = run.record(sender_list, receiver_input, layers)
+        gap = _gap(corrupt_value, clean_value)
+        for layer in layers:
+            for head in range(layout.n_heads):
+                if (layer, head) in sender_list:
+                    continue
+                patched = run.patched_metric([(layer, head)], receiver_input, recorded)
+                scores[layer, head] = (patched - clean_value) / gap
+    return scores
+
+
+class _PathPatchingRun:
+    """The three forward passes of path patching, sharing the clean and corrupt caches."""
+
+    def __init__(self, model: Any, clean: GateData, corrupt: GateData, metric: Metric) -> None:
+        self.model = model
+        self.metric = metric
+        device = adapter.model_device(model)
+        self.clean_tokens = clean.tokens.to(device)
+        self.corrupt_tokens = corrupt.tokens.to(device)
+        self.n_layers = model.cfg.n_layers
+        self.z_names = [adapter.hook_z_name(layer) for layer in range(self.n_layers)]
+        self._clean_z: dict[str, Tensor] | None = None
+
+    def baselines(self) -> tuple[float, float]:
+        clean_logits, cache = self.model.run_with_cache(self.clean_tokens, names_filter=self.z_names)
+        self._clean_z = {name: cache[name] for name in self.z_names}
+        corrupt_logits, cache = self.model.run_with_cache(self.corrupt_tokens, names_filter=self.z_names)
+        self._corrupt_z = {name: cache[name] for name in self.z_names}
+        return float(self.metric(clean_logits)), float(self.metric(corrupt_logits))
+
+    def record(
+        self, senders: list[Head], receiver_input: str, layers: list[int] | None
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Step 2: senders corrupt, all other heads frozen clean; record receivers' inputs."""
+        senders_in = {layer: [h for l_, h in senders if l_ == layer] for layer in range(self.n_layers)}
+        recorded: dict[int, Tensor] = {}
+
+        def freeze_z(z: Tensor, hook: Any, layer: int) -> Tensor:
+            if receiver_input == "z" and layers is not None and layer in layers:
+                recorded[layer] = z.detach().clone()
+            name = adapter.hook_z_name(layer)
+            frozen = self._clean_z[name].clone()
+            for head in senders_in[layer]:
+                frozen[:, :, head] = self._corrupt_z[name][:, :, head]
+            return frozen
+
+        def record_input(activation: Tensor, hook: Any, layer: int) -> Tensor:
+            recorded[layer] = activation.detach().clone()
+            return activation
+
+        hooks = [(adapter.hook_z_name(layer), _bind(freeze_z, layer)) for layer in range(self.n_layers)]
+        if receiver_input != "z" and layers is not None:
+            hooks += [(_input_hook_name(layer, receiver_input), _bind(record_input, layer))
+                      for layer in layers]
+        with self.model.hooks(fwd_hooks=hooks):
+            logits = self.model(self.clean_tokens)
+        return logits, recorded
+
+    def patched_metric(self, receivers: list[Head], receiver_input: str, recorded: dict[int, Tensor]
+                       ) -> float:
+        """Step 3: clean run with only the receivers' inputs replaced by the recorded ones."""
+        heads_in: dict[int, list[int]] = {}
+        for layer, head in receivers:
+            heads_in.setdefault(layer, []).append(head)
+
+        def patch_input(activation: Tensor, hook: Any, layer: int) -> Tensor:
+            patched = activation.clone()
+            index = heads_in[layer]
+            patched[:, :, index] = recorded[layer][:, :, index].to(patched.dtype)
+            return patched
+
+        hooks = [(_input_hook_name(layer, receiver_input), _bind(patch_input, layer)) for layer in heads_in]
+        with self.model.hooks(fwd_hooks=hooks):
+            return float(self.metric(self.model(self.clean_tokens)))
+
+
+def _bind(fn: Callable[..., Tensor], layer: int) -> Callable[[Tensor, Any], Tensor]:
+    def hook(activation: Tensor, hook: Any) -> Tensor:
+        return fn(activation, hook, layer)
+
+    return hook
+
+
+def _input_hook_name(layer: int, receiver_input: str) -> str:
+    if receiver_input == "z":
+        return adapter.hook_z_name(layer)
+    return f"blocks.{layer}.attn.hook_{receiver_input}"
+
+
+def _require_receiver_input(model: Any, receiver_input: str) -> None:
+    if receiver_input not in ("q", "k", "v", "z"):
+        raise InputError(f"receiver_input: expected 'q', 'k', 'v' or 'z', got {receiver_input!r}.")
+    n_kv = getattr(model.cfg, "n_key_value_heads", None)
+    if receiver_input in ("k", "v") and n_kv is not None and n_kv != model.cfg.n_heads:
+        raise InputError(
+            f"receiver_input={receiver_input!r}: this model has {n_kv} key/value heads for "
+            f"{model.cfg.n_heads} query heads (grouped-query attention), so one query head's "
+            "key/value input is shared with others. Use receiver_input='q' or 'z'."
+        )
+
+
+def clean_and_corrupt(model: Any, clean: Any, corrupt: Any, method: str = "corrupt"
+                      ) -> tuple[GateData, GateData]:
+    """Clean data and its corrupt twin (given, or ``clean.corrupt``), both fitting the model, same shape."""
+    clean = checks.gate_data(clean, model, "clean")
+    twin = checks.corrupt_twin(clean, method, corrupt)
+    return clean, checks.gate_data(twin, model, "corrupt")
+
+
+def _require_metric(metric: Any) -> Metric:
+    if not callable(metric):
+        raise InputError(
+            f"metric: expected a function of logits returning a scalar, got {type(metric).__name__}."
+        )
+    return metric
+
+
+def _gap(a: float, b: float) -> float:
+    """Denominator of a normalised effect; an absent effect cannot be normalised."""
+    if abs(a - b) < 1e-9:
+        raise InputError(
+            f"the metric is the same on clean and corrupt data ({a:.6g} vs {b:.6g}), so a normalised "
+            "effect is undefined; check the corrupt twin or use another metric."
+        )
+    return a - b
+
+
+@contextmanager
+def silent_patching_progress(silent: bool = True) -> Iterator[None]:
+    """Turn off the tqdm bars that ``transformer_lens.patching`` draws on its own.
+
+    TransformerLens takes no progress flag and tqdm reads ``TQDM_DISABLE`` only at import, so
+    ``--quiet`` swaps the module's ``tqdm`` for a disabled one while the block runs, then restores it.
+    """
+    if not silent:
+        yield
+        return
+    from functools import partial
+
+    from transformer_lens import patching
+
+    original = patching.tqdm
+    patching.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        patching.tqdm = original

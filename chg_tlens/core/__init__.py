@@ -1,0 +1,1 @@
+"""The method: gates on hook_z, the objective, data, the batched gated forward, the fit and its result."""

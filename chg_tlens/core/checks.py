@@ -1,0 +1,160 @@
+"""Input checks, written once: every public function asks here, so the same mistake reads the same.
+
+Each check raises :class:`chg_tlens.InputError` naming the argument, what was expected and what was
+found, before any compute starts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from chg_tlens.errors import InputError
+from chg_tlens.models import adapter
+
+if TYPE_CHECKING:
+    from chg_tlens.core.data import GateData
+    from chg_tlens.core.gates import HeadGates
+
+SeedReduce = Literal["max", "mean", "min"]
+"""How per-seed head values become one ``[layer, head]`` map (or an int: that one seed)."""
+
+
+def positive_int(value: Any, argument: str) -> int:
+    """``value`` if it is a positive int (not a bool)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InputError(f"{argument} must be a positive integer, got {value!r}.")
+    return value
+
+
+def positive_number(value: Any, argument: str) -> float:
+    """``value`` if it is a finite number > 0 (not a bool)."""
+    if not is_positive_number(value):
+        raise InputError(f"{argument} must be a positive number, got {value!r}.")
+    return float(value)
+
+
+def is_positive_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
+
+
+def unit_interval(value: Any, argument: str) -> float:
+    """``value`` if it is a number within [0, 1] (a threshold or a confidence)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise InputError(f"{argument} must be a number within [0, 1], got {value!r}.")
+    return float(value)
+
+
+def seed_index(value: Any, n_seeds: int, argument: str = "seed") -> int:
+    """A seed index into ``[0, n_seeds)``; negative indices count from the end, as in Python."""
+    if not isinstance(value, int) or isinstance(value, bool) or not -n_seeds <= value < n_seeds:
+        raise InputError(f"{argument} must be a seed index in [0, {n_seeds}), got {value!r}.")
+    return value % n_seeds
+
+
+def reduce_seeds(
+    per_seed: Float[Tensor, "seed layer head"], how: SeedReduce | int, argument: str = "seed_reduce"
+) -> Float[Tensor, "layer head"]:
+    """One map from per-seed maps: the max, mean or min over seeds, or one seed's own."""
+    if isinstance(how, int) and not isinstance(how, bool):
+        return per_seed[seed_index(how, per_seed.shape[0], argument)]
+    if how == "max":
+        return per_seed.max(dim=0).values
+    if how == "mean":
+        return per_seed.mean(dim=0)
+    if how == "min":
+        return per_seed.min(dim=0).values
+    raise InputError(f"{argument}: expected 'max', 'mean', 'min' or a seed index, got {how!r}.")
+
+
+def gate_data(data: Any, model: Any, argument: str = "data") -> GateData:
+    """``data`` if it is a GateData whose tokens and lengths fit ``model``."""
+    from chg_tlens.core.data import GateData  # data.py uses the scalar checks above
+
+    if not isinstance(data, GateData):
+        raise InputError(f"{argument}: expected a chg_tlens.GateData, got {type(data).__name__}.")
+    return data.checked_for(model, argument)
+
+
+def corrupt_twin(data: GateData, method: str, corrupt: Any = None) -> GateData:
+    """The corrupt twin patching needs: ``corrupt`` if given, else ``data.corrupt``, same token shape."""
+    from chg_tlens.core.data import GateData
+
+    twin = data.corrupt if corrupt is None else corrupt
+    if twin is None:
+        raise InputError(
+            f"{method}: the data has no corrupt twin (data.corrupt is None) and none was given; attach "
+            "one with data.with_corrupt(GateData...) of the same shape."
+        )
+    if not isinstance(twin, GateData):
+        raise InputError(f"{method}: corrupt must be a chg_tlens.GateData, got {type(twin).__name__}.")
+    if twin.tokens.shape != data.tokens.shape:
+        raise InputError(
+            f"{method}: the corrupt twin has tokens of shape {list(twin.tokens.shape)}, the clean data "
+            f"{list(data.tokens.shape)}; patching swaps activations position by position."
+        )
+    return twin
+
+
+def head_map(values: Any, layout: adapter.HeadLayout, argument: str) -> Float[Tensor, "layer head"]:
+    """A ``[layer, head]`` tensor of finite numbers matching the model."""
+    tensor = torch.as_tensor(values, dtype=torch.float32)
+    expected = (layout.n_layers, layout.n_heads)
+    if tuple(tensor.shape) != expected:
+        raise InputError(f"{argument}: expected [layer, head] = {list(expected)}, got {list(tensor.shape)}.")
+    if not torch.isfinite(tensor).all():
+        raise InputError(f"{argument}: every value must be finite.")
+    return tensor
+
+
+def gates_for(gates: Any, layout: adapter.HeadLayout, argument: str = "gates") -> HeadGates:
+    """``gates`` if it is a HeadGates sized for the model's heads."""
+    from chg_tlens.core.gates import HeadGates  # gates.py uses the scalar checks above
+
+    if not isinstance(gates, HeadGates):
+        raise InputError(f"{argument}: expected a chg_tlens.HeadGates, got {type(gates).__name__}.")
+    if (gates.n_layers, gates.n_heads) != (layout.n_layers, layout.n_heads):
+        raise InputError(
+            f"{argument}: built for {gates.n_layers} layers x {gates.n_heads} heads, but the model has "
+            f"{layout.n_layers} x {layout.n_heads}."
+        )
+    return gates
+
+
+def heads(values: Any, layout: adapter.HeadLayout, argument: str, allow_empty: bool = True
+          ) -> list[tuple[int, int]]:
+    """``(layer, head)`` pairs within the model, in the order given, without duplicates."""
+    try:
+        pairs = [(int(layer), int(head)) for layer, head in values]
+    except (TypeError, ValueError):
+        raise InputError(f"{argument}: expected a list of (layer, head) pairs, got {values!r}.") from None
+    if not pairs and not allow_empty:
+        raise InputError(f"{argument}: expected at least one (layer, head) pair, got none.")
+    outside = [p for p in pairs if not (0 <= p[0] < layout.n_layers and 0 <= p[1] < layout.n_heads)]
+    if outside:
+        raise InputError(
+            f"{argument}: heads {outside[:5]} lie outside the model's {layout.n_layers} layers x "
+            f"{layout.n_heads} heads."
+        )
+    if len(set(pairs)) != len(pairs):
+        raise InputError(f"{argument}: a head is listed twice in {pairs}.")
+    return pairs
+
+
+def chg_result(result: Any, layout: adapter.HeadLayout, argument: str = "result") -> Any:
+    """``result`` if it is a CHGResult fitted on a model with this many layers and heads."""
+    from chg_tlens.core.result import CHGResult  # result.py sits above the checks
+
+    if not isinstance(result, CHGResult):
+        raise InputError(f"{argument}: expected a CHGResult, got {type(result).__name__}.")
+    if (result.n_layers, result.n_heads) != (layout.n_layers, layout.n_heads):
+        raise InputError(
+            f"{argument}: gates are [layer, head] = {[result.n_layers, result.n_heads]}, but the model has "
+            f"{[layout.n_layers, layout.n_heads]}; was it fitted on another model?"
+        )
+    return result
