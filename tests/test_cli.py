@@ -6,15 +6,23 @@ repeat circuit (known roles) and, sized small, on the embedded SmolLM2-135M.
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from chg_tlens.app.cli import EXIT_OK, EXIT_USAGE, build_parser, main
+from chg_tlens.app import report
+from chg_tlens.app.cli import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, UsageError, build_parser, main
+from chg_tlens.core.checkpoint import CheckpointError
+from chg_tlens.core.result import ResultFileError
+from chg_tlens.errors import InputError
 
 SUBCOMMANDS = ["fit", "contrastive", "validate", "compare", "report", "demo", "bench"]
+REQUIRED = {"fit": ["--task", "sva", "--out", "x"], "contrastive": ["--out", "x"], "validate": ["x"],
+            "compare": ["--out", "x"], "report": ["x"], "demo": [], "bench": []}
+"""The least each subcommand's parser needs."""
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -124,3 +132,84 @@ def test_validate_on_a_corrupt_result_file_exits_2_and_leaves_the_folder_alone(p
     assert main(["validate", str(folder)]) == EXIT_USAGE
     assert "chg_gates.safetensors" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_takes_the_common_flags(command):
+    args = build_parser().parse_args([command, *REQUIRED[command], "--quiet"])
+    assert args.quiet is True
+    if command != "report":  # every subcommand that runs a model takes --device
+        assert build_parser().parse_args([command, *REQUIRED[command], "--device", "cpu"]).device == "cpu"
+
+
+def _report_raising(monkeypatch, error: BaseException) -> None:
+    """Make the library call behind ``chg-tlens report`` raise ``error``."""
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(report, "write_report", broken)
+
+
+@pytest.mark.parametrize("error", [InputError("threshold: expected a number, got 'x'."),
+                                   UsageError("--n must be at least 1."),
+                                   ResultFileError("CHG result file missing: chg_result.json"),
+                                   CheckpointError("checkpoint belongs to another config.")])
+def test_an_input_error_from_the_library_is_one_line_and_exit_2(error, monkeypatch, tmp_path, capsys):
+    _report_raising(monkeypatch, error)
+    assert main(["report", str(tmp_path)]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err == f"chg-tlens report: error: {error}"
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", [TypeError("unsupported operand type(s)"), ValueError("shape mismatch"),
+                                   KeyError("theta_plus"), RuntimeError("CUDA error"),
+                                   ImportError("No module named 'gguf'"), OSError("disk on fire"),
+                                   FileNotFoundError(errno.ENOENT, "No such file", "/nowhere/lib.json")])
+def test_a_bug_keeps_its_traceback_and_exits_1(error, monkeypatch, tmp_path, capsys):
+    _report_raising(monkeypatch, error)
+    assert main(["report", str(tmp_path)]) == EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and type(error).__name__ in err
+    assert "internal error" in err.splitlines()[-1]
+
+
+def test_a_bug_in_a_handler_exits_1(monkeypatch, tmp_path, capsys):
+    from chg_tlens.app import cli
+
+    def broken(args):
+        raise ValueError("a plain ValueError is a bug, not bad usage")
+
+    monkeypatch.setattr(cli, "run_report", broken)
+    assert main(["report", str(tmp_path)]) == EXIT_INTERNAL
+    assert "a plain ValueError is a bug" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", [FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                                  PermissionError])
+def test_a_file_error_about_the_users_path_exits_2(kind, monkeypatch, tmp_path, capsys):
+    named = tmp_path / "run" / "chg_result.json"  # lies under the folder the user gave
+    (tmp_path / "run").mkdir()
+    _report_raising(monkeypatch, kind(errno.EACCES, "cannot open", str(named)))
+    assert main(["report", str(tmp_path / "run")]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(named) in err
+
+
+def test_a_missing_user_file_exits_2(tmp_path, capsys):
+    (tmp_path / "run.json").write_text(json.dumps({"model": "planted-repeat", "threshold": 0.5}))
+    assert main(["validate", str(tmp_path), "--quiet"]) == EXIT_USAGE  # no chg_result.json beside it
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "chg_result.json" in err
+
+
+def test_a_real_file_error_under_the_users_folder_exits_2(planted_run, tmp_path, capsys):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for path in planted_run.iterdir():
+        if path.is_file() and path.name != "report.html":
+            (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "report.html").mkdir()  # the report cannot be written: IsADirectoryError from the library
+    assert main(["report", str(folder), "--quiet"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "report.html" in err

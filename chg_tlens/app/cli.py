@@ -1,6 +1,7 @@
 """``chg-tlens``: the command line. Library code stays silent; the words live here.
 
-Exit codes: 0 ok, 2 bad usage or bad input (one clear line on stderr), 1 internal error.
+Exit codes: 0 ok; 2 bad input (one line on stderr): an ``InputError`` or a file error about a path the
+user gave; 1 anything else, a bug, with its full traceback.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from chg_tlens.app.settings import DEMO_SETTINGS
 from chg_tlens.errors import InputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
-
-"""The CPU-sized main job: SmolLM2-135M on subject-verb agreement (README, 'make demo')."""
 
 
 class UsageError(InputError):
@@ -52,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", type=Path, required=True, help="run folder to write")
     fit.add_argument("--resume", action="store_true", help="continue the interrupted fit in --out")
     fit.add_argument("--no-pictures", action="store_true", help="skip PNGs and report.html")
+    _common_arguments(fit, device=MODEL_DEVICE)
     fit.set_defaults(handler=run_fit)
 
     contrastive = commands.add_parser(
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(contrastive, ContrastiveConfig)
     contrastive.add_argument("--out", type=Path, required=True, help="folder to write")
     contrastive.add_argument("--resume", action="store_true", help="continue the interrupted fit in --out")
+    _common_arguments(contrastive, device=MODEL_DEVICE)
     contrastive.set_defaults(handler=run_contrastive)
 
     validate = commands.add_parser(
@@ -88,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="heads flagged by patching for the t-test (default 10)")
     validate.add_argument("--no-patching", action="store_true", help="skip activation patching")
     validate.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
-    validate.add_argument("--device", default=None, help="torch device (default: the model's)")
     validate.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    _common_arguments(validate, device=MODEL_DEVICE)
     validate.set_defaults(handler=run_validate)
 
     compare = commands.add_parser(
@@ -111,12 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--task-n", type=int, default=8, help="examples per real-model task (default 8)")
     compare.add_argument("--steps", type=int, default=20,
                          help="CHG updates per stage (and probing steps) on the real model (default 20)")
-    compare.add_argument("--quiet", action="store_true", help="no progress lines")
+    _common_arguments(compare, device="torch device for the --task model (default: the model's)")
     compare.set_defaults(handler=run_compare)
 
     report = commands.add_parser("report", help="write report.html for a run folder")
     report.add_argument("run_dir", type=Path, help="run folder written by 'chg-tlens fit'")
     report.add_argument("--threshold", type=float, default=None, help="role cut-off (default: the run's)")
+    _common_arguments(report)
     report.set_defaults(handler=run_report)
 
     demo = commands.add_parser(
@@ -127,8 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     demo.add_argument("--planted", action="store_true",
                       help="run on a planted-circuit toy model instead (seconds, known answer)")
-    demo.add_argument("--device", default=None, help="torch device (default: the model's)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common_arguments(demo, device=MODEL_DEVICE)
     demo.set_defaults(handler=run_demo)
     bench = commands.add_parser(
         "bench", help="speed benchmarks: gate overhead, target-only logits, masks per pass, end to end",
@@ -137,9 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for JSON/Markdown")
     bench.add_argument("--skip-real", action="store_true", help="toy models only (no SmolLM2-135M)")
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default 5)")
-    bench.add_argument("--device", default=None, help="torch device (default cpu)")
+    _common_arguments(bench, device="torch device (default cpu)")
     bench.set_defaults(handler=run_bench)
     return parser
+
+
+MODEL_DEVICE = "torch device: cpu, cuda, cuda:1, mps ... (default: the model's)"
+COMMON_FIELDS = {"progress", "device"}
+"""Config fields set by the common flags (``--quiet``, ``--device``), not by a flag of their own."""
+
+
+def _common_arguments(parser: argparse.ArgumentParser, device: str | None = None) -> None:
+    """The flags every subcommand takes: ``--quiet`` and, where a model runs (``device`` = its help),
+    ``--device``."""
+    group = parser.add_argument_group("common options")
+    group.add_argument("--quiet", action="store_true",
+                       help="no progress bars or progress lines (results are still printed)")
+    if device is not None:
+        group.add_argument("--device", default=None, help=device)
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +180,7 @@ def _config_arguments(parser: argparse.ArgumentParser, config_class: type) -> No
     group = parser.add_argument_group(f"{config_class.__name__} (paper defaults)")
     hints = typing.get_type_hints(config_class)
     for spec in fields(config_class):
-        if spec.name == "progress":
+        if spec.name in COMMON_FIELDS:
             continue
         flag = "--" + spec.name.replace("_", "-")
         default = spec.default if spec.default is not MISSING else None
@@ -183,7 +199,6 @@ def _config_arguments(parser: argparse.ArgumentParser, config_class: type) -> No
             group.add_argument(flag, type=hint, default=default, help=help_text)
         else:
             group.add_argument(flag, default=default, help=help_text)
-    group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def field_docs(config_class: type) -> dict[str, str]:
@@ -229,7 +244,7 @@ def run_fit(args: argparse.Namespace) -> int:
     if distributed.init_from_environment(config.device) and torch.cuda.is_available():
         config.device = config.device or f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     if args.data is not None and not args.data.exists():
-        raise FileNotFoundError(f"--data: file not found: {args.data}")
+        raise UsageError(f"--data: file not found: {args.data}")
     if args.task is not None and args.task not in TASKS:
         raise UsageError(f"--task: unknown task {args.task!r}; the tasks are {list(TASKS)}.")
     model = load_model(args.model, device=config.device, dtype=args.dtype)
@@ -294,12 +309,16 @@ def run_validate(args: argparse.Namespace) -> int:
 
     run_file = args.run_dir / RUN_FILE
     if not run_file.is_file():
-        raise FileNotFoundError(f"{run_file} not found: validate needs a run folder written by "
-                                "'chg-tlens fit' or 'chg-tlens demo'.")
+        raise UsageError(f"{run_file} not found: validate needs a run folder written by "
+                         "'chg-tlens fit' or 'chg-tlens demo'.")
     try:
-        run = json.loads(run_file.read_text())
+        run = json.loads(run_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise InputError(f"{run_file} is not valid JSON ({error.msg}, line {error.lineno}).") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{run_file} is not UTF-8 text; is it a run.json written by chg-tlens?") from None
+    if not isinstance(run, dict):
+        raise InputError(f"{run_file} should hold a JSON object, found {type(run).__name__}.")
     threshold = run.get("threshold", 0.5) if args.threshold is None else args.threshold
     _check_threshold(threshold)
     for name in ("n", "max_heads", "batch_size", "top_k"):
@@ -347,7 +366,7 @@ def _validation_model_and_data(run: dict[str, Any], result: Any, args: argparse.
 
         path = Path(run["data"])
         if not path.exists():
-            raise FileNotFoundError(f"the run's data file is gone: {path}")
+            raise InputError(f"the run's data file is gone: {path} (named in run.json)")
         data = GateData.from_file(model, path, run.get("prompt_field", "prompt"),
                                   run.get("target_field", "target"), run.get("text_field"))
         return model, data, False
@@ -383,13 +402,13 @@ def _print_validation(summary: dict[str, Any]) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens' patching draws a bar per call
     from chg_tlens.analysis.compare import (
         METHODS,
         compare_methods,
         known_role_benchmarks,
         task_benchmark,
     )
+    from chg_tlens.analysis.patching import silent_patching_progress
     from chg_tlens.app.markdown import comparison_markdown
     from chg_tlens.app.runs import jsonable, write_json
 
@@ -412,12 +431,13 @@ def run_compare(args: argparse.Namespace) -> int:
         if args.task:
             from chg_tlens.models.load import load_model
 
-            model = load_model(args.model)
+            model = load_model(args.model, device=args.device)
             for task in args.task:
                 yield task_benchmark(model, args.model, task, n=args.task_n, steps=args.steps)
 
     log = None if args.quiet else (lambda line: print(line, flush=True))
-    frame, details = compare_methods(suite(), methods, log=log)
+    with silent_patching_progress():  # TransformerLens' patching draws a bar per call: always too many
+        frame, details = compare_methods(suite(), methods, log=log)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(jsonable({"rows": frame.to_dict("records"), "benchmarks": details}), args.out / "results.json")
     markdown = comparison_markdown(frame, details)
@@ -432,6 +452,10 @@ def run_report(args: argparse.Namespace) -> int:
 
     if args.threshold is not None:
         _check_threshold(args.threshold)
+    if not args.run_dir.is_dir():
+        found = "a file" if args.run_dir.exists() else "nothing"
+        raise UsageError(f"run_dir: expected a run folder written by 'chg-tlens fit', found {found} at "
+                         f"{args.run_dir}.")
     path = write_report(args.run_dir, threshold=args.threshold)
     print(f"wrote {path}")
     return EXIT_OK
@@ -511,23 +535,21 @@ def _command_line() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run, and map failures to exit codes: bad input is one line, a bug is a traceback."""
     from chg_tlens.analysis.patching import silent_patching_progress
-    from chg_tlens.core.checkpoint import CheckpointError
-    from chg_tlens.core.result import ResultFileError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with silent_patching_progress(getattr(args, "quiet", False)):
+        with silent_patching_progress(args.quiet):
             return args.handler(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, OSError, CheckpointError,
-            ResultFileError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"chg-tlens {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"chg-tlens {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERNAL
-    except Exception:
+    except Exception as error:
+        if is_user_error(error, args):
+            text = str(error).strip()
+            message = text.splitlines()[0] if text else type(error).__name__
+            print(f"chg-tlens {args.command}: error: {message}", file=sys.stderr)
+            return EXIT_USAGE
         import traceback
 
         traceback.print_exc()
@@ -535,6 +557,41 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_INTERNAL
 
+
+FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+"""File errors that are the user's to fix when they name a path the user gave."""
+
+
+def is_user_error(error: BaseException, args: argparse.Namespace) -> bool:
+    """True for bad input (exit 2): an ``InputError``, or a file error about a path in ``args``."""
+    if isinstance(error, InputError):
+        return True
+    if not isinstance(error, FILE_ERRORS):
+        return False
+    named = [_absolute(name) for name in (error.filename, error.filename2)
+             if isinstance(name, (str, bytes, os.PathLike))]
+    given = argument_paths(args)
+    return any(path == user or user in path.parents for path in named for user in given)
+
+
+def argument_paths(args: argparse.Namespace) -> list[Path]:
+    """Every path or string value of the parsed arguments, made absolute (a string may be a path)."""
+    paths = []
+    for key, value in vars(args).items():
+        if key in ("command", "handler"):
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, Path) or (isinstance(item, str) and item):
+                paths.append(_absolute(item))
+    return paths
+
+
+def _absolute(path: str | bytes | os.PathLike) -> Path:
+    path = Path(os.fsdecode(path)).expanduser()
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compare the plain absolute path
+        return path.absolute()
 
 if __name__ == "__main__":
     sys.exit(main())
