@@ -91,6 +91,40 @@ def test_batches_are_seeded_and_cover_every_example():
     assert len(wide) == 25 and sorted(wide[:10].tolist()) == list(range(10))
 
 
+def _contrastive(forget_filler: int) -> GateData:
+    tokens = torch.tensor([[1, 2, 5], [3, 4, 6]])
+    mask = torch.tensor([[False, False, True], [False, False, True]])
+    retain = GateData.from_tokens(tokens, mask)
+    forget_tokens = tokens.clone()
+    forget_tokens[:, 0] = forget_filler  # same answers, posed differently
+    return GateData.contrastive(retain, GateData.from_tokens(forget_tokens, mask))
+
+
+def test_fingerprint_sees_the_forget_twin_the_lengths_and_the_pad_id():
+    base = _contrastive(7)
+    assert base.fingerprint() == _contrastive(7).fingerprint()
+    assert base.fingerprint() != _contrastive(8).fingerprint()  # other forget data
+    short = GateData.from_tokens(base.tokens, base.target_mask, lengths=torch.tensor([3, 3]))
+    shorter = GateData.from_tokens(base.tokens, base.target_mask, lengths=torch.tensor([3, 3]),
+                                   pad_token_id=9)
+    assert short.fingerprint() != shorter.fingerprint()
+    longer = GateData.from_tokens(torch.cat([base.tokens, torch.zeros(2, 1, dtype=torch.long)], 1),
+                                  torch.cat([base.target_mask, torch.zeros(2, 1, dtype=torch.bool)], 1),
+                                  lengths=torch.tensor([3, 3]))
+    trailing = GateData.from_tokens(longer.tokens, longer.target_mask, lengths=torch.tensor([3, 4]))
+    assert longer.fingerprint() != trailing.fingerprint()  # other lengths, same tokens and mask
+    assert base.fingerprint() != GateData.from_tokens(base.tokens, base.target_mask).fingerprint()
+    assert base.with_corrupt(base.forget).fingerprint() != base.fingerprint()
+    swapped = GateData.from_tokens(base.tokens, base.target_mask).with_corrupt(base.forget)
+    assert swapped.fingerprint() != base.fingerprint()  # the same twin as corrupt, not forget
+
+
+def test_gate_data_compares_by_identity_and_hashes():
+    data, copy = _contrastive(7), _contrastive(7)
+    assert data == data and data != copy
+    assert len({data, copy, data}) == 2 and hash(data) == hash(data)
+
+
 ragged = st.lists(
     st.tuples(st.integers(1, 6), st.integers(1, 4)), min_size=1, max_size=6
 )

@@ -23,13 +23,14 @@ from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GateData:
     """A task as CHG sees it: right-padded tokens, a target mask, and optional matched twins.
 
     ``corrupt`` is a counterfactual twin for activation and path patching; ``forget`` is the matched
     forget version of each item for contrastive CHG. ``meta`` holds free-form facts (task name,
-    answers) carried into provenance.
+    answers) carried into provenance. Equality is identity (``eq=False``): field-wise ``==`` on
+    tensors is ambiguous; compare :meth:`fingerprint` to ask whether two datasets hold the same data.
     """
 
     tokens: Int[Tensor, "example pos"]
@@ -349,11 +350,23 @@ class GateData:
             step += 1
 
     def fingerprint(self) -> str:
-        """A short hash of tokens and target mask, recorded with every result."""
-        digest = hashlib.sha256()
-        digest.update(self.tokens.numpy().tobytes())
-        digest.update(self.target_mask.numpy().tobytes())
-        return digest.hexdigest()[:16]
+        """A short hash of everything a fit reads: tokens, target mask, lengths, pad id and both twins.
+
+        Recorded with every result and checked on resume, so a run cannot silently continue on other
+        data (other forget items included). ``meta`` is left out: it is description, not data.
+        """
+        return self._sha256()[:16]
+
+    def _sha256(self) -> str:
+        digest = hashlib.sha256(f"pad_token_id={self.pad_token_id};".encode())
+        for name, tensor in (("tokens", self.tokens.long()), ("target_mask", self.target_mask.bool()),
+                             ("lengths", self.lengths.long())):
+            array = tensor.detach().cpu().contiguous().numpy()
+            digest.update(f"{name}{list(array.shape)};".encode())  # shape: same bytes, other layout
+            digest.update(array.tobytes())
+        for name, twin in (("corrupt", self.corrupt), ("forget", self.forget)):
+            digest.update(f"{name}={'none' if twin is None else twin._sha256()};".encode())
+        return digest.hexdigest()
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
