@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chg_tlens import ContrastiveConfig, GateData, fit_contrastive_chg
+from chg_tlens import (
+    CHGResult,
+    ContrastiveConfig,
+    ContrastiveResult,
+    GateData,
+    ResultFileError,
+    fit_contrastive_chg,
+)
+from chg_tlens.core.result import TENSORS_FILE
 from chg_tlens.testbeds.planted import contrastive_circuit
 
 
@@ -40,6 +48,48 @@ def test_held_out_accuracy_kept_on_retain_and_lost_on_forget(fitted):
     table = fitted.table()
     assert list(table["side"]) == ["retain", "retain", "forget", "forget"]
     assert fitted.provenance["evaluated_on"] == "eval_data"
+
+
+def test_save_load_round_trip_and_each_kind_refuses_the_other(fitted, two_modes, tmp_path):
+    folder = fitted.save(tmp_path / "contrastive")
+    loaded = ContrastiveResult.load(folder)
+    assert torch.equal(loaded.theta, fitted.theta)
+    assert loaded.metrics.keys() == fitted.metrics.keys()
+    for name, value in fitted.metrics.items():
+        assert torch.equal(loaded.metrics[name], value.float())
+    for stage, curves in fitted.losses.items():
+        for name, values in curves.items():
+            assert torch.equal(loaded.losses[stage][name], values.float())
+    assert loaded.config == fitted.config and loaded.provenance == fitted.provenance
+    assert loaded.closed_heads() == fitted.closed_heads() == [two_modes.extra["forget_head"]]
+    assert loaded.table().equals(fitted.table())
+    with pytest.raises(ResultFileError, match="a ContrastiveResult, not a CHGResult.*ContrastiveResult.load"):
+        CHGResult.load(folder)
+    chg = CHGResult(*(torch.zeros(1, 1, 4),) * 3).save(tmp_path / "chg")
+    with pytest.raises(ResultFileError, match="holds a CHGResult, not a ContrastiveResult"):
+        ContrastiveResult.load(chg)
+    (folder / TENSORS_FILE).write_bytes((folder / TENSORS_FILE).read_bytes()[:-8])
+    with pytest.raises(ResultFileError, match="checksum"):
+        ContrastiveResult.load(folder)
+
+
+def test_frame_has_one_row_per_head_with_every_seeds_gate(fitted, two_modes):
+    frame = fitted.to_frame()
+    n_seeds, n_layers, n_heads = fitted.theta.shape
+    assert len(frame) == n_layers * n_heads
+    assert list(frame.columns) == (["layer", "head"] + [f"gate_seed{s}" for s in range(n_seeds)]
+                                   + ["closed_share", "closed_every_seed"])
+    forget = frame.set_index(["layer", "head"]).loc[two_modes.extra["forget_head"]]
+    assert forget["closed_every_seed"] and forget["closed_share"] == 1.0
+    assert frame["closed_every_seed"].sum() == 1
+    assert frame["gate_seed2"].tolist() == fitted.gates[2].flatten().tolist()
+
+
+def test_a_contrastive_result_shows_itself_in_a_notebook(fitted):
+    page = fitted._repr_html_()
+    assert page.count("<td data-head=") == fitted.theta.shape[1] * fitted.theta.shape[2]
+    assert "1 head(s) closed in every seed" in page and "retain" in page and "forget" in page
+    assert 'title="layer 0 head 1: closed in every seed"' in page
 
 
 def test_bad_contrastive_input_is_named(two_modes):

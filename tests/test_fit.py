@@ -193,6 +193,8 @@ def test_nan_loss_names_the_stage_and_step():
 
 def test_role_summary_shares(recall_fit):
     summary = recall_fit.summary()
-    assert np.allclose(summary.sum(axis=1).iloc[:-1], 1.0)
+    roles = ["facilitating", "interfering", "irrelevant", "unclassified"]
+    assert np.allclose(summary[roles].sum(axis=1).iloc[:-1], 1.0)
+    assert summary["converged"].dtype == bool and "stage zero" in summary.attrs["convergence"]
     assert summary.loc["every seed", "facilitating"] == 0.25
     assert len(recall_fit.to_frame()) == 3 * 1 * 4

@@ -200,7 +200,7 @@ def test_bad_arguments_name_the_argument():
         plot.role_map(result, threshold=1.5)
     with pytest.raises(ValueError, match="quantities must be a non-empty list"):
         plot.heatmaps(result, quantities="g_plus")
-    with pytest.raises(TypeError, match="ax must be a matplotlib Axes"):
+    with pytest.raises(ValueError, match="ax must be a matplotlib Axes"):
         plot.heatmap(result, ax="left")
     with pytest.raises(ValueError, match="axes must hold one Axes per stage"):
         plot.loss_curves(result, axes=[Figure().add_subplot()])

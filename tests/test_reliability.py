@@ -48,7 +48,7 @@ def test_sigkill_in_stage_two_then_resume_gives_the_uninterrupted_gates(tmp_path
     deadline = time.time() + 300
     while time.time() < deadline:
         note = _progress(victim_dir)
-        if note.get("stage") == "plus" and note.get("step", 0) >= 40:
+        if note.get("stage") == "regularised" and note.get("step", 0) >= 40:
             victim.send_signal(signal.SIGKILL)
             break
         assert victim.poll() is None, "the fit ended before it could be killed in stage 2"
@@ -56,7 +56,7 @@ def test_sigkill_in_stage_two_then_resume_gives_the_uninterrupted_gates(tmp_path
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL
     killed_at = _progress(victim_dir)
-    assert killed_at["stage"] == "plus" and killed_at["finished"] == ["zero"]
+    assert killed_at["stage"] == "regularised" and killed_at["finished"] == ["zero"]
     assert not (victim_dir / "result").exists()
 
     resumed = _run(victim_dir, resume=True)

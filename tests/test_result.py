@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chg_tlens import CHGConfig, CHGResult, ResultFileError, fit_chg
-from chg_tlens.core.result import META_FILE, TENSORS_FILE
+from chg_tlens.core.result import FORMAT_VERSION, META_FILE, TENSORS_FILE
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,36 @@ def test_edited_or_broken_json_is_refused(result, tmp_path):
     (folder / META_FILE).unlink()
     with pytest.raises(ResultFileError, match="missing"):
         CHGResult.load(folder)
+
+
+@pytest.mark.parametrize("version, message", [
+    (None, "records no format_version"),
+    (FORMAT_VERSION + 1, f"format_version {FORMAT_VERSION + 1}, newer .*reads format_version 1 to "
+                         f"{FORMAT_VERSION}.*upgrade"),
+    ("1", "format_version '1', which is not one"),
+])
+def test_a_file_of_a_missing_or_newer_format_version_is_refused(result, tmp_path, version, message):
+    folder = result.save(tmp_path / "run")
+    meta_path = folder / META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta.pop("format_version")
+    if version is not None:
+        meta["format_version"] = version
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ResultFileError, match=message) as caught:
+        CHGResult.load(folder)
+    assert str(meta_path) in str(caught.value)
+
+
+def test_a_result_shows_its_role_shares_and_a_cell_per_head_in_a_notebook(result):
+    page = result._repr_html_()
+    summary = result.summary()
+    for role in ("facilitating", "interfering", "irrelevant", "unclassified"):
+        assert role in page
+        assert f"{summary.loc['0', role]:.1%}" in page
+    assert page.count("<td data-head=") == result.n_layers * result.n_heads
+    for layer, head in result.roles()["facilitating"]:
+        assert f'title="layer {layer} head {head}: facilitating"' in page
 
 
 def test_saving_again_replaces_files_whole(result, tmp_path):

@@ -43,11 +43,27 @@ class GateFitConfig:
     bucket_window: int = 1
     """Length bucketing: sort windows of this many batches by length (1 = off). 8 cuts padding from
     ~35% to ~8% of tokens on mixed-length data; single-template tasks hardly need it."""
+    trace_every: int = 10
+    """Updates between the gate snapshots a result keeps (its convergence trace; early stopping reads
+    it too). The start and the end of every stage are always kept."""
+    early_stop: bool = False
+    """End a stage once its heads stop changing state (role, or open/closed before roles exist) for
+    ``patience`` updates with mean gate movement below ``stop_tolerance``; ``steps`` is the ceiling.
+    The learning-rate schedule stays tied to ``steps``: a stage that stops early ends before its decay
+    does, at a rate the rule has just shown leaves every head where it is."""
+    patience: int = 100
+    """Updates over which no head may change state before a stage stops early."""
+    stop_tolerance: float = 0.01
+    """Largest mean |change of G| over the patience window that still counts as settled."""
+    role_threshold: float = 0.5
+    """Score that gives a head a role while fitting (early stopping, the convergence report); results
+    take their own threshold when read."""
 
     def validate(self) -> GateFitConfig:
         """Reject impossible settings before any compute, naming the field."""
         name = type(self).__name__
-        for key in ("n_seeds", "batch_size", "steps", "checkpoint_every", "bucket_window"):
+        for key in ("n_seeds", "batch_size", "steps", "checkpoint_every", "bucket_window", "trace_every",
+                    "patience"):
             checks.positive_int(getattr(self, key), f"{name}.{key}")
         for key in self._learning_rates():
             value = tuple(getattr(self, key)) if isinstance(getattr(self, key), (tuple, list)) else ()
@@ -56,6 +72,10 @@ class GateFitConfig:
                     f"{name}.{key} must be two positive learning rates (start, end), "
                     f"got {getattr(self, key)!r}."
                 )
+        checks.positive_number(self.stop_tolerance, f"{name}.stop_tolerance")
+        checks.unit_interval(self.role_threshold, f"{name}.role_threshold")
+        if not isinstance(self.early_stop, bool):
+            raise InputError(f"{name}.early_stop must be True or False, got {self.early_stop!r}.")
         if not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam) or self.lam < 0:
             raise InputError(f"{name}.lam must be >= 0 (each stage applies its own sign), got {self.lam!r}.")
         for key in ("clamp", "grad_clip"):
@@ -80,6 +100,9 @@ class CHGConfig(GateFitConfig):
     """Stage 1 (lambda = 0) learning rate, decaying linearly from the first to the second value."""
     lr_reg: tuple[float, float] = (0.5, 0.1)
     """G+ and G- learning rate, decaying linearly from the first to the second value."""
+    fuse_regularised: bool = True
+    """Fit G+ and G- as one stage of 2 x n_seeds masks (each with its own lambda sign) on the same
+    batches: one forward/backward per update instead of two, the same arithmetic as two stages."""
 
     def _learning_rates(self) -> tuple[str, ...]:
         return ("lr_zero", "lr_reg")

@@ -4,8 +4,12 @@
     theta_plus  = fit(lambda = +lam, from theta_zero)  # G+: opening rewarded
     theta_minus = fit(lambda = -lam, from theta_zero)  # G-: closing rewarded
 
-Each stage is Adam on the gate logits with a linearly decaying learning rate. With a ``run_dir`` the
-loop checkpoints every ``checkpoint_every`` steps and ``resume=True`` continues where it stopped.
+Each stage is Adam on the gate logits with a linearly decaying learning rate. G+ and G- start from
+the same gates and see the same batches, so by default they run as one stage of 2 x n_seeds masks
+(masks carry their own lambda sign): the same arithmetic at half the forward passes. Every stage
+keeps a trace of its gates for the convergence report and may stop early once its heads settle.
+With a ``run_dir`` the loop checkpoints every ``checkpoint_every`` steps and ``resume=True``
+continues where it stopped, early stops included.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from chg_tlens.core import checks, distributed
+from chg_tlens.core import checks, convergence, distributed
 from chg_tlens.core.checkpoint import load_checkpoint, save_checkpoint
 from chg_tlens.core.config import CHGConfig, ContrastiveConfig, GateFitConfig, config_record
 from chg_tlens.core.data import GateData
@@ -50,31 +54,42 @@ def fit_chg(
     ``run_dir`` turns on checkpoints there; ``resume=True`` continues from its checkpoint.
     """
     config = (config or CHGConfig()).validate()
-    stages = [
-        Stage("zero", "init", config.lr_zero, chg_objective(0.0, config)),
-        Stage("plus", "zero", config.lr_reg, chg_objective(+config.lam, config)),
-        Stage("minus", "zero", config.lr_reg, chg_objective(-config.lam, config)),
-    ]
-    fitted, logs, seconds = run_stages(model, data, config, stages, "chg", init_theta, run_dir, resume)
+    lam = config.lam
+    stages = [Stage("zero", "init", config.lr_zero, chg_objective([0.0], config))]
+    if config.fuse_regularised:
+        stages.append(Stage("regularised", "zero", config.lr_reg, chg_objective([+lam, -lam], config),
+                            outputs=("plus", "minus"), salt=_REGULARISED_SALT))
+    else:
+        stages += [Stage(name, "zero", config.lr_reg, chg_objective([sign * lam], config),
+                         salt=_REGULARISED_SALT) for name, sign in (("plus", +1), ("minus", -1))]
+    fit = run_stages(model, data, config, stages, "chg", init_theta, run_dir, resume)
     return CHGResult(
-        theta_zero=fitted["zero"],
-        theta_plus=fitted["plus"],
-        theta_minus=fitted["minus"],
-        losses=logs,
+        theta_zero=fit.theta["zero"],
+        theta_plus=fit.theta["plus"],
+        theta_minus=fit.theta["minus"],
+        losses=fit.losses,
         config=config_record(config),
-        provenance=provenance(model, data, seconds),
+        provenance=provenance(model, data, fit.seconds),
+        trace=fit.trace,
     )
 
 
-def chg_objective(lam: float, config: GateFitConfig) -> Objective:
-    """Eq. 1 with the stage's lambda: target NLL minus the clamped reward for open (or closed) gates."""
+def chg_objective(lams: list[float], config: GateFitConfig) -> Objective:
+    """Eq. 1: target NLL minus the clamped reward for open (lambda > 0) or closed (< 0) gates.
+
+    ``lams`` splits the masks into equal consecutive groups, one lambda each: ``[0]`` for stage 1,
+    ``[+lam, -lam]`` for the fused G+/G- stage (seeds' G+ masks first, then their G- masks).
+    """
 
     def objective(model: Any, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
         device = gates.theta.device
         tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
         picked = gated_target_logits(model, gates, tokens, target_mask)
         nll = -picked_logprobs(picked, tokens, target_mask).mean(dim=1)
-        return chg_loss(nll, gates.theta, lam, config.clamp, config.clamp_mode), nll
+        groups = zip(nll.chunk(len(lams)), gates.theta.chunk(len(lams)), lams, strict=True)
+        loss = torch.cat([chg_loss(part, theta, lam, config.clamp, config.clamp_mode)
+                          for part, theta, lam in groups])
+        return loss, nll
 
     return objective
 
@@ -102,10 +117,9 @@ def fit_contrastive_chg(
                 f"{name}: contrastive CHG needs matched retain/forget items; build it with "
                 "GateData.contrastive(retain=..., forget=...)."
             )
-    stages = [Stage("contrastive", "init", config.lr, contrastive_objective(config))]
-    fitted, logs, seconds = run_stages(model, data, config, stages, "contrastive", init_theta, run_dir,
-                                       resume)
-    theta = fitted["contrastive"]
+    stages = [Stage("contrastive", "init", config.lr, contrastive_objective(config), salt=4)]
+    fit = run_stages(model, data, config, stages, "contrastive", init_theta, run_dir, resume)
+    theta = fit.theta["contrastive"]
     evaluation = eval_data if eval_data is not None else data
     device = torch.device(config.device) if config.device else adapter.model_device(model)
     ones = HeadGates.fixed(torch.ones(1, theta.shape[1], theta.shape[2])).to(device)
@@ -117,8 +131,10 @@ def fit_contrastive_chg(
             metrics[f"{side}_{when}_logprob"] = logprob.mean(dim=1)
             metrics[f"{side}_{when}_accuracy"] = accuracy.mean(dim=1)
     return ContrastiveResult(
-        theta=theta, losses=logs, metrics=metrics, config=config_record(config),
-        provenance=provenance(model, data, seconds) | {"evaluated_on": "eval_data" if eval_data else "data"},
+        theta=theta, losses=fit.losses, metrics=metrics, config=config_record(config),
+        provenance=provenance(model, data, fit.seconds)
+        | {"evaluated_on": "eval_data" if eval_data else "data"},
+        trace=fit.trace,
     )
 
 
@@ -145,12 +161,32 @@ Objective = Callable[[Any, HeadGates, GateData], tuple[Tensor, Tensor]]
 
 @dataclass
 class Stage:
-    """One Adam run on the gate logits: its name, where it starts, its learning rates and loss."""
+    """One Adam run on the gate logits: its name, where it starts, its learning rates and loss.
+
+    ``outputs`` names the gate sets its masks hold, in order: a stage of several outputs starts each
+    from a copy of ``start_from`` (the fused G+/G- stage). ``salt`` picks its batch order; stages with
+    the same salt see the same batches.
+    """
 
     name: str
     start_from: str
     lr: tuple[float, float]
     objective: Objective
+    outputs: tuple[str, ...] = ()
+    salt: int = 1
+
+    def __post_init__(self) -> None:
+        self.outputs = self.outputs or (self.name,)
+
+
+@dataclass
+class StagesFit:
+    """What :func:`run_stages` returns: per output, the gate logits, loss curves and gate trace."""
+
+    theta: dict[str, Tensor]
+    losses: dict[str, dict[str, Tensor]]
+    trace: dict[str, dict[str, Tensor]]
+    seconds: float
 
 
 def run_stages(
@@ -162,8 +198,8 @@ def run_stages(
     init_theta: Tensor | None,
     run_dir: str | Path | None,
     resume: bool,
-) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], float]:
-    """Check everything, then run the stages in order with checkpoints; return thetas and curves."""
+) -> StagesFit:
+    """Check everything, then run the stages in order with checkpoints."""
     layout = adapter.require_model(model)
     checks.gate_data(data, model)
     shape = [config.n_seeds, layout.n_layers, layout.n_heads]
@@ -175,7 +211,7 @@ def run_stages(
     folder = Path(run_dir) if run_dir is not None else None
     record, fingerprint = config_record(config), data.fingerprint()
     state: dict[str, Any] = {"kind": kind, "config": record, "data_fingerprint": fingerprint,
-                             "stage": stages[0].name, "step": 0, "finished": {}, "logs": {},
+                             "stage": stages[0].name, "step": 0, "finished": {}, "logs": {}, "trace": {},
                              "theta": None, "optimizer": None, "seconds": 0.0}
     if resume:
         state = load_checkpoint(folder, kind, record, fingerprint)
@@ -190,24 +226,42 @@ def run_stages(
         check_target_logits(model, HeadGates.fixed(torch.sigmoid(init_theta[:1])).to(device),
                             first.tokens.to(device), first.target_mask.to(device), force=True)
         for stage in stages:
-            if stage.name in state["finished"]:
+            if all(name in state["finished"] for name in stage.outputs):
                 continue
-            resuming_this = state["stage"] == stage.name and state["theta"] is not None
-            if resuming_this:
+            if state["stage"] == stage.name and state["theta"] is not None:
                 theta = state["theta"]
             else:
-                theta = init_theta if stage.start_from == "init" else state["finished"][stage.start_from]
+                start = init_theta if stage.start_from == "init" else state["finished"][stage.start_from]
+                theta = start.repeat(len(stage.outputs), 1, 1)
                 state.update(stage=stage.name, step=0, optimizer=None)
                 state["logs"][stage.name] = {"loss": [], "nll": []}
-            gates = HeadGates(layout.n_layers, layout.n_heads, config.n_seeds, theta=theta).to(device)
+                state["trace"][stage.name] = {"steps": [0], "gates": [torch.sigmoid(theta).clone()],
+                                              "stopped_at": -1}
+            gates = HeadGates(layout.n_layers, layout.n_heads, theta.shape[0], theta=theta).to(device)
             _train_stage(model, gates, data, stage, config, state, folder, started)
-            state["finished"][stage.name] = gates.theta.detach().cpu().clone()
+            for name, part in zip(stage.outputs, gates.theta.detach().cpu().chunk(len(stage.outputs)),
+                                  strict=True):
+                state["finished"][name] = part.clone()
             state.update(theta=None, optimizer=None)
             if folder is not None:
                 _save(folder, state, started)
+    return _split_outputs(stages, state, time.time() - started)
 
-    logs = {name: {k: torch.stack(v) for k, v in curves.items()} for name, curves in state["logs"].items()}
-    return state["finished"], logs, time.time() - started
+
+def _split_outputs(stages: list[Stage], state: dict[str, Any], seconds: float) -> StagesFit:
+    """Curves and traces per output gate set (a fused stage's masks split back into G+ and G-)."""
+    losses: dict[str, dict[str, Tensor]] = {}
+    trace: dict[str, dict[str, Tensor]] = {}
+    for stage in stages:
+        n = len(stage.outputs)
+        curves = {k: torch.stack(v) for k, v in state["logs"][stage.name].items()}
+        record = state["trace"][stage.name]
+        gates = torch.stack(record["gates"])
+        for i, name in enumerate(stage.outputs):
+            losses[name] = {k: v.chunk(n, dim=1)[i] for k, v in curves.items()}
+            trace[name] = {"steps": torch.tensor(record["steps"]), "gates": gates.chunk(n, dim=1)[i],
+                           "stopped_at": torch.tensor(record["stopped_at"])}
+    return StagesFit(state["finished"], losses, trace, seconds)
 
 
 def _train_stage(model: Any, gates: HeadGates, data: GateData, stage: Stage, config: GateFitConfig,
@@ -215,8 +269,7 @@ def _train_stage(model: Any, gates: HeadGates, data: GateData, stage: Stage, con
     optimizer = torch.optim.Adam([gates.theta], lr=stage.lr[0])
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
-    log = state["logs"][stage.name]
-    salt = _STAGE_SALT.get(stage.name, 0)
+    log, trace = state["logs"][stage.name], state["trace"][stage.name]
     first = state["step"]
     for step in tqdm(range(first, config.steps), desc=f"CHG {stage.name}", disable=not config.progress,
                      leave=False, initial=first, total=config.steps):
@@ -224,7 +277,7 @@ def _train_stage(model: Any, gates: HeadGates, data: GateData, stage: Stage, con
             _save(folder, _snapshot(state, stage, step, gates, optimizer), started)
         for group in optimizer.param_groups:
             group["lr"] = linear_lr(stage.lr, step, config.steps)
-        index = data.batch_indices(step, config.batch_size, seed=config.seed * 1009 + salt,
+        index = data.batch_indices(step, config.batch_size, seed=config.seed * 1009 + stage.salt,
                                    bucket_window=config.bucket_window)
         with _autocast(config.autocast, gates.theta.device):
             loss, nll = stage.objective(model, gates, data.subset(distributed.local_slice(index)))
@@ -234,7 +287,7 @@ def _train_stage(model: Any, gates: HeadGates, data: GateData, stage: Stage, con
                 _save(folder, _snapshot(state, stage, step, gates, optimizer), started)
             bad = torch.nonzero(~torch.isfinite(seen_loss)).flatten().tolist()
             raise FloatingPointError(
-                f"CHG stage '{stage.name}', step {step}: the loss is not finite for seed(s) {bad} "
+                f"CHG stage '{stage.name}', step {step}: the loss is not finite for mask(s) {bad} "
                 f"(values {seen_loss.cpu().tolist()}) on the batch of example indices "
                 f"{index.tolist()}. Check the data and the model's dtype."
                 + (f" The last good state is checkpointed in {folder}." if folder is not None else "")
@@ -246,6 +299,20 @@ def _train_stage(model: Any, gates: HeadGates, data: GateData, stage: Stage, con
         optimizer.step()
         log["loss"].append(seen_loss.cpu())
         log["nll"].append(distributed.average_(nll.detach().clone()).cpu())
+        done = step + 1
+        if done % config.trace_every == 0 or done == config.steps:
+            trace["steps"].append(done)
+            trace["gates"].append(gates.values().detach().cpu().clone())
+            if config.early_stop and _settled(trace, len(stage.outputs) == 2, config):
+                trace["stopped_at"] = done
+                break
+
+
+def _settled(trace: dict[str, Any], paired: bool, config: GateFitConfig) -> bool:
+    """The early-stopping rule on the trace so far (the same rule on every process and on resume)."""
+    steps, gates = torch.tensor(trace["steps"]), torch.stack(trace["gates"])
+    codes = convergence.states(gates, paired, config.role_threshold)
+    return convergence.stable_over(steps, gates, codes, config.patience, config.stop_tolerance)
 
 
 def _snapshot(state: dict[str, Any], stage: Stage, step: int, gates: HeadGates,
@@ -277,5 +344,6 @@ def linear_lr(lr: tuple[float, float], step: int, steps: int) -> float:
     return float(lr[0] + (lr[1] - lr[0]) * step / (steps - 1))
 
 
-_STAGE_SALT = {"zero": 1, "plus": 2, "minus": 3, "contrastive": 4}
+_REGULARISED_SALT = 2
+"""G+ and G- (fused or not) see the same batches, so the two forms of the fit give the same gates."""
 

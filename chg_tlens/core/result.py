@@ -7,6 +7,7 @@ A head takes the role whose score is highest among those >= threshold, or none (
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,15 +17,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from chg_tlens.core import convergence
 from chg_tlens.core.checkpoint import atomic_write_bytes
+from chg_tlens.core.convergence import ROLES, UNCLASSIFIED
 from chg_tlens.errors import InputError
 
-ROLES = ("facilitating", "interfering", "irrelevant")
-UNCLASSIFIED = "unclassified"
 STAGES = ("zero", "plus", "minus")
 TENSORS_FILE = "chg_gates.safetensors"
 META_FILE = "chg_result.json"
@@ -45,6 +46,9 @@ class CHGResult:
     losses: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    trace: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    """Per stage: ``steps [snapshot]`` (updates done), ``gates [snapshot, seed, layer, head]``,
+    ``stopped_at`` (update of an early stop, -1 if none): what :meth:`convergence` reads."""
 
     # ----------------------------------------------------------------- gates and scores
     @property
@@ -93,22 +97,26 @@ class CHGResult:
         return self.theta_zero.shape[2]
 
     # ----------------------------------------------------------------- roles
-    def role_labels(self, threshold: float = 0.5) -> np.ndarray:
-        """``[seed, layer, head]`` array of role names (or "unclassified")."""
+    def role_labels(self, threshold: float = 0.5, min_confidence: float = 0.0) -> np.ndarray:
+        """``[seed, layer, head]`` array of role names (or "unclassified").
+
+        ``min_confidence`` > 0 leaves heads whose :meth:`confidence` is below it unclassified, so a role
+        that still flipped late in the fit or that other seeds do not share is not read as a finding.
+        """
         _check_threshold(threshold)
-        scores = self.scores()
-        best = scores.argmax(dim=0)
-        passes = scores.max(dim=0).values >= threshold
         names = np.array(ROLES + (UNCLASSIFIED,), dtype=object)
-        codes = torch.where(passes, best, torch.full_like(best, len(ROLES)))
-        return names[codes.numpy()]
+        labels = names[convergence.role_codes(self.g_plus, self.g_minus, threshold).numpy()]
+        if min_confidence > 0:
+            _check_threshold(min_confidence, "min_confidence")
+            labels[(self.confidence(threshold) < min_confidence).numpy()] = UNCLASSIFIED
+        return labels
 
     def roles(
-        self, threshold: float = 0.5, seed: int | None = None
+        self, threshold: float = 0.5, seed: int | None = None, min_confidence: float = 0.0
     ) -> dict[str, list[tuple[int, int]]]:
         """Role -> list of ``(layer, head)``: for one seed, or (``seed=None``) heads with that role in
         every seed. The lists feed path patching and ablations directly."""
-        labels = self.role_labels(threshold)
+        labels = self.role_labels(threshold, min_confidence)
         if seed is not None:
             if not -self.n_seeds <= seed < self.n_seeds:
                 raise InputError(f"seed must be in [0, {self.n_seeds}), got {seed}.")
@@ -119,9 +127,12 @@ class CHGResult:
             out[role] = [(int(layer), int(head)) for layer, head in zip(*np.nonzero(every), strict=True)]
         return out
 
-    def summary(self, threshold: float = 0.5) -> pd.DataFrame:
-        """Share of heads per role for each seed, plus the heads with the same role in every seed."""
-        labels = self.role_labels(threshold)
+    def summary(self, threshold: float = 0.5, min_confidence: float = 0.0) -> pd.DataFrame:
+        """Share of heads per role for each seed, plus the heads with the same role in every seed.
+
+        With a trace, a ``converged`` column says whether every stage of that seed converged
+        (:meth:`convergence`), and ``frame.attrs["convergence"]`` says it in words."""
+        labels = self.role_labels(threshold, min_confidence)
         n = self.n_layers * self.n_heads
         rows = []
         for seed in range(self.n_seeds):
@@ -129,9 +140,32 @@ class CHGResult:
             for role in ROLES + (UNCLASSIFIED,):
                 row[role] = float((labels[seed] == role).sum()) / n
             rows.append(row)
-        consensus = self.roles(threshold)
+        consensus = self.roles(threshold, min_confidence=min_confidence)
         rows.append({"seed": "every seed"} | {r: len(v) / n for r, v in consensus.items()})
-        return pd.DataFrame(rows).set_index("seed")
+        frame = pd.DataFrame(rows).set_index("seed")
+        if self.trace:
+            report = self.convergence(threshold)
+            per_seed = report.groupby("seed")["converged"].all()
+            frame["converged"] = [bool(per_seed[s]) for s in range(self.n_seeds)] + [bool(per_seed.all())]
+            frame.attrs["convergence"] = convergence.in_words(report.to_dict("records"))
+        return frame
+
+    # ----------------------------------------------------------------- convergence
+    def convergence(self, threshold: float = 0.5) -> pd.DataFrame:
+        """Per stage x seed: role flips (state flips in stage 1), mean |change of G| and loss slope over
+        the last quarter of the updates, the share of gates still within 0.05 of their initial draw,
+        where the stage stopped early, whether it converged and what to change if not."""
+        return _convergence_frame(self.trace, self.losses, self.config, threshold)
+
+    def convergence_text(self, threshold: float = 0.5) -> str:
+        """:meth:`convergence` in words, one line per stage."""
+        return convergence.in_words(self.convergence(threshold).to_dict("records"))
+
+    def confidence(self, threshold: float = 0.5) -> Float[Tensor, "seed layer head"]:
+        """Per seed and head: the share of the last quarter's snapshots at which the head already had
+        its final role, times the share of seeds that end with the same role (1 = settled and shared)."""
+        _require_trace(self.trace, ("plus", "minus"))
+        return convergence.head_confidence(self.trace, threshold)
 
     def to_frame(self, threshold: float = 0.5) -> pd.DataFrame:
         """One row per seed x layer x head with gates, scores and role."""
@@ -163,11 +197,7 @@ class CHGResult:
             "head": np.tile(np.arange(self.n_heads), self.n_layers),
         })
         for name, result in (("a", self), ("b", other)):
-            consensus = np.full((self.n_layers, self.n_heads), "mixed", dtype=object)
-            for role, heads in result.roles(threshold).items():
-                for layer, head in heads:
-                    consensus[layer, head] = role
-            frame[f"role_{name}"] = consensus.ravel()
+            frame[f"role_{name}"] = result._consensus_roles(threshold).ravel()
             frame[f"facilitating_{name}"] = result.facilitating.max(dim=0).values.numpy().ravel()
         frame["same_role"] = frame["role_a"] == frame["role_b"]
         fingerprints = [r.provenance.get("data_fingerprint") for r in (self, other)]
@@ -193,71 +223,64 @@ class CHGResult:
 
         The JSON records the tensors' SHA-256, so a truncated or edited file is caught on load.
         """
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            "theta_zero": self.theta_zero, "theta_plus": self.theta_plus,
-            "theta_minus": self.theta_minus,
-        }
-        for stage, curves in self.losses.items():
-            for name, values in curves.items():
-                tensors[f"losses.{stage}.{name}"] = values
-        tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
-        tensor_path = folder / TENSORS_FILE
-        atomic_write_bytes(tensor_path, lambda tmp: save_file(tensors, str(tmp)))
-        meta = {
-            "format": "chg_tlens.CHGResult",
-            "format_version": FORMAT_VERSION,
-            "tensors_sha256": _sha256(tensor_path),
-            "shape": [self.n_seeds, self.n_layers, self.n_heads],
-            "config": self.config,
-            "provenance": self.provenance,
-        }
-        text = json.dumps(meta, indent=2, sort_keys=True, default=str)
-        atomic_write_bytes(folder / META_FILE, lambda tmp: Path(tmp).write_text(text))
-        return folder
+        tensors = {"theta_zero": self.theta_zero, "theta_plus": self.theta_plus,
+                   "theta_minus": self.theta_minus} | _flatten("losses", self.losses) \
+            | _flatten("trace", self.trace)
+        return _write_result_files(Path(path), "CHGResult", tensors,
+                                   [self.n_seeds, self.n_layers, self.n_heads], self.config, self.provenance)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CHGResult:
         """Read a folder written by :meth:`save`; anything inconsistent raises ResultFileError."""
-        folder = Path(path)
-        meta_path, tensor_path = folder / META_FILE, folder / TENSORS_FILE
-        for required in (meta_path, tensor_path):
-            if not required.is_file():
-                raise ResultFileError(f"CHG result file missing: {required}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ResultFileError(f"CHG result file {meta_path} is not valid JSON: {error}") from None
-        if not isinstance(meta, dict) or meta.get("format") != "chg_tlens.CHGResult":
-            raise ResultFileError(f"{meta_path} is not a chg_tlens CHGResult file.")
-        if meta.get("tensors_sha256") != _sha256(tensor_path):
-            raise ResultFileError(
-                f"{tensor_path} does not match the checksum recorded in {meta_path}: the file was "
-                "truncated, edited, or belongs to another run."
-            )
-        try:
-            tensors = load_file(str(tensor_path))
-        except Exception as error:  # safetensors raises its own error types
-            raise ResultFileError(f"cannot read {tensor_path}: {error}") from None
-        shape = list(meta.get("shape", []))
-        for name in ("theta_zero", "theta_plus", "theta_minus"):
-            if name not in tensors or list(tensors[name].shape) != shape:
-                raise ResultFileError(f"{tensor_path}: tensor {name!r} missing or not of shape {shape}.")
-        losses: dict[str, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("losses."):
-                _, stage, name = key.split(".", 2)
-                losses.setdefault(stage, {})[name] = value
+        tensors, meta = _read_result_files(Path(path), "CHGResult",
+                                           ("theta_zero", "theta_plus", "theta_minus"))
         return cls(
             tensors["theta_zero"], tensors["theta_plus"], tensors["theta_minus"],
-            losses=losses, config=meta.get("config", {}), provenance=meta.get("provenance", {}),
+            losses=_unflatten("losses", tensors), config=meta.get("config", {}),
+            provenance=meta.get("provenance", {}), trace=_unflatten("trace", tensors),
+        )
+
+    # ----------------------------------------------------------------- notebook display
+    def _repr_html_(self) -> str:
+        """Role shares and a layer x head role map, so a result shows itself in a notebook cell."""
+        threshold = self.config.get("role_threshold", 0.5)
+        consensus = self._consensus_roles(threshold)
+        caption = (f"CHGResult: {self.n_seeds} seed(s), {self.n_layers} layers x {self.n_heads} heads, "
+                   f"threshold {threshold}. Map: each head's role in every seed (mixed: seeds disagree).")
+        table = self.summary(threshold).to_html(float_format=lambda x: f"{x:.1%}")
+        codes = np.vectorize(_ROLE_CODES.get)(consensus)
+        return _result_html(caption, table, consensus, codes, _ROLE_COLOURS)
+
+    def _consensus_roles(self, threshold: float = 0.5) -> np.ndarray:
+        """``[layer, head]`` role a head has in every seed, or "mixed"."""
+        consensus = np.full((self.n_layers, self.n_heads), "mixed", dtype=object)
+        for role, heads in self.roles(threshold).items():
+            for layer, head in heads:
+                consensus[layer, head] = role
+        return consensus
+
+
+def _check_threshold(threshold: float, argument: str = "threshold") -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise InputError(f"{argument} must be within [0, 1], got {threshold!r}.")
+
+
+def _require_trace(trace: dict[str, dict[str, Tensor]], stages: tuple[str, ...]) -> None:
+    missing = [stage for stage in stages if stage not in trace]
+    if missing:
+        raise InputError(
+            f"this result has no trace of stage(s) {missing} (it was saved by an older chg_tlens or "
+            "built by hand); refit to get convergence figures and confidences."
         )
 
 
-def _check_threshold(threshold: float) -> None:
-    if not 0.0 <= threshold <= 1.0:
-        raise InputError(f"threshold must be within [0, 1], got {threshold}.")
+def _convergence_frame(trace: dict[str, dict[str, Tensor]], losses: dict[str, dict[str, Tensor]],
+                       config: dict[str, Any], threshold: float) -> pd.DataFrame:
+    _check_threshold(threshold)
+    _require_trace(trace, tuple(losses))
+    rows = convergence.stage_report(trace, losses, threshold, tolerance=config.get("stop_tolerance", 0.01),
+                                    patience=config.get("patience", 100))
+    return pd.DataFrame(rows)
 
 
 def _sha256(path: Path) -> str:
@@ -266,6 +289,119 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _flatten(prefix: str, nested: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``{stage: {name: t}}`` as ``{"prefix.stage.name": t}``: safetensors holds a flat dict."""
+    return {f"{prefix}.{stage}.{name}": value for stage, curves in nested.items()
+            for name, value in curves.items()}
+
+
+def _unflatten(prefix: str, tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    nested: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            _, stage, name = key.split(".", 2)
+            nested.setdefault(stage, {})[name] = value
+    return nested
+
+
+def _write_result_files(folder: Path, kind: str, tensors: dict[str, Tensor], shape: list[int],
+                        config: dict[str, Any], provenance: dict[str, Any]) -> Path:
+    """The tensors + JSON pair every result is saved as; the JSON names the kind and the tensors' SHA-256."""
+    folder.mkdir(parents=True, exist_ok=True)
+    # clone: safetensors refuses tensors that share memory (one tensor given twice, chunks of one stage)
+    tensors = {k: (v.float() if v.is_floating_point() else v).detach().cpu()
+               .clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
+    tensor_path = folder / TENSORS_FILE
+    atomic_write_bytes(tensor_path, lambda tmp: save_file(tensors, str(tmp)))
+    meta = {
+        "format": f"chg_tlens.{kind}",
+        "format_version": FORMAT_VERSION,
+        "tensors_sha256": _sha256(tensor_path),
+        "shape": shape,
+        "config": config,
+        "provenance": provenance,
+    }
+    text = json.dumps(meta, indent=2, sort_keys=True, default=str)
+    atomic_write_bytes(folder / META_FILE, lambda tmp: Path(tmp).write_text(text))
+    return folder
+
+
+def _read_result_files(folder: Path, kind: str,
+                       gate_names: tuple[str, ...]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors and JSON of a folder :func:`_write_result_files` wrote for ``kind``, every check done."""
+    meta_path, tensor_path = folder / META_FILE, folder / TENSORS_FILE
+    for required in (meta_path, tensor_path):
+        if not required.is_file():
+            raise ResultFileError(f"CHG result file missing: {required}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ResultFileError(f"CHG result file {meta_path} is not valid JSON: {error}") from None
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != f"chg_tlens.{kind}":
+        other = found.removeprefix("chg_tlens.") if isinstance(found, str) else None
+        if other in _RESULT_KINDS:
+            raise ResultFileError(f"{meta_path} holds a {other}, not a {kind}: read it with {other}.load.")
+        raise ResultFileError(f"{meta_path} is not a chg_tlens {kind} file.")
+    _check_format_version(meta_path, meta.get("format_version"))
+    if meta.get("tensors_sha256") != _sha256(tensor_path):
+        raise ResultFileError(
+            f"{tensor_path} does not match the checksum recorded in {meta_path}: the file was "
+            "truncated, edited, or belongs to another run."
+        )
+    try:
+        tensors = load_file(str(tensor_path))
+    except Exception as error:  # safetensors raises its own error types
+        raise ResultFileError(f"cannot read {tensor_path}: {error}") from None
+    shape = list(meta.get("shape", []))
+    for name in gate_names:
+        if name not in tensors or list(tensors[name].shape) != shape:
+            raise ResultFileError(f"{tensor_path}: tensor {name!r} missing or not of shape {shape}.")
+    return tensors, meta
+
+
+def _check_format_version(meta_path: Path, found: Any) -> None:
+    """Refuse a file this version cannot read rather than misread it."""
+    supported = f"this chg_tlens reads format_version 1 to {FORMAT_VERSION}"
+    if found is None:
+        raise ResultFileError(f"{meta_path} records no format_version; {supported}.")
+    if isinstance(found, int) and not isinstance(found, bool) and found > FORMAT_VERSION:
+        raise ResultFileError(
+            f"{meta_path} has format_version {found}, newer than this chg_tlens reads ({supported}): "
+            "upgrade chg_tlens to load it."
+        )
+    if isinstance(found, bool) or not isinstance(found, int) or found < 1:
+        raise ResultFileError(f"{meta_path} has format_version {found!r}, which is not one; {supported}.")
+
+
+_RESULT_KINDS = ("CHGResult", "ContrastiveResult")
+_ROLE_COLOURS = {"facilitating": "#4c9f70", "interfering": "#d1495b", "irrelevant": "#d9d9d9",
+                 UNCLASSIFIED: "#ffffff", "mixed": "#f2d492"}
+_ROLE_CODES = {"facilitating": "F", "interfering": "X", "irrelevant": "-", UNCLASSIFIED: "?", "mixed": "~"}
+_GATE_COLOURS = {"closed in every seed": "#d1495b", "closed in some seeds": "#f2d492",
+                 "open in every seed": "#4c9f70"}
+
+
+def _result_html(caption: str, table: str, labels: np.ndarray, texts: np.ndarray,
+                 colours: dict[str, str]) -> str:
+    """Caption, a table, and a ``[layer, head]`` map coloured by label, in inline HTML (no matplotlib:
+    core draws nothing, and the cell must not depend on a plotting backend)."""
+    cell = "border:1px solid #999;min-width:1.6em;text-align:center;padding:1px 3px;font-size:85%"
+    rows = []
+    for layer in range(labels.shape[0]):
+        cells = "".join(
+            f'<td data-head="{layer}.{head}" title="layer {layer} head {head}: {html.escape(label)}"'
+            f' style="{cell};background:{colours[label]}">{html.escape(str(text))}</td>'
+            for head, (label, text) in enumerate(zip(labels[layer], texts[layer], strict=True)))
+        rows.append(f"<tr><th>{layer}</th>{cells}</tr>")
+    header = "".join(f"<th>{head}</th>" for head in range(labels.shape[1]))
+    legend = " ".join(f'<span style="background:{colour};border:1px solid #999;padding:0 4px">'
+                      f"{html.escape(name)}</span>" for name, colour in colours.items())
+    return (f"<div><p><b>{html.escape(caption)}</b></p>{table}"
+            f'<table style="border-collapse:collapse;margin-top:6px"><tr><th>layer \\ head</th>{header}</tr>'
+            f'{"".join(rows)}</table><p>{legend}</p></div>')
 
 
 @dataclass
@@ -281,18 +417,45 @@ class ContrastiveResult:
     metrics: dict[str, Tensor] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    trace: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    """The gate trace of the one stage, as in :attr:`CHGResult.trace`."""
+
+    def convergence(self, threshold: float = 0.5) -> pd.DataFrame:
+        """Per seed: gate flips, movement and loss slope over the last quarter, as for CHGResult."""
+        return _convergence_frame(self.trace, self.losses, self.config, threshold)
+
+    def convergence_text(self, threshold: float = 0.5) -> str:
+        """:meth:`convergence` in words."""
+        return convergence.in_words(self.convergence(threshold).to_dict("records"))
 
     @property
     def gates(self) -> Float[Tensor, "seed layer head"]:
         return torch.sigmoid(self.theta)
 
-    def closed_heads(self, threshold: float | None = None, seed: int | None = None) -> list[tuple[int, int]]:
-        """Heads whose gate ends below ``threshold``: in one seed, or (``seed=None``) in every seed."""
+    def closed(self, threshold: float | None = None) -> Bool[Tensor, "seed layer head"]:
+        """Which gates end below ``threshold`` (default: the fit's own)."""
         threshold = self.config.get("threshold", 0.5) if threshold is None else threshold
         _check_threshold(threshold)
-        closed = self.gates < threshold
+        return self.gates.detach().cpu() < threshold
+
+    def closed_heads(self, threshold: float | None = None, seed: int | None = None) -> list[tuple[int, int]]:
+        """Heads whose gate ends below ``threshold``: in one seed, or (``seed=None``) in every seed."""
+        closed = self.closed(threshold)
         closed = closed[seed] if seed is not None else closed.all(dim=0)
         return [(int(a), int(b)) for a, b in torch.nonzero(closed).tolist()]
+
+    def to_frame(self, threshold: float | None = None) -> pd.DataFrame:
+        """One row per head: layer, head, the gate of each seed (``gate_seed0``...), the share of seeds
+        that close it, and whether every seed does."""
+        n_seeds, n_layers, n_heads = self.theta.shape
+        layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+        gates, closed = self.gates.detach().cpu(), self.closed(threshold)
+        columns: dict[str, Any] = {"layer": layer.ravel(), "head": head.ravel()}
+        for seed in range(n_seeds):
+            columns[f"gate_seed{seed}"] = gates[seed].numpy().ravel()
+        columns["closed_share"] = closed.float().mean(dim=0).numpy().ravel()
+        columns["closed_every_seed"] = closed.all(dim=0).numpy().ravel()
+        return pd.DataFrame(columns)
 
     def table(self) -> pd.DataFrame:
         """Accuracy and log-prob, retain/forget x before/after, mean and spread over seeds."""
@@ -305,6 +468,40 @@ class ContrastiveResult:
                              "accuracy_min": float(accuracy.min()), "accuracy_max": float(accuracy.max()),
                              "logprob": float(logprob.mean())})
         return pd.DataFrame(rows)
+
+    # ----------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write theta, loss curves and metrics like :meth:`CHGResult.save` (same two files, checksummed)."""
+        tensors = ({"theta": self.theta} | _flatten("losses", self.losses) | _flatten("trace", self.trace)
+                   | {f"metrics.{name}": value for name, value in self.metrics.items()})
+        return _write_result_files(Path(path), "ContrastiveResult", tensors, list(self.theta.shape),
+                                   self.config, self.provenance)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ContrastiveResult:
+        """Read a folder written by :meth:`save`; anything inconsistent raises ResultFileError."""
+        tensors, meta = _read_result_files(Path(path), "ContrastiveResult", ("theta",))
+        metrics = {key.removeprefix("metrics."): value for key, value in tensors.items()
+                   if key.startswith("metrics.")}
+        return cls(tensors["theta"], losses=_unflatten("losses", tensors), metrics=metrics,
+                   config=meta.get("config", {}), provenance=meta.get("provenance", {}),
+                   trace=_unflatten("trace", tensors))
+
+    # ----------------------------------------------------------------- notebook display
+    def _repr_html_(self) -> str:
+        """Before/after table and a layer x head map of closed gates, so a result shows itself in a
+        notebook cell."""
+        closed = self.closed()
+        every, some = closed.all(dim=0).numpy(), closed.any(dim=0).numpy()
+        labels = np.where(every, "closed in every seed", np.where(some, "closed in some seeds",
+                                                                  "open in every seed")).astype(object)
+        n_seeds, n_layers, n_heads = self.theta.shape
+        caption = (f"ContrastiveResult: {n_seeds} seed(s), {n_layers} layers x {n_heads} heads; "
+                   f"{int(every.sum())} head(s) closed in every seed, {int(some.sum())} in at least one. "
+                   "Map: mean gate over seeds.")
+        table = self.table().to_html(index=False, float_format=lambda x: f"{x:.3g}") if self.metrics else ""
+        texts = np.vectorize(lambda g: f"{g:.2f}")(self.gates.detach().cpu().mean(dim=0).numpy())
+        return _result_html(caption, table, labels, texts, _GATE_COLOURS)
 
 
 def require_same_model(a: CHGResult, b: CHGResult) -> None:
