@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
@@ -14,13 +15,31 @@ WORDS = ["<bos>", "<pad>", "<unk>", "when", "mary", "and", "john", "went", "to",
 
 def random_bridge(n_layers: int = 2, n_heads: int = 4, d_head: int = 8, n_ctx: int = 16,
                   d_vocab: int = 20, attn_only: bool = False, normalization: str | None = "LN",
-                  seed: int = 0) -> nn.Module:
+                  seed: int = 0, model_name: str = "native") -> nn.Module:
     """A randomly initialised TransformerLens model (a bridge on TL 4), deterministic by seed."""
     return build_native_model(
-        seed=seed, d_model=n_heads * d_head, d_head=d_head, n_layers=n_layers, n_ctx=n_ctx, n_heads=n_heads,
+        model_name=model_name, seed=seed, d_model=n_heads * d_head, d_head=d_head, n_layers=n_layers,
+        n_ctx=n_ctx, n_heads=n_heads,
         d_vocab=d_vocab, attn_only=attn_only, normalization_type=normalization, act_fn="relu",
         d_mlp=4 * n_heads * d_head,
     )
+
+
+@torch.no_grad()
+def randomize_final_norm(model: nn.Module, seed: int = 0) -> list[nn.Parameter]:
+    """Give the final norm a random weight (around 1) and bias (when it has one), on either TL version.
+
+    A fresh model's norm has weight 1 and bias 0, where a logit path that skipped them would still
+    look right. Returns the parameters written (weight first)."""
+    generator = torch.Generator().manual_seed(seed)
+    written = []
+    for parameter in model.ln_final.parameters():
+        noise = torch.randn(parameter.shape, generator=generator)
+        parameter.copy_(1.0 + 0.5 * noise if not written else 0.5 * noise)
+        written.append(parameter)
+    if not written:
+        raise AssertionError(f"{type(model.ln_final).__name__} has no parameters to randomize")
+    return written
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

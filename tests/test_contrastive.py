@@ -101,9 +101,14 @@ def test_bad_contrastive_input_is_named(two_modes):
     other.tokens[3, -1] = (other.tokens[3, -1] % 9) + 1
     with pytest.raises(ValueError, match="item 3 has different answers"):
         GateData.contrastive(retain, other)
+    # A side with zero items cannot exist, so GateData.contrastive never meets one: every way of
+    # making one (a constructor, an empty subset, the dataclass itself) is refused where it is made.
     with pytest.raises(ValueError, match="the dataset is empty"):
-        GateData.contrastive(retain, GateData.from_tokens(torch.ones(0, 3, dtype=torch.long),
-                                                          torch.ones(0, 3, dtype=torch.bool)))
+        GateData.from_tokens(torch.ones(0, 3, dtype=torch.long), torch.ones(0, 3, dtype=torch.bool))
+    for make_empty in (lambda: forget.subset([]),
+                       lambda: GateData(retain.tokens[:0], retain.target_mask[:0], retain.lengths[:0])):
+        with pytest.raises(ValueError, match="marks no target tokens; the loss would be empty"):
+            make_empty()
     with pytest.raises(ValueError, match="matched retain/forget items"):
         fit_contrastive_chg(two_modes.model, retain.subset(range(4)).__class__.from_tokens(
             retain.tokens, retain.target_mask), ContrastiveConfig(progress=False))

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from chg_tlens import CHGConfig, fit_chg
+from chg_tlens.core import distributed
 from chg_tlens.core.distributed import local_slice
+from chg_tlens.errors import InputError
 from chg_tlens.testbeds.planted import repeat_circuit
 
 CONFIG = dict(n_seeds=2, steps=30, batch_size=16, progress=False)
@@ -49,5 +52,19 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_one_process_takes_the_whole_batch():
-    index = torch.arange(8)
+    index = torch.randperm(8, generator=torch.Generator().manual_seed(0))  # a batch, in its drawn order
     assert torch.equal(local_slice(index), index)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_each_process_takes_its_own_contiguous_share_and_together_the_whole_batch(monkeypatch, size):
+    index = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    shares = []
+    for rank in range(size):
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: (rank, size))
+        shares.append(local_slice(index))
+    assert all(len(share) == 8 // size for share in shares)
+    assert torch.equal(torch.cat(shares), index)  # disjoint, in rank order, nothing lost or repeated
+    monkeypatch.setattr(distributed, "world", lambda: (1, 3))
+    with pytest.raises(InputError, match="batch_size=8 must be a multiple of the number of processes"):
+        local_slice(index)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models_for_tests import random_bridge
+from models_for_tests import random_bridge, randomize_final_norm
 from torch import nn
 
 from chg_tlens import HeadGates
@@ -136,16 +136,24 @@ def test_wrong_batch_for_masks_and_wrong_model_are_named():
         HeadGates.from_model(nn.Linear(3, 3))
 
 
-def test_target_logits_fast_path_equals_full_logits_for_every_mask():
+@pytest.mark.parametrize("normalization", ["LN", "RMS"])
+def test_target_logits_fast_path_equals_full_logits_for_every_mask(normalization):
+    # The final norm gets a random weight (and bias): a fast path that skipped either, or caught the
+    # residual on the wrong side of the norm, differs from the full logits.
     from chg_tlens.core.forward import gated_logits, gated_target_logits
     from chg_tlens.core.objectives import pick_target_logits
 
-    model = random_bridge()
+    model = random_bridge(normalization=normalization)
     tokens = torch.randint(0, 20, (3, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        plain = model(tokens)
+        written = randomize_final_norm(model, seed=3)
+        assert len(written) == (2 if normalization == "LN" else 1)
+        assert (model(tokens) - plain).abs().max() > 0.1  # the norm's parameters reach the logits
     target_mask = torch.zeros(3, 9, dtype=torch.bool)
     target_mask[0, 8] = target_mask[1, 2:5] = target_mask[2, 1] = True
     gates = HeadGates(2, 4, n_masks=2, seed=1)
     fast = gated_target_logits(model, gates, tokens, target_mask)
     full = pick_target_logits(gated_logits(model, gates, tokens), target_mask, n_masks=2)
     assert fast.shape == (2, 5, 20)
-    assert torch.allclose(fast, full, atol=1e-6)
+    assert torch.allclose(fast, full, atol=1e-5)

@@ -17,9 +17,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from chg_tlens import CHGConfig, GateData, fit_chg
+from chg_tlens import CHGConfig, GateData, HeadGates, fit_chg
+from chg_tlens.core.forward import score_gates
 from chg_tlens.models import load as chg_models
-from chg_tlens.models.adapter import legacy_model_class
+from chg_tlens.models.adapter import hook_z_name, legacy_model_class
 from chg_tlens.models.load import (
     CACHE_ENV,
     cache_dir,
@@ -559,11 +560,29 @@ def test_truncated_gguf_is_rejected_by_name_and_not_cached(
 
 @pytest.mark.real_model
 def test_chg_fits_on_the_embedded_model(smol) -> None:
-    # The whole fit path (GateData from text, gates on hook_z, three stages) on this version's class.
-    data = GateData.from_pairs(smol, ["The capital of France is", "The capital of Germany is"],
-                               [" Paris", " Berlin"])
+    # The whole fit path (GateData from text, gates on hook_z, three stages) on this version's class,
+    # with the target-only logits it trains on checked against the model's own full logits.
+    data = GateData.from_pairs(smol, ["The capital of France is", "Berlin is the capital of"],
+                               [" Paris", " Germany"])
+
+    def target_logprobs_by_hand(logits: torch.Tensor) -> torch.Tensor:
+        example, position = torch.nonzero(data.target_mask[:, 1:], as_tuple=True)
+        logprobs = logits.float().log_softmax(dim=-1)[example, position, data.tokens[example, position + 1]]
+        return torch.stack([logprobs[example == i].mean() for i in range(len(data))])
+
+    halve = [(hook_z_name(layer), lambda z, hook: 0.5 * z) for layer in range(30)]
+    with torch.no_grad():
+        ungated = target_logprobs_by_hand(smol(data.tokens))
+        with smol.hooks(fwd_hooks=halve):
+            half_open = target_logprobs_by_hand(smol(data.tokens))
+    scored, _ = score_gates(smol, data, HeadGates.fixed(torch.ones(30, 9)))
+    torch.testing.assert_close(scored[0], ungated, atol=1e-4, rtol=0)
+    assert ((half_open - ungated).abs() > 0.1).all()  # halving the heads matters: the check has teeth
     embedding = next(smol.parameters()).detach().clone()
-    result = fit_chg(smol, data, CHGConfig(n_seeds=1, steps=2, batch_size=2, progress=False))
+    result = fit_chg(smol, data, CHGConfig(n_seeds=1, steps=2, batch_size=2, progress=False),
+                     init_theta=torch.zeros(1, 30, 9))  # every gate starts at sigmoid(0) = 0.5
+    # Step 0 of stage 1 sees both examples under the initial gates: its NLL is the full-logit one.
+    assert float(result.losses["zero"]["nll"][0, 0]) == pytest.approx(-float(half_open.mean()), abs=1e-4)
     assert result.provenance["model_class"] == EXPECTED_CLASS
     for gates in (result.g_zero, result.g_plus, result.g_minus):
         assert gates.shape == (1, 30, 9)

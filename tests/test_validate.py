@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformer_lens.config import TransformerBridgeConfig
-from transformer_lens.model_bridge import TransformerBridge
+from torch import nn
 
 from chg_tlens import CHGConfig, GateData, fit_chg
 from chg_tlens.analysis.validate import (
@@ -22,6 +21,7 @@ from chg_tlens.analysis.validate import (
     sufficiency,
     target_logprob_metric,
 )
+from chg_tlens.models.adapter import build_native_model, head_weights
 from chg_tlens.testbeds.planted import PlantedHead, build_planted_model
 
 SMALL = dict(n_seeds=3, steps=150, batch_size=32, progress=False)
@@ -56,7 +56,7 @@ def repeat_pair(circuit, n: int, seed: int) -> GateData:
     return clean.with_corrupt(GateData.from_tokens(corrupt_tokens, clean.target_mask))
 
 
-def composition_model() -> TransformerBridge:
+def composition_model() -> nn.Module:
     """Two layers, two heads, one real sender -> receiver path through a value input.
 
     0.0 writes the token at position 1 into scratch; 1.0 attends to its own position, reads scratch
@@ -71,14 +71,14 @@ def composition_model() -> TransformerBridge:
     ]
     model = build_planted_model(2, 2, heads, vocab=VOCAB, n_ctx=N_CTX, name="planted-composition")
     scratch = 2 * VOCAB + N_CTX + 1  # token | position | constant | answer | scratch
-    value = model.original_model.layers[1].attn.v.weight  # head 0 owns rows [0, d_head)
+    value = head_weights(model, 1, 0)["W_V"]  # [d_model, d_head], a view into the model
     with torch.no_grad():
-        value[:VOCAB] = 0.0
-        value[:VOCAB, scratch : scratch + VOCAB] = torch.eye(VOCAB)
+        value[:, :VOCAB] = 0.0
+        value[scratch : scratch + VOCAB, :VOCAB] = torch.eye(VOCAB)
     return model
 
 
-def wide_model() -> TransformerBridge:
+def wide_model() -> nn.Module:
     """Recall task, two layers of four heads: 0.0, 0.3 and 1.2 copy the answer (each needed, none
     sufficient alone), 1.0 writes against it, 0.1 and 1.3 write scratch, 0.2 and 1.1 are empty."""
     heads = [
@@ -346,12 +346,19 @@ def test_path_patching_carries_all_of_a_senders_effect_when_it_has_one_route(com
 
 
 def test_path_patching_scores_map_the_receivers(composition):
+    """Each measured receiver's entry is its own path-patching effect: 1.0 reads 0.0's scratch through
+    its value, 1.1 reads tokens and the queries read positions, so only 1.0 through v moves."""
     data = recall_pair(32, 0)
     scores = path_patching_scores(composition, data, None, [(0, 0)])
     single = path_patching(composition, data, None, [(0, 0)], [(1, 0)]).effect
     assert scores.shape == (2, 2)
+    assert float(scores[1, 0]) > 0.3
     assert float(scores[1, 0]) == pytest.approx(single, abs=1e-6)
-    assert scores[0].abs().max() == 0 and abs(float(scores[1, 1])) < 1e-6
+    assert abs(float(scores[1, 1])) < 1e-6
+    by_query = path_patching_scores(composition, data, None, [(0, 0)], receiver_input="q")
+    assert by_query[1].abs().max() < 1e-6
+    # 0.1 writes the answer subspace, which neither receiver's value reads.
+    assert path_patching_scores(composition, data, None, [(0, 1)])[1].abs().max() < 1e-6
 
 
 def test_path_patching_refuses_bad_heads_and_kv_inputs_on_grouped_query_models(composition):
@@ -364,10 +371,8 @@ def test_path_patching_refuses_bad_heads_and_kv_inputs_on_grouped_query_models(c
         path_patching(composition, data, None, [], [(1, 0)])
     with pytest.raises(ValueError, match="receiver_input"):
         path_patching(composition, data, None, [(0, 0)], [(1, 0)], receiver_input="o")
-    cfg = TransformerBridgeConfig(d_model=32, d_head=8, n_layers=2, n_ctx=16, n_heads=4, n_key_value_heads=2,
-                                  d_vocab=VOCAB, attn_only=True, normalization_type=None, seed=0)
-    gqa = TransformerBridge.boot_native(cfg)
-    gqa.eval()
+    gqa = build_native_model(d_model=32, d_head=8, n_layers=2, n_ctx=16, n_heads=4, n_key_value_heads=2,
+                             d_vocab=VOCAB, attn_only=True, normalization_type=None, seed=0)
     with pytest.raises(ValueError, match="grouped-query"):
         path_patching(gqa, data, None, [(0, 0)], [(1, 0)], receiver_input="k")
     assert np.isfinite(path_patching(gqa, data, None, [(0, 0)], [(1, 0)], receiver_input="q").patched)

@@ -357,9 +357,10 @@ def transformer_lens_attribution_available(model: Any) -> tuple[bool, str]:
     try:
         from transformer_lens.tools.analysis import attribution_patch  # noqa: F401
     except ImportError:
-        return False, "this TransformerLens has no tools.analysis.attribution_patch (TL < 4)"
+        return False, "this TransformerLens has no tools.analysis.attribution_patch (needs TransformerLens 4)"
     if not adapter.is_bridge(model):
-        return False, "TransformerLens' attribution_patch supports TransformerBridge only"
+        return False, ("TransformerLens' attribution_patch needs a TransformerBridge (TransformerLens 4), "
+                       f"got a {type(model).__name__}; backend='hooks' gives the same estimate")
     names = set(model.hook_dict)
     needed = ["hook_embed"] + [f"blocks.{layer}.hook_mlp_out" for layer in range(model.cfg.n_layers)]
     missing = [name for name in needed if name not in names]

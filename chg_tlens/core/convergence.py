@@ -135,9 +135,10 @@ def stage_report(
 
     Converged = no head changed state over the last quarter, and the gates' movement there, carried
     on at the same rate for ``patience`` updates, stays below ``tolerance`` (the early-stopping rule,
-    read so that a short window is not mistaken for a still one); in a regularised stage, also at most ``max_near_initial`` of the gates may
-    still sit undecided (between 0.1 and 0.9) at their initial draw: the regulariser pulls every gate
-    it is free to move, so one it has not moved yet is an unfinished fit, not a finding.
+    read so that a short window is not mistaken for a still one); in a regularised stage, also at
+    most ``max_near_initial`` of the gates may still sit undecided (between 0.1 and 0.9) at their
+    initial draw: the regulariser pulls every gate it is free to move, so one it has not moved yet is
+    an unfinished fit, not a finding.
     """
     initial = trace["zero"]["gates"][0] if "zero" in trace else next(iter(trace.values()))["gates"][0]
     roles = paired_roles(trace["plus"], trace["minus"], threshold) if "plus" in trace else None

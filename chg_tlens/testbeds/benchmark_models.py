@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from chg_tlens.core.data import GateData
 from chg_tlens.core.objectives import target_nll
 from chg_tlens.errors import InputError
+from chg_tlens.models import adapter
+from chg_tlens.testbeds import surgery
 from chg_tlens.testbeds.planted import (
     PlantedCircuit,
     PlantedHead,
@@ -210,17 +212,14 @@ def plant_induction_head(model: nn.Module, layer: int, head: int, vocab: int, n_
     and its value/output copy that position's token into the answer with ``strength``.
     """
     spaces = _Subspaces(vocab, n_ctx)
-    attn = model.original_model.layers[layer].attn
-    d_head = attn.q.weight.shape[0] // model.cfg.n_heads
-    rows = slice(head * d_head, (head + 1) * d_head)
-    with torch.no_grad():
-        for projection in (attn.q, attn.k, attn.v):
-            projection.weight[rows] = 0.0
-        attn.o.weight[:, rows] = 0.0
-        attn.q.weight[rows][:vocab, spaces.token] = sharpness * torch.eye(vocab)
-        attn.k.weight[rows][:vocab, spaces.scratch] = torch.eye(vocab)
-        attn.v.weight[rows][:vocab, spaces.token] = torch.eye(vocab)
-        attn.o.weight[:, rows][spaces.answer, :vocab] = strength * torch.eye(vocab)
+    d_model, d_head = model.cfg.d_model, model.cfg.d_head
+    w_q, w_k, w_v = (torch.zeros(d_model, d_head) for _ in range(3))
+    w_o = torch.zeros(d_head, d_model)
+    w_q[spaces.token, :vocab] = sharpness * torch.eye(vocab)
+    w_k[spaces.scratch, :vocab] = torch.eye(vocab)
+    w_v[spaces.token, :vocab] = torch.eye(vocab)
+    w_o[:vocab, spaces.answer] = strength * torch.eye(vocab)
+    surgery.write_head_weights(model, layer, head, w_q, w_k, w_v, w_o)
 
 
 # ------------------------------------------------------------------------------ trained
@@ -268,20 +267,16 @@ def trained_induction(seed: int = 0, config: InductionTraining | None = None) ->
     head when it puts that much on the token after it; all are facilitating (induction needs them),
     the rest irrelevant. Seconds on a CPU. ``diagnostics`` keeps the three scores and the loss.
     """
-    from transformer_lens.config import TransformerBridgeConfig
-    from transformer_lens.model_bridge import TransformerBridge
-
     config = (config or InductionTraining(seed=seed)).validate()
     started = time.time()
-    cfg = TransformerBridgeConfig(
-        d_model=config.n_heads * config.d_head, d_head=config.d_head, n_layers=config.n_layers,
-        n_ctx=config.n_ctx, n_heads=config.n_heads, d_vocab=config.vocab, attn_only=True,
-        normalization_type=None, seed=config.seed, model_name="trained-induction",
-        positional_embedding_type="standard", act_fn="relu", d_mlp=4,
-    )
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        model = TransformerBridge.boot_native(cfg)
+        model = adapter.build_native_model(
+            model_name="trained-induction", seed=config.seed, d_model=config.n_heads * config.d_head,
+            d_head=config.d_head, n_layers=config.n_layers, n_ctx=config.n_ctx, n_heads=config.n_heads,
+            d_vocab=config.vocab, attn_only=True, normalization_type=None,
+            positional_embedding_type="standard", act_fn="relu", d_mlp=4,
+        )
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     model.train()
@@ -289,7 +284,7 @@ def trained_induction(seed: int = 0, config: InductionTraining | None = None) ->
     with _one_thread():
         for _ in range(config.steps):
             tokens, mask, _, _, _ = repeated_blocks(config.batch_size, config, generator, fill=True)
-            loss = target_nll(model.original_model(tokens), tokens, mask)[0]
+            loss = target_nll(model(tokens), tokens, mask)[0]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
