@@ -14,9 +14,11 @@ import torch
 
 from chg_tlens.app import bench
 from chg_tlens.core.data import GateData
+from chg_tlens.models import adapter
 
 REPO = Path(__file__).resolve().parents[1]
-MEASUREMENTS = {"gate overhead", "target-only logits", "masks per pass", "length bucketing", "end to end"}
+MEASUREMENTS = {"gate overhead", "target-only logits", "masks per pass", "length bucketing", "fused G+/G-",
+                "end to end"}
 
 
 @pytest.fixture
@@ -62,6 +64,24 @@ def test_run_benchmarks_writes_every_measurement(tmp_path, monkeypatch, one_thre
     assert "| " + " | ".join(bench.COLUMNS) + " |" in text
     assert text.count("\n| ") == len(table) + 1
     assert all(name in text for name in MEASUREMENTS)
+
+
+def test_fused_regularised_row_on_tiny_model(monkeypatch, one_thread):
+    monkeypatch.setattr(bench, "MIN_BLOCK_SECONDS", 0.0)
+    subject = bench.tiny_subject(torch.device("cpu"))
+    task, batch = next(iter(subject.short.items()))
+    with adapter.frozen(subject.model):
+        rows = bench.fused_regularised(subject.model, batch, 2, subject.name, task, seed_counts=(1, 2))
+
+    assert [row.case.split(",")[0] for row in rows] == ["n_seeds=1", "n_seeds=2"]
+    for row, n in zip(rows, (1, 2), strict=True):
+        assert (row.measurement, row.model, row.unit) == ("fused G+/G-", "tiny", "ms/step")
+        assert row.baseline == f"G+ then G- ({n} masks each)" and row.candidate == f"fused ({2 * n} masks)"
+        assert row.baseline_value > 0 and row.candidate_value > 0
+        assert row.ratio > 0 and math.isfinite(row.ratio)  # never the value: timings are for people
+        assert set(row.samples) == {"fused", "separate"} and all(len(v) == 2 for v in row.samples.values())
+    notes = bench.findings(rows)
+    assert len(notes) == 2 and all(note.startswith("tiny, n_seeds=") for note in notes)
 
 
 def test_run_benchmarks_rejects_bad_arguments(tmp_path):

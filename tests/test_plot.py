@@ -227,3 +227,18 @@ def test_pictures_leave_no_pyplot_state():
     before = plt.get_fignums()
     plot.figures(random_result(2, 3, 3))
     assert plt.get_fignums() == before
+
+
+def test_role_trace_draws_each_seeds_roles_at_every_snapshot(recall):
+    from chg_tlens import CHGConfig, fit_chg
+    from chg_tlens.core.convergence import paired_roles
+
+    result = fit_chg(recall.model, recall.data(64, 0), CHGConfig(n_seeds=2, steps=30, batch_size=16,
+                                                                progress=False))
+    fig = plot.role_trace(result)
+    images = images_of(fig)
+    assert len(images) == 2  # one panel per seed
+    _, codes = paired_roles(result.trace["plus"], result.trace["minus"], 0.5)
+    for seed, image in enumerate(images):
+        assert np.array_equal(image.get_array(), codes[:, seed].flatten(1).T.numpy())
+    assert "role_trace" in plot.figures(result) and "role_trace" not in plot.figures(random_result(2, 2, 2))

@@ -37,7 +37,7 @@ VALIDATION = {
     "accuracy": {"clean": 0.98, "gated": 0.97},
     "note": HOSTILE_NOTE,
 }
-N_PICTURES = 6
+N_PICTURES = 7  # the standard six, and roles over updates (a fitted result carries its trace)
 VIRIDIS_YELLOW = np.array([253, 231, 37])  # the colour of an open gate (G+ = 1) in the heatmaps
 
 

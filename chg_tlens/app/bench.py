@@ -2,7 +2,7 @@
 
     table = run_benchmarks("runs/bench")          # also: chg-tlens bench --out runs/bench
 
-Five measurements, each a ratio of two variants timed side by side in one process:
+Six measurements, each a ratio of two variants timed side by side in one process:
 
     gate overhead       gated forward+backward (full logits, one mask) / the same frozen model's
                         plain forward+backward with the embedding output requiring grad
@@ -10,6 +10,8 @@ Five measurements, each a ratio of two variants timed side by side in one proces
     masks per pass      per-seed cost of K masks in one batched pass / K one-mask steps
     length bucketing    share of pad tokens, and time for the same examples, with length-sorted
                         buckets / with random batches
+    fused G+/G-         one optimiser update of the fused regularised stage (2 x n_seeds masks) / one
+                        update of each separate stage (G+ then G-, n_seeds masks each): stages 2+3 only
     end to end          the demo fit in its own process: wall time, peak RSS / fp32 model size
 
 Timing: variants run round-robin (order rotated each repeat), each timed block repeated until it lasts
@@ -48,7 +50,7 @@ from chg_tlens.core.data import GateData
 from chg_tlens.core.fit import chg_objective
 from chg_tlens.core.forward import gated_logits
 from chg_tlens.core.gates import HeadGates
-from chg_tlens.core.objectives import chg_loss, target_nll
+from chg_tlens.core.objectives import chg_loss, per_mask_grad_clip_, target_nll
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
 
@@ -62,6 +64,8 @@ BATCH_SIZE = 8
 """Examples per batch in every step measurement (the demo's batch size)."""
 LAM = 0.1
 """Regulariser strength of the measured steps (G+ stage); its cost is negligible either way."""
+FUSED_SEED_COUNTS = (2, 4)
+"""Seeds per G+/G- gate set compared in the fused G+/G- measurement (the demo fits 2)."""
 GATE_OVERHEAD_TARGET = 1.05
 RSS_TARGET = 3.0
 BENCH_FILE, MARKDOWN_FILE = "bench.json", "bench.md"
@@ -157,6 +161,7 @@ def measure_subject(subject: Subject, repeats: int) -> list[Row]:
             rows.append(target_only_floor(model, batch, repeats, subject.name, task))
         rows += masks_per_pass(model, subject.short[first_task], repeats, subject.name, first_task)
         rows += length_bucketing(model, subject.varied, repeats, subject.name, subject.varied_name)
+        rows += fused_regularised(model, subject.short[first_task], repeats, subject.name, first_task)
     return rows
 
 
@@ -233,12 +238,31 @@ def full_logit_step(model: Any, gates: HeadGates, batch: GateData) -> Step:
 
 def target_only_step(model: Any, gates: HeadGates, batch: GateData) -> Step:
     """The training step ``fit_chg`` runs: the stage objective (target logits only), then backward."""
-    objective = chg_objective(LAM, CHGConfig())
+    objective = chg_objective([LAM], CHGConfig())
 
     def step() -> None:
         loss, _ = objective(model, gates, batch)
         loss.sum().backward()
         gates.theta.grad = None
+
+    return step
+
+
+def regularised_update(model: Any, theta: Tensor, lams: list[float], batch: GateData,
+                       config: CHGConfig) -> Step:
+    """One Adam update of a regularised stage as ``fit_chg`` runs it: ``chg_objective`` over one copy of
+    ``theta`` per lambda (two: the fused G+/G- stage), backward, per-mask gradient clip, Adam step."""
+    gates = HeadGates(theta.shape[1], theta.shape[2], len(lams) * theta.shape[0],
+                      theta=theta.repeat(len(lams), 1, 1)).to(adapter.model_device(model))
+    objective = chg_objective(lams, config)
+    optimizer = torch.optim.Adam([gates.theta], lr=config.lr_reg[0])
+
+    def step() -> None:
+        loss, _ = objective(model, gates, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        per_mask_grad_clip_(gates.theta.grad, config.grad_clip)
+        optimizer.step()
 
     return step
 
@@ -380,6 +404,33 @@ def length_bucketing(model: Any, data: GateData, repeats: int, model_name: str, 
     return rows
 
 
+def fused_regularised(model: Any, batch: GateData, repeats: int, model_name: str, task: str,
+                      seed_counts: tuple[int, ...] = FUSED_SEED_COUNTS) -> list[Row]:
+    """Stages 2+3 per optimiser step: one update of the fused G+/G- stage (2n masks, one pass) against
+    one update of the G+ stage and one of the G- stage (n masks each, two passes), same batch.
+
+    Both start from the same stage-1 gates (a random draw: gate values do not change the cost); stage 1
+    is not run, so its cost does not dilute the ratio.
+    """
+    variants = {}
+    for n in seed_counts:
+        config = CHGConfig(n_seeds=n)
+        theta_zero = _gates(model, n).theta.detach()
+        variants[f"fused {n}"] = regularised_update(model, theta_zero, [+config.lam, -config.lam], batch,
+                                                    config)
+        variants[f"separate {n}"] = steps_in_turn(
+            [regularised_update(model, theta_zero, [sign * config.lam], batch, config) for sign in (+1, -1)])
+    times = interleaved_times(variants, repeats)
+    rows = []
+    for n in seed_counts:
+        fused, separate = times[f"fused {n}"], times[f"separate {n}"]
+        rows.append(Row("fused G+/G-", model_name, f"n_seeds={n}, {task}, batch {len(batch)}",
+                        f"G+ then G- ({n} masks each)", _ms(separate), f"fused ({2 * n} masks)", _ms(fused),
+                        "ms/step", paired_ratio(fused, separate),
+                        samples={"fused": fused, "separate": separate}))
+    return rows
+
+
 def padding_share(lengths: Int[Tensor, " example"], batches: list[Tensor]) -> float:
     """Share of pad tokens among all tokens the model runs, each batch padded to its longest example."""
     padded = sum(int(lengths[b].max()) * len(b) for b in batches)
@@ -513,6 +564,10 @@ def findings(rows: list[Row]) -> list[str]:
         if row.measurement == "length bucketing" and row.unit.startswith("%"):
             notes.append(f"{row.model}: length buckets cut padding from {row.baseline_value:.1f}% to "
                          f"{row.candidate_value:.1f}% of tokens ({row.case.split(';')[0]}).")
+        elif row.measurement == "fused G+/G-":
+            verdict = "keep fuse_regularised=True" if row.ratio < 1 else "fusing does not pay here"
+            notes.append(f"{row.model}, {row.case.split(',')[0]}: a fused G+/G- step takes {row.ratio:.2f}x "
+                         f"the time of separate G+ and G- steps (speed-up {1 / row.ratio:.2f}x; {verdict}).")
     return notes
 
 

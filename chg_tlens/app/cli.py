@@ -515,6 +515,9 @@ def _print_roles(result: Any, threshold: float, out: Path) -> None:
         shown = ", ".join(f"{layer}.{head}" for layer, head in heads[:20])
         more = f" (+{len(heads) - 20} more)" if len(heads) > 20 else ""
         print(f"{role} in every seed ({len(heads)}): {shown or '-'}{more}")
+    if result.trace:
+        print("\nConvergence (last quarter of each stage; details: result.convergence())")
+        print(summary.attrs["convergence"])
     print(f"\nrun folder: {out}  (report: {out / 'report.html'})")
 
 

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torch import Tensor
 
+from chg_tlens.core.convergence import paired_roles
 from chg_tlens.core.result import ROLES, STAGES, UNCLASSIFIED, CHGResult
 from chg_tlens.errors import InputError
 
@@ -261,8 +262,32 @@ def loss_curves(result: CHGResult, axes: Sequence[Axes] | None = None) -> Figure
     return fig
 
 
+def role_trace(result: CHGResult, threshold: float = 0.5, max_seeds: int = 4) -> Figure:
+    """Each head's role at every snapshot of the G+/G- fit (one panel per seed, heads down, updates
+    across): a converged fit shows straight bands; late changes on the right are roles not yet settled."""
+    if not {"plus", "minus"} <= set(result.trace):
+        fig, ax = _figure_and_axes(None, (4.0, 2.0))
+        ax.text(0.5, 0.5, "no trace recorded (older result)", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    steps, codes = paired_roles(result.trace["plus"], result.trace["minus"], threshold)
+    seeds = min(result.n_seeds, max_seeds)
+    fig = Figure(figsize=(2.6 * seeds + 1.6, 3.6), layout="constrained")
+    axes = fig.subplots(1, seeds, squeeze=False).ravel()
+    colormap = ListedColormap([ROLE_COLORS[role] for role in ALL_ROLES])
+    for seed, ax in enumerate(axes):
+        image = codes[:, seed].flatten(1).T.numpy()  # [head (layer-major), snapshot]
+        ax.imshow(image, aspect="auto", cmap=colormap, vmin=-0.5, vmax=len(ALL_ROLES) - 0.5,
+                  interpolation="nearest", extent=(float(steps[0]), float(steps[-1]), image.shape[0], 0))
+        ax.set(xlabel="update", title=f"seed {seed}")
+        ax.set_ylabel("head (layer-major)" if seed == 0 else "")
+    fig.legend(handles=_role_patches(), loc="outside right center", fontsize=7, frameon=False)
+    return fig
+
+
 def figures(result: CHGResult, threshold: float = 0.5, seed: int | None = None) -> dict[str, Figure]:
-    """Every standard picture, by file stem: what ``save_all`` writes and the HTML report shows."""
+    """Every standard picture, by file stem: what ``save_all`` writes and the HTML report shows (roles over
+    updates only for results that carry a trace)."""
     return {
         "heatmaps": heatmaps(result, seed=seed),
         "role_map": role_map(result, seed=seed, threshold=threshold),
@@ -270,7 +295,7 @@ def figures(result: CHGResult, threshold: float = 0.5, seed: int | None = None) 
         "gate_scatter": gate_scatter(result, seed=seed, threshold=threshold),
         "role_shares": role_shares(result, threshold=threshold),
         "loss_curves": loss_curves(result),
-    }
+    } | ({"role_trace": role_trace(result, threshold=threshold)} if result.trace else {})
 
 
 def save_all(
@@ -397,5 +422,5 @@ def _seed_suffix(result: CHGResult, seed: int | None) -> str:
 __all__ = [
     "ALL_ROLES", "DEFAULT_HEATMAPS", "QUANTITIES", "ROLE_COLORS", "ablation_curves", "figure_png", "figures",
     "gate_scatter", "head_values", "heatmap", "heatmaps", "loss_curves", "role_agreement", "role_map",
-    "role_shares", "save_all", "seed_agreement",
+    "role_shares", "role_trace", "save_all", "seed_agreement",
 ]

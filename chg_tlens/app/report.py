@@ -45,6 +45,9 @@ FIGURE_CAPTIONS = {
     "validation_ablation": "Targeted ablation from G+ on held-out data: heads set to 0 (or 1) cumulatively "
                            "in order of their role score; facilitating should fall, irrelevant stay flat.",
     "loss_curves": "Loss per update in each stage: each seed thin, the mean thick, mean target NLL dashed.",
+    "role_trace": "Role of every head (rows, layer by layer) at each snapshot of the G+/G\u2212 fit "
+                  "(columns, by update), per seed: straight bands = settled roles; changes near the right "
+                  "edge = roles the fit had not settled when it ended.",
 }
 
 
@@ -104,6 +107,7 @@ def render_report(
     sections = [
         _section("What was run", _key_facts(result, run, threshold)),
         _section("Roles", _roles_html(result, threshold)),
+        _section("Convergence", _convergence_html(result, threshold), section_id="convergence"),
         _section("Pictures", _figures_html(result, threshold)),
     ]
     if validation is not None or validation_pictures:
@@ -138,6 +142,18 @@ def _key_facts(result: CHGResult, run: dict[str, Any], threshold: float) -> str:
         facts["command"] = " ".join(str(part) for part in facts["command"])
     rows = {k: v for k, v in facts.items() if v not in (None, "")}
     return _key_value_table(rows, code_keys={"command"})
+
+
+def _convergence_html(result: CHGResult, threshold: float) -> str:
+    """In words per stage, then the figures behind the words: a user should not read noise as roles."""
+    if not result.trace:
+        return "<p>This result carries no trace (saved by an older chg_tlens): convergence unknown.</p>"
+    frame = result.convergence(threshold)
+    words = "".join(f"<li>{_e(line)}</li>" for line in result.convergence_text(threshold).splitlines())
+    columns = ["stage", "seed", "updates", "stopped_at", "flips", "flips_of", "mean_abs_dG", "loss_slope",
+               "near_initial", "undecided_at_initial", "converged", "advice"]
+    table = frame[columns].to_html(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-")
+    return f"<ul>{words}</ul>{table}"
 
 
 def _roles_html(result: CHGResult, threshold: float) -> str:
