@@ -76,9 +76,7 @@ def gate_data(data: Any, model: Any, argument: str = "data") -> GateData:
     """``data`` if it is a GateData whose tokens and lengths fit ``model``."""
     from chg_tlens.core.data import GateData  # data.py uses the scalar checks above
 
-    if not isinstance(data, GateData):
-        raise InputError(f"{argument}: expected a chg_tlens.GateData, got {type(data).__name__}.")
-    return data.checked_for(model, argument)
+    return instance_of(data, GateData, argument, "chg_tlens.GateData").checked_for(model, argument)
 
 
 def corrupt_twin(data: GateData, method: str, corrupt: Any = None) -> GateData:
@@ -112,20 +110,6 @@ def head_map(values: Any, layout: adapter.HeadLayout, argument: str) -> Float[Te
     return tensor
 
 
-def gates_for(gates: Any, layout: adapter.HeadLayout, argument: str = "gates") -> HeadGates:
-    """``gates`` if it is a HeadGates sized for the model's heads."""
-    from chg_tlens.core.gates import HeadGates  # gates.py uses the scalar checks above
-
-    if not isinstance(gates, HeadGates):
-        raise InputError(f"{argument}: expected a chg_tlens.HeadGates, got {type(gates).__name__}.")
-    if (gates.n_layers, gates.n_heads) != (layout.n_layers, layout.n_heads):
-        raise InputError(
-            f"{argument}: built for {gates.n_layers} layers x {gates.n_heads} heads, but the model has "
-            f"{layout.n_layers} x {layout.n_heads}."
-        )
-    return gates
-
-
 def heads(values: Any, layout: adapter.HeadLayout, argument: str, allow_empty: bool = True
           ) -> list[tuple[int, int]]:
     """``(layer, head)`` pairs within the model, in the order given, without duplicates."""
@@ -146,15 +130,43 @@ def heads(values: Any, layout: adapter.HeadLayout, argument: str, allow_empty: b
     return pairs
 
 
+def gates_for(gates: Any, layout: adapter.HeadLayout, argument: str = "gates") -> HeadGates:
+    """``gates`` if it is a HeadGates sized for the model's heads."""
+    from chg_tlens.core.gates import HeadGates  # gates.py uses the scalar checks above
+
+    return _sized_for_model(
+        gates, HeadGates, "chg_tlens.HeadGates", layout, argument,
+        "built for {found[0]} layers x {found[1]} heads, but the model has {model[0]} x {model[1]}.",
+    )
+
+
 def chg_result(result: Any, layout: adapter.HeadLayout, argument: str = "result") -> Any:
     """``result`` if it is a CHGResult fitted on a model with this many layers and heads."""
     from chg_tlens.core.result import CHGResult  # result.py sits above the checks
 
-    if not isinstance(result, CHGResult):
-        raise InputError(f"{argument}: expected a CHGResult, got {type(result).__name__}.")
-    if (result.n_layers, result.n_heads) != (layout.n_layers, layout.n_heads):
-        raise InputError(
-            f"{argument}: gates are [layer, head] = {[result.n_layers, result.n_heads]}, but the model has "
-            f"{[layout.n_layers, layout.n_heads]}; was it fitted on another model?"
-        )
-    return result
+    return _sized_for_model(
+        result, CHGResult, "CHGResult", layout, argument,
+        "gates are [layer, head] = {found}, but the model has {model}; was it fitted on another model?",
+    )
+
+
+def instance_of(value: Any, kind: type, argument: str, name: str) -> Any:
+    """``value`` if it is a ``kind``; ``name`` is how the message writes the type."""
+    if not isinstance(value, kind):
+        raise InputError(f"{argument}: expected a {name}, got {type(value).__name__}.")
+    return value
+
+
+def _sized_for_model(
+    value: Any, kind: type, name: str, layout: adapter.HeadLayout, argument: str, mismatch: str
+) -> Any:
+    """``value`` if it is a ``kind`` with the model's layers and heads (``n_layers``, ``n_heads``).
+
+    ``mismatch`` is the message for another size, formatted with ``found`` and ``model``, each
+    ``[layers, heads]``.
+    """
+    instance_of(value, kind, argument, name)
+    found, model = [value.n_layers, value.n_heads], [layout.n_layers, layout.n_heads]
+    if found != model:
+        raise InputError(f"{argument}: " + mismatch.format(found=found, model=model))
+    return value

@@ -96,7 +96,7 @@ def loss_slope(loss: Float[Tensor, "step mask"], share: float = 0.25) -> tuple[T
     x = x - x.mean()
     slope = (x * (tail - tail.mean(dim=0))).sum(dim=0) / (x**2).sum().clamp(min=1e-12)
     residual = tail - tail.mean(dim=0) - slope * x
-    return slope.float(), residual.std(dim=0).float()
+    return slope.float(), residual.std(dim=0, correction=0).float()
 
 
 def temporal_stability(codes: Int[Tensor, "snapshot seed layer head"], start: int

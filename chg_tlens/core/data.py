@@ -127,7 +127,7 @@ class GateData:
         if len(prompts) == 0:
             raise InputError("GateData.from_pairs: no examples were given (the dataset is empty).")
         bos = adapter.prepends_bos(model) if prepend_bos is None else prepend_bos
-        sequences, masks = [], []
+        encoded = []
         for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
             prompt_ids = adapter.encode(model, prompt, prepend_bos=bos)
             target_ids = adapter.encode(model, target, prepend_bos=False)
@@ -140,11 +140,8 @@ class GateData:
                     f"GateData.from_pairs: prompt {i} ({prompt!r}) tokenizes to nothing and no BOS "
                     "is prepended, so the first target token has nothing to be predicted from."
                 )
-            sequences.append(prompt_ids + target_ids)
-            masks.append([False] * len(prompt_ids) + [True] * len(target_ids))
-        data = cls.from_sequences(sequences, masks, adapter.pad_token_id(model),
-                                  {"source": "pairs", **(meta or {})})
-        return data.checked_for(model)
+            encoded.append((prompt_ids + target_ids, [False] * len(prompt_ids) + [True] * len(target_ids)))
+        return cls._from_encoded(model, encoded, "pairs", meta)
 
     @classmethod
     def from_text(
@@ -158,7 +155,7 @@ class GateData:
         if len(texts) == 0:
             raise InputError("GateData.from_text: no texts were given (the dataset is empty).")
         bos = adapter.prepends_bos(model) if prepend_bos is None else prepend_bos
-        sequences, masks = [], []
+        encoded = []
         for i, text in enumerate(texts):
             ids = adapter.encode(model, text, prepend_bos=bos)
             if len(ids) < 2:
@@ -166,10 +163,21 @@ class GateData:
                     f"GateData.from_text: text {i} ({text!r}) has fewer than two tokens, so it has "
                     "no next-token prediction to count."
                 )
-            sequences.append(ids)
-            masks.append([False] + [True] * (len(ids) - 1))
-        data = cls.from_sequences(sequences, masks, adapter.pad_token_id(model),
-                                  {"source": "text", **(meta or {})})
+            encoded.append((ids, [False] + [True] * (len(ids) - 1)))
+        return cls._from_encoded(model, encoded, "text", meta)
+
+    @classmethod
+    def _from_encoded(
+        cls,
+        model: Any,
+        encoded: Sequence[tuple[list[int], list[bool]]],
+        source: str,
+        meta: dict[str, Any] | None,
+    ) -> GateData:
+        """(token ids, target mask) per example, as the model's tokenizer made them: right-padded with
+        its pad id, ``source`` recorded in ``meta``, checked against the model."""
+        data = cls.from_sequences([ids for ids, _ in encoded], [mask for _, mask in encoded],
+                                  adapter.pad_token_id(model), {"source": source, **(meta or {})})
         return data.checked_for(model)
 
     @classmethod

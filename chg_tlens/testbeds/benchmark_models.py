@@ -38,7 +38,9 @@ from chg_tlens.testbeds.planted import (
     PlantedHead,
     _Subspaces,
     build_planted_model,
+    planted_roles,
     recall_circuit,
+    recall_tokens,
 )
 
 SHARPNESS = 60.0
@@ -106,13 +108,13 @@ def redundant_circuit(vocab: int = 10, seq_len: int = 8, strength: float = 6.0, 
     model = build_planted_model(2, 4, heads, vocab=vocab, n_ctx=max(16, seq_len), name="planted-redundant")
 
     def make(n: int, seed: int) -> GateData:
-        tokens, mask = _recall_tokens(n, seq_len, vocab, seed)
+        tokens, mask = recall_tokens(n, seq_len, vocab, seed)
         corrupt = tokens.clone()
         corrupt[:, 1] = _other_token([tokens[:, 1]], vocab, seed)
         corrupt[:, -1] = corrupt[:, 1]
         return _with_twin(tokens, mask, corrupt, "planted-redundant")
 
-    roles = _roles_of(2, 4, heads)
+    roles = planted_roles(2, 4, heads)
     return GroundTruthCircuit("redundant", model, heads, make,
                               "last token = token at position 1; heads 0.1 and 1.2 each suffice alone",
                               roles=roles)
@@ -139,14 +141,14 @@ def interfering_circuit(vocab: int = 10, seq_len: int = 8, strength: float = 4.0
                                 name="planted-interfering")
 
     def make(n: int, seed: int) -> GateData:
-        tokens, mask = _recall_tokens(n, seq_len, vocab, seed)
+        tokens, mask = recall_tokens(n, seq_len, vocab, seed)
         tokens[:, 2] = _other_token([tokens[:, 1]], vocab, seed + 1)  # the distractor is never the answer
         corrupt = tokens.clone()
         corrupt[:, 1] = _other_token([tokens[:, 1], tokens[:, 2]], vocab, seed)
         corrupt[:, -1] = corrupt[:, 1]
         return _with_twin(tokens, mask, corrupt, "planted-interfering")
 
-    roles = _roles_of(2, 3, heads)
+    roles = planted_roles(2, 3, heads)
     roles[0, 1] = "interfering"  # writes for a token that is never the answer
     return GroundTruthCircuit("interfering", model, heads, make,
                               "last token = token at position 1; 0.1 pushes a distractor, 0.2 helps weakly",
@@ -379,16 +381,6 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _recall_tokens(n: int, seq_len: int, vocab: int, seed: int) -> tuple[Tensor, Tensor]:
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, vocab, size=(n, seq_len))
-    tokens[:, 0] = 0
-    tokens[:, -1] = tokens[:, 1]
-    mask = np.zeros_like(tokens, dtype=bool)
-    mask[:, -1] = True
-    return torch.as_tensor(tokens), torch.as_tensor(mask)
-
-
 def _other_token(avoid: list[Int[Tensor, " n"]], vocab: int, seed: int) -> Int[Tensor, " n"]:
     """A non-BOS token per entry that differs from that entry in every tensor of ``avoid``."""
     generator = torch.Generator().manual_seed(seed + 7)
@@ -404,11 +396,3 @@ def _with_twin(tokens: Tensor, mask: Tensor, corrupt: Tensor, task: str) -> Gate
     clean = GateData.from_tokens(tokens, mask, meta={"task": task})
     return clean.with_corrupt(GateData.from_tokens(corrupt, mask.clone(), meta={"task": task,
                                                                                 "twin": "corrupt"}))
-
-
-def _roles_of(n_layers: int, n_heads: int, heads: list[PlantedHead]) -> np.ndarray:
-    roles = np.full((n_layers, n_heads), "irrelevant", dtype=object)
-    for head in heads:
-        roles[head.layer, head.head] = head.role
-    return roles
-

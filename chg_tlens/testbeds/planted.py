@@ -64,15 +64,19 @@ class PlantedCircuit:
 
     def true_roles(self) -> np.ndarray:
         """``[layer, head]`` array of role names; heads not planted are irrelevant (all-zero)."""
-        cfg = self.model.cfg
-        roles = np.full((cfg.n_layers, cfg.n_heads), "irrelevant", dtype=object)
-        for head in self.heads:
-            roles[head.layer, head.head] = head.role
-        return roles
+        return planted_roles(self.model.cfg.n_layers, self.model.cfg.n_heads, self.heads)
 
     def heads_with_role(self, role: str) -> list[tuple[int, int]]:
         roles = self.true_roles()
         return [(int(a), int(b)) for a, b in zip(*np.nonzero(roles == role), strict=True)]
+
+
+def planted_roles(n_layers: int, n_heads: int, heads: list[PlantedHead]) -> np.ndarray:
+    """``[layer, head]`` array of the planted heads' role names, "irrelevant" everywhere else."""
+    roles = np.full((n_layers, n_heads), "irrelevant", dtype=object)
+    for head in heads:
+        roles[head.layer, head.head] = head.role
+    return roles
 
 
 def build_planted_model(
@@ -123,17 +127,23 @@ def recall_circuit(vocab: int = 10, seq_len: int = 8, alpha: float = 3.0, beta: 
     model = build_planted_model(1, 4, heads, vocab=vocab, n_ctx=max(16, seq_len), name="planted-recall")
 
     def make(n: int, seed: int) -> GateData:
-        rng = np.random.default_rng(seed)
-        tokens = rng.integers(1, vocab, size=(n, seq_len))
-        tokens[:, 0] = 0
-        tokens[:, -1] = tokens[:, 1]
-        mask = np.zeros_like(tokens, dtype=bool)
-        mask[:, -1] = True
-        return GateData.from_tokens(torch.as_tensor(tokens), torch.as_tensor(mask),
-                                    meta={"task": "planted-recall"})
+        tokens, mask = recall_tokens(n, seq_len, vocab, seed)
+        return GateData.from_tokens(tokens, mask, meta={"task": "planted-recall"})
 
     return PlantedCircuit("recall", model, heads, make,
                           "last token = token at position 1; one layer, 4 heads")
+
+
+def recall_tokens(n: int, seq_len: int, vocab: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The recall task's tokens (BOS 0, random non-BOS tokens, the last one repeating position 1) and
+    its target mask (the last token only)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, vocab, size=(n, seq_len))
+    tokens[:, 0] = 0
+    tokens[:, -1] = tokens[:, 1]
+    mask = np.zeros_like(tokens, dtype=bool)
+    mask[:, -1] = True
+    return torch.as_tensor(tokens), torch.as_tensor(mask)
 
 
 def repeat_circuit(vocab: int = 10, period: int = 4, alpha: float = 3.0, beta: float = 1.5

@@ -1,0 +1,201 @@
+"""Convergence study: which CHG budgets reach a long fit's roles on SmolLM2-135M, at what cost.
+
+    python benchmarks/convergence_study.py OUT                       # sva, ioi, induction; resumable
+    python benchmarks/convergence_study.py OUT --tasks sva --budget-minutes 60
+
+Per task, one long reference fit (``--ref-steps`` updates per stage, batch ``--ref-batch``, ``--seeds``
+seeds, the paper's schedule) and fits at smaller budgets and other settings, every one started from the
+same initial gates (same seeds). For each: example passes (updates x batch x masks, summed over stages)
+and wall time; per-head role agreement and Spearman of each score with the reference fit of the same
+seed; role agreement between seeds; the share of stage x seed rows the fit itself reports converged;
+and, on induction, the mediation test (heads with a TransformerLens-style induction score > 0.4 vs the
+rest, max facilitation over seeds, Welch t and p).
+
+Every fit is saved under OUT/fits/<task>/<variant>/ as it finishes (a fit that is interrupted resumes
+from its checkpoint), so a killed or budget-limited run continues where it stopped when called again.
+Tables go to OUT/convergence_study.{md,json} and, with --docs, to docs/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from chg_tlens import CHGConfig, CHGResult, fit_chg, load_model, validate
+from chg_tlens.analysis.compare import induction_reference
+from chg_tlens.analysis.metrics import spearman
+from chg_tlens.app.markdown import markdown_table
+from chg_tlens.core.checkpoint import CHECKPOINT_FILE
+from chg_tlens.tasks import make_task
+
+FAST_LR = dict(lr_zero=(0.5, 0.05), lr_reg=(1.0, 0.2))
+"""A faster schedule: 5x the paper's stage-1 rates, 2x its G+/G- rates (the one-sided clamp keeps
+gates that stage 1 drives past -4 reachable for G+)."""
+TASK_OPTIONS = {"induction": dict(seq_len=8)}
+"""Shorter repeats than the task's default, so the study fits on a CPU; 7 predicted tokens each."""
+SCORES = ("facilitating", "interfering", "irrelevant")
+
+
+def variants(ref_steps: int, ref_batch: int) -> dict[str, dict[str, Any]]:
+    """Name -> CHGConfig settings. Every non-reference fit costs at most about a third of the reference."""
+    third = max(1, ref_steps // 3)
+    return {
+        "reference": dict(steps=ref_steps, batch_size=ref_batch),
+        "demo (100 x 8)": dict(steps=100, batch_size=8),
+        "paper, 1/3": dict(steps=third, batch_size=ref_batch),
+        "fast lr, 1/3": dict(steps=third, batch_size=ref_batch, **FAST_LR),
+        "fast lr, 1/6 x batch 2": dict(steps=max(1, ref_steps // 6), batch_size=2 * ref_batch, **FAST_LR),
+        "fast lr, early stop": dict(steps=third, batch_size=ref_batch, early_stop=True, patience=30,
+                                    **FAST_LR),
+        "paper, early stop": dict(steps=ref_steps, batch_size=ref_batch, early_stop=True, patience=50),
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    started = time.time()
+    model = load_model("smollm2-135m")
+    settings = variants(args.ref_steps, args.ref_batch)
+    chosen = [name for name in settings
+              if args.variants is None or name in args.variants or name == "reference"]
+    records: dict[str, dict[str, Any]] = {}
+    for task in args.tasks:
+        data = make_task(task, model, n=args.n, seed=0, **TASK_OPTIONS.get(task, {}))
+        records[task] = {}
+        for name in chosen:
+            folder = out / "fits" / task / _slug(name)
+            over_budget = (time.time() - started) / 60 > args.budget_minutes
+            if not (folder / "record.json").is_file() and over_budget:
+                print(f"[budget] {task} / {name}: not run ({args.budget_minutes} min spent)", flush=True)
+                continue
+            records[task][name] = run_fit(model, data, folder, settings[name], args.seeds)
+            print(f"{task} / {name}: {records[task][name]['seconds']:.0f} s", flush=True)
+        if task == "induction":
+            records[task]["_induction_heads"] = induction_reference(model, data).tolist()
+    table = summarise(out, records)
+    write_tables(out, table, args, time.time() - started)
+    if args.docs:
+        write_tables(Path("docs/results"), table, args, time.time() - started)
+
+
+def run_fit(model: Any, data: Any, folder: Path, setting: dict[str, Any], n_seeds: int) -> dict[str, Any]:
+    """Fit (or resume, or read back) one configuration; returns its record."""
+    record_file = folder / "record.json"
+    if record_file.is_file():
+        return json.loads(record_file.read_text())
+    config = CHGConfig(n_seeds=n_seeds, progress=False, checkpoint_every=25, **setting)
+    checkpoint = folder / "checkpoint"
+    resume = (checkpoint / CHECKPOINT_FILE).is_file()
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+    result = fit_chg(model, data, config, run_dir=checkpoint, resume=resume)
+    result.save(folder / "result")
+    updates = {stage: int(curves["loss"].shape[0]) for stage, curves in result.losses.items()}
+    record = {
+        "setting": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()},
+        "updates": updates,
+        "example_passes": sum(updates.values()) * config.batch_size * n_seeds,
+        "seconds": float(result.provenance.get("seconds", time.time() - began)),
+        "converged_share": float(result.convergence()["converged"].mean()),
+    }
+    record_file.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def summarise(out: Path, records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per task x variant: cost, agreement with the reference, seed agreement, mediation."""
+    rows = []
+    for task, fits in records.items():
+        if "reference" not in fits:
+            continue
+        reference = CHGResult.load(out / "fits" / task / _slug("reference") / "result")
+        ref_labels = reference.role_labels()
+        ref_passes = fits["reference"]["example_passes"]
+        flagged = fits.get("_induction_heads")
+        for name, record in fits.items():
+            if name.startswith("_"):
+                continue
+            result = CHGResult.load(out / "fits" / task / _slug(name) / "result")
+            labels = result.role_labels()
+            row = {
+                "task": task, "variant": name, "example_passes": record["example_passes"],
+                "passes_vs_reference": record["example_passes"] / ref_passes, "seconds": record["seconds"],
+                "role_agreement": float((labels == ref_labels).mean()),
+                "role_agreement_min_seed": float((labels == ref_labels).reshape(result.n_seeds, -1)
+                                                 .mean(axis=1).min()),
+                "seed_agreement": _seed_agreement(labels),
+                "converged_share": record["converged_share"],
+            }
+            for score in SCORES:
+                row[f"spearman_{score}"] = float(np.mean([
+                    spearman(getattr(result, score)[s], getattr(reference, score)[s])
+                    for s in range(result.n_seeds)]))
+            if flagged is not None:
+                heads = torch.as_tensor(np.asarray(flagged) == "facilitating")
+                test = validate.mediation_test(result, heads)
+                row.update(induction_t=test["t"], induction_p=test["p"], induction_heads=int(heads.sum()))
+            rows.append(row)
+    return rows
+
+
+def _seed_agreement(labels: np.ndarray) -> float:
+    """Mean over pairs of seeds of the share of heads given the same role."""
+    pairs = [(a, b) for a in range(len(labels)) for b in range(a + 1, len(labels))]
+    return float(np.mean([(labels[a] == labels[b]).mean() for a, b in pairs])) if pairs else float("nan")
+
+
+def write_tables(folder: Path, rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"ref_steps": args.ref_steps, "ref_batch": args.ref_batch, "seeds": args.seeds, "n": args.n,
+                "threads": args.threads, "tasks": args.tasks,
+                "variants": variants(args.ref_steps, args.ref_batch)}
+    (folder / "convergence_study.json").write_text(json.dumps(
+        {"settings": settings, "rows": rows, "seconds_this_call": round(seconds, 1)}, indent=2, default=str))
+    frame = pd.DataFrame(rows)
+    columns = ["task", "variant", "passes_vs_reference", "seconds", "role_agreement",
+               "role_agreement_min_seed", "spearman_facilitating", "spearman_interfering",
+               "spearman_irrelevant", "seed_agreement", "converged_share", "induction_t", "induction_p"]
+    body = markdown_table(frame[[c for c in columns if c in frame]]) if len(frame) else "(no fits yet)"
+    text = ["# CHG convergence study, SmolLM2-135M-Instruct", "",
+            f"Reference per task: {args.ref_steps} updates per stage, batch {args.ref_batch}, "
+            f"{args.seeds} seeds, the paper's learning rates; {args.n} prompts; every fit from the same "
+            "initial gates. "
+            "role_agreement: share of (seed, head) with the reference's role; spearman_*: of each score with "
+            "the reference's, same seed, mean over seeds; seed_agreement: between seeds of the same fit; "
+            "converged_share: stage x seed rows the fit reports converged.", "", body, ""]
+    (folder / "convergence_study.md").write_text("\n".join(text))
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="study folder (fits are cached here; rerun to continue)")
+    parser.add_argument("--tasks", nargs="+", default=["sva", "ioi", "induction"])
+    parser.add_argument("--variants", nargs="+", default=None, help="names from variants(); default all")
+    parser.add_argument("--ref-steps", type=int, default=400)
+    parser.add_argument("--ref-batch", type=int, default=16)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--n", type=int, default=64, help="prompts per task")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget-minutes", type=float, default=120.0,
+                        help="start no new fit after this long (finished fits are kept; rerun to continue)")
+    parser.add_argument("--docs", action="store_true", help="also write docs/results/convergence_study.*")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()
