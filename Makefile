@@ -8,7 +8,8 @@ STAMP_TL39 := $(VENV_TL39)/.chg_tlens_installed
 # Tests that run a second time against TransformerLens 3.9 (HookedTransformer).
 TL39_TESTS := tests/test_gates.py tests/test_objectives.py tests/test_data.py tests/test_fit.py \
 	tests/test_result.py tests/test_contrastive.py tests/test_reliability.py tests/test_models.py \
-	tests/test_forward.py tests/test_validate.py tests/test_baselines.py tests/test_compare.py
+	tests/test_forward.py tests/test_validate.py tests/test_baselines.py tests/test_compare.py \
+	tests/test_convergence.py
 
 .PHONY: setup setup-tl39 browser demo test lint pytest notebooks pytest-tl39 bench clean
 
