@@ -139,17 +139,9 @@ def ablation_curve(
     return frame
 
 
-def sufficiency(
-    model: Any,
-    data: GateData,
-    result: CHGResult | None = None,
-    seed: int = 0,
-    threshold: float = 0.5,
-    heads: Sequence[Head] | None = None,
-    n_random: int = 10,
-    rng_seed: int = 0,
-    batch_size: int = 64,
-) -> pd.DataFrame:
+def sufficiency(model: Any, data: GateData, result: CHGResult | None = None, seed: int = 0,
+                threshold: float = 0.5, heads: Sequence[Head] | None = None, n_random: int = 10,
+                rng_seed: int = 0, batch_size: int = 64) -> pd.DataFrame:
     """Performance with only the circuit kept (every other head gated to 0).
 
     The circuit is seed ``seed``'s facilitating heads (score >= ``threshold``), or ``heads`` when given.
@@ -160,17 +152,9 @@ def sufficiency(
                          rng_seed, batch_size)
 
 
-def necessity(
-    model: Any,
-    data: GateData,
-    result: CHGResult | None = None,
-    seed: int = 0,
-    threshold: float = 0.5,
-    heads: Sequence[Head] | None = None,
-    n_random: int = 10,
-    rng_seed: int = 0,
-    batch_size: int = 64,
-) -> pd.DataFrame:
+def necessity(model: Any, data: GateData, result: CHGResult | None = None, seed: int = 0,
+              threshold: float = 0.5, heads: Sequence[Head] | None = None, n_random: int = 10,
+              rng_seed: int = 0, batch_size: int = 64) -> pd.DataFrame:
     """Performance with only the circuit removed (gated to 0, every other head at 1).
 
     Same circuit, reference rows and columns as :func:`sufficiency`; random rows remove a random head

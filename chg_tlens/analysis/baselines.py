@@ -155,12 +155,8 @@ def ablation_scores(
                       details={"metric_all_heads": full})
 
 
-def activation_patching(
-    model: Any,
-    data: GateData,
-    direction: PatchDirection = "denoise",
-    batch_size: int = 32,
-) -> HeadScores:
+def activation_patching(model: Any, data: GateData, direction: PatchDirection = "denoise",
+                        batch_size: int = 32) -> HeadScores:
     """Per-head activation patching of ``hook_z`` at all positions, via ``transformer_lens.patching``
     (through :func:`chg_tlens.validate.patching_scores`, one chunk of ``batch_size`` examples at a time).
 
@@ -197,12 +193,8 @@ def activation_patching(
                                "backend": "transformer_lens.patching"})
 
 
-def attribution_patching(
-    model: Any,
-    data: GateData,
-    backend: AttributionBackend = "auto",
-    batch_size: int = 32,
-) -> HeadScores:
+def attribution_patching(model: Any, data: GateData, backend: AttributionBackend = "auto",
+                         batch_size: int = 32) -> HeadScores:
     """Attribution patching: ``sum_{pos, d} (z_clean - z_corrupt) * d metric / d z`` at the corrupt run.
 
     The first-order estimate of denoising activation patching in two forwards and one backward.
@@ -237,16 +229,8 @@ def attribution_patching(
                                "fallback_reason": None if use_tl else why_not})
 
 
-def subnetwork_probing(
-    model: Any,
-    data: GateData,
-    steps: int = 300,
-    lr: float = 0.1,
-    l0_weight: float = 1.0,
-    batch_size: int = 32,
-    init_log_alpha: float = 3.0,
-    seed: int = 0,
-) -> HeadScores:
+def subnetwork_probing(model: Any, data: GateData, steps: int = 300, lr: float = 0.1, l0_weight: float = 1.0,
+                       batch_size: int = 32, init_log_alpha: float = 3.0, seed: int = 0) -> HeadScores:
     """Cao et al. (2021): hard-concrete L0 masks on heads trained on task NLL + sparsity.
 
     Each step samples ``z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta) * (zeta - gamma) +

@@ -59,13 +59,8 @@ def logit_diff_metric(clean: GateData, corrupt: GateData) -> Metric:
     return mean_logit_diff
 
 
-def patching_scores(
-    model: Any,
-    clean: GateData,
-    corrupt: GateData | None = None,
-    metric: Metric | None = None,
-    normalize: bool = True,
-) -> Float[Tensor, "layer head"]:
+def patching_scores(model: Any, clean: GateData, corrupt: GateData | None = None,
+                    metric: Metric | None = None, normalize: bool = True) -> Float[Tensor, "layer head"]:
     """Head-level activation patching through TransformerLens' own ``patching`` module.
 
     Runs ``transformer_lens.patching.get_act_patch_attn_head_out_all_pos``: the corrupt run with one

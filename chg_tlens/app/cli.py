@@ -48,11 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(fit)
     _config_arguments(fit, CHGConfig)
     fit.add_argument("--threshold", type=float, default=0.5, help="role score cut-off (default 0.5)")
-    fit.add_argument("--out", type=Path, required=True, help="run folder to write")
-    fit.add_argument("--resume", action="store_true", help="continue the interrupted fit in --out")
+    _run_folder_arguments(fit, "run folder to write")
     fit.add_argument("--no-pictures", action="store_true", help="skip PNGs and report.html")
-    _common_arguments(fit, device=MODEL_DEVICE)
-    fit.set_defaults(handler=run_fit)
+    _finish(fit, run_fit, device=MODEL_DEVICE)
 
     contrastive = commands.add_parser(
         "contrastive", help="contrastive CHG on a function task (ICL vs instruction)",
@@ -66,10 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     contrastive.add_argument("--n", type=int, default=64, help="training items (default 64)")
     contrastive.add_argument("--n-eval", type=int, default=32, help="held-out items (default 32)")
     _config_arguments(contrastive, ContrastiveConfig)
-    contrastive.add_argument("--out", type=Path, required=True, help="folder to write")
-    contrastive.add_argument("--resume", action="store_true", help="continue the interrupted fit in --out")
-    _common_arguments(contrastive, device=MODEL_DEVICE)
-    contrastive.set_defaults(handler=run_contrastive)
+    _run_folder_arguments(contrastive, "folder to write")
+    _finish(contrastive, run_contrastive, device=MODEL_DEVICE)
 
     validate = commands.add_parser(
         "validate", help="check a fit's roles on held-out data: ablation, sufficiency/necessity, patching",
@@ -90,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--no-patching", action="store_true", help="skip activation patching")
     validate.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
     validate.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    _common_arguments(validate, device=MODEL_DEVICE)
-    validate.set_defaults(handler=run_validate)
+    _finish(validate, run_validate, device=MODEL_DEVICE)
 
     compare = commands.add_parser(
         "compare", help="CHG against patching, attribution, gradient and pruning baselines",
@@ -112,14 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--task-n", type=int, default=8, help="examples per real-model task (default 8)")
     compare.add_argument("--steps", type=int, default=20,
                          help="CHG updates per stage (and probing steps) on the real model (default 20)")
-    _common_arguments(compare, device="torch device for the --task model (default: the model's)")
-    compare.set_defaults(handler=run_compare)
+    _finish(compare, run_compare, device="torch device for the --task model (default: the model's)")
 
     report = commands.add_parser("report", help="write report.html for a run folder")
     report.add_argument("run_dir", type=Path, help="run folder written by 'chg-tlens fit'")
     report.add_argument("--threshold", type=float, default=None, help="role cut-off (default: the run's)")
-    _common_arguments(report)
-    report.set_defaults(handler=run_report)
+    _finish(report, run_report)
 
     demo = commands.add_parser(
         "demo", help="the main job: CHG on the embedded SmolLM2-135M, subject-verb agreement",
@@ -129,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     demo.add_argument("--planted", action="store_true",
                       help="run on a planted-circuit toy model instead (seconds, known answer)")
-    _common_arguments(demo, device=MODEL_DEVICE)
-    demo.set_defaults(handler=run_demo)
+    _finish(demo, run_demo, device=MODEL_DEVICE)
     bench = commands.add_parser(
         "bench", help="speed benchmarks: gate overhead, target-only logits, masks per pass, end to end",
         description="Run the benchmarks side by side in one process, print a table of ratios and "
@@ -138,8 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for JSON/Markdown")
     bench.add_argument("--skip-real", action="store_true", help="toy models only (no SmolLM2-135M)")
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default 5)")
-    _common_arguments(bench, device="torch device (default cpu)")
-    bench.set_defaults(handler=run_bench)
+    _finish(bench, run_bench, device="torch device (default cpu)")
     return parser
 
 
@@ -156,6 +147,19 @@ def _common_arguments(parser: argparse.ArgumentParser, device: str | None = None
                        help="no progress bars or progress lines (results are still printed)")
     if device is not None:
         group.add_argument("--device", default=None, help=device)
+
+
+def _finish(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int],
+            device: str | None = None) -> None:
+    """The common flags every subcommand takes, and the function that runs it."""
+    _common_arguments(parser, device=device)
+    parser.set_defaults(handler=handler)
+
+
+def _run_folder_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--out`` and ``--resume``: where a fit writes, and continuing it there after an interruption."""
+    parser.add_argument("--out", type=Path, required=True, help=what)
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted fit in --out")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:

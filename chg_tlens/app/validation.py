@@ -16,18 +16,9 @@ from chg_tlens.core.result import CHGResult
 from chg_tlens.models import adapter
 
 
-def validate_run(
-    model: Any,
-    data: GateData,
-    result: CHGResult,
-    seed: int = 0,
-    threshold: float = 0.5,
-    max_heads: int = 20,
-    n_random: int = 10,
-    top_k: int = 10,
-    patching: bool = True,
-    batch_size: int = 16,
-) -> tuple[dict[str, Any], pd.DataFrame]:
+def validate_run(model: Any, data: GateData, result: CHGResult, seed: int = 0, threshold: float = 0.5,
+                 max_heads: int = 20, n_random: int = 10, top_k: int = 10, patching: bool = True,
+                 batch_size: int = 16) -> tuple[dict[str, Any], pd.DataFrame]:
     """Sufficiency, necessity, targeted ablation and (with a corrupt twin) activation patching vs CHG.
 
     ``data`` should be held out from the fit. Returns a JSON-ready summary (one block per check) and

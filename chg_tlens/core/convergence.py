@@ -57,13 +57,8 @@ def states(
     return open_codes(gates)
 
 
-def stable_over(
-    steps: Int[Tensor, " snapshot"],
-    gates: Float[Tensor, "snapshot mask layer head"],
-    codes: Int[Tensor, "snapshot seed layer head"],
-    patience: int,
-    tolerance: float,
-) -> bool:
+def stable_over(steps: Int[Tensor, " snapshot"], gates: Float[Tensor, "snapshot mask layer head"],
+                codes: Int[Tensor, "snapshot seed layer head"], patience: int, tolerance: float) -> bool:
     """True when, over the last ``patience`` updates, no head changed state and the gates moved by
     less than ``tolerance`` on average: the early-stopping rule."""
     last = int(steps[-1])

@@ -66,22 +66,14 @@ def picked_accuracy(
     return _mean_per_example(correct, example, tokens.shape[0])
 
 
-def target_logprobs(
-    logits: Float[Tensor, "mask_batch pos vocab"],
-    tokens: Int[Tensor, "batch pos"],
-    target_mask: Bool[Tensor, "batch pos"],
-    n_masks: int = 1,
-) -> Float[Tensor, "mask batch"]:
+def target_logprobs(logits: Float[Tensor, "mask_batch pos vocab"], tokens: Int[Tensor, "batch pos"],
+                    target_mask: Bool[Tensor, "batch pos"], n_masks: int = 1) -> Float[Tensor, "mask batch"]:
     """Mean log-probability of each example's target tokens, per mask, from full logits."""
     return picked_logprobs(pick_target_logits(logits, target_mask, n_masks), tokens, target_mask)
 
 
-def target_accuracy(
-    logits: Float[Tensor, "mask_batch pos vocab"],
-    tokens: Int[Tensor, "batch pos"],
-    target_mask: Bool[Tensor, "batch pos"],
-    n_masks: int = 1,
-) -> Float[Tensor, "mask batch"]:
+def target_accuracy(logits: Float[Tensor, "mask_batch pos vocab"], tokens: Int[Tensor, "batch pos"],
+                    target_mask: Bool[Tensor, "batch pos"], n_masks: int = 1) -> Float[Tensor, "mask batch"]:
     """Share of each example's target tokens that are the top-1 prediction, per mask, from full logits."""
     return picked_accuracy(pick_target_logits(logits, target_mask, n_masks), tokens, target_mask)
 

@@ -84,17 +84,9 @@ class CHGResult:
         """The three scores stacked in ``ROLES`` order."""
         return torch.stack([self.facilitating, self.interfering, self.irrelevant])
 
-    @property
-    def n_seeds(self) -> int:
-        return self.theta_zero.shape[0]
-
-    @property
-    def n_layers(self) -> int:
-        return self.theta_zero.shape[1]
-
-    @property
-    def n_heads(self) -> int:
-        return self.theta_zero.shape[2]
+    n_seeds = property(lambda self: self.theta_zero.shape[0], doc="Independent fits (one draw each).")
+    n_layers = property(lambda self: self.theta_zero.shape[1], doc="Layers of the fitted model.")
+    n_heads = property(lambda self: self.theta_zero.shape[2], doc="Query heads per layer (GQA: all).")
 
     # ----------------------------------------------------------------- roles
     def role_labels(self, threshold: float = 0.5, min_confidence: float = 0.0) -> np.ndarray:

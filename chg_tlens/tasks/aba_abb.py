@@ -28,15 +28,8 @@ RULES = ("aba", "abb", "mixed")
 """``mixed`` draws the rule per example (half ABA, half ABB on average)."""
 
 
-def aba_abb(
-    model: Any,
-    n: int = 64,
-    seed: int = 0,
-    *,
-    rule: str = "aba",
-    n_shots: int = 4,
-    words: Sequence[str] | None = None,
-) -> GateData:
+def aba_abb(model: Any, n: int = 64, seed: int = 0, *, rule: str = "aba", n_shots: int = 4,
+            words: Sequence[str] | None = None) -> GateData:
     """Pattern-completion prompts with ``n_shots`` example lines; the target is the last word.
 
     ``words`` (with leading space, e.g. " dog") must each be one token; the built-in list is filtered

@@ -70,16 +70,8 @@ class FunctionViews(NamedTuple):
         return GateData.contrastive(retain=kept, forget=dropped)
 
 
-def function_views(
-    model: Any,
-    n: int = 64,
-    seed: int = 0,
-    *,
-    function: str = "plural",
-    n_shots: int = 5,
-    split: str = "train",
-    test_fraction: float = 0.3,
-) -> FunctionViews:
+def function_views(model: Any, n: int = 64, seed: int = 0, *, function: str = "plural", n_shots: int = 5,
+                   split: str = "train", test_fraction: float = 0.3) -> FunctionViews:
     """Both views of ``n`` items of ``function``: matched pairs for contrastive CHG.
 
     Queries come from ``split`` (``train``/``test``: items whose query-word hash falls in or out of the

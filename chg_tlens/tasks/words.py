@@ -14,6 +14,14 @@ from typing import Any
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
 
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    """``"a=b; c=d"`` as ``[(" a", " b"), (" c", " d")]``: word pairs, each word with its leading space
+    (a word after a space is one token in BPE vocabularies), kept compact so the lists stay readable."""
+    entries = " ".join(text.split()).split(";")
+    return [tuple(" " + word.strip() for word in entry.split("=")) for entry in entries if entry.strip()]
+
+
 NAMES = [
     " Mary", " John", " James", " Michael", " David", " Sarah", " Anna", " Emma", " Paul", " Mark",
     " Peter", " Tom", " Jack", " Kate", " Lisa", " Laura", " Daniel", " Robert", " William", " Thomas",
@@ -37,86 +45,61 @@ OBJECTS = [
 ]
 
 # (singular, plural) nouns for subject-verb agreement and the plural function task.
-NOUNS = [
-    (" key", " keys"), (" dog", " dogs"), (" cat", " cats"), (" book", " books"), (" car", " cars"),
-    (" house", " houses"), (" tree", " trees"), (" bird", " birds"), (" boy", " boys"),
-    (" girl", " girls"), (" student", " students"), (" teacher", " teachers"), (" door", " doors"),
-    (" window", " windows"), (" table", " tables"), (" chair", " chairs"), (" friend", " friends"),
-    (" doctor", " doctors"), (" player", " players"), (" letter", " letters"), (" picture", " pictures"),
-    (" flower", " flowers"), (" bottle", " bottles"), (" farmer", " farmers"), (" worker", " workers"),
-    (" officer", " officers"), (" author", " authors"), (" song", " songs"), (" road", " roads"),
-    (" river", " rivers"), (" star", " stars"), (" plant", " plants"), (" computer", " computers"),
-    (" phone", " phones"), (" bag", " bags"), (" box", " boxes"), (" church", " churches"),
-    (" child", " children"), (" man", " men"), (" woman", " women"), (" mouse", " mice"),
-    (" foot", " feet"), (" tooth", " teeth"), (" person", " people"), (" leaf", " leaves"),
-    (" knife", " knives"), (" wife", " wives"), (" city", " cities"), (" country", " countries"),
-    (" story", " stories"), (" baby", " babies"), (" lady", " ladies"), (" party", " parties"),
-    (" family", " families"), (" company", " companies"), (" horse", " horses"), (" ship", " ships"),
-    (" game", " games"), (" room", " rooms"), (" hand", " hands"), (" eye", " eyes"), (" boat", " boats"),
-    (" cup", " cups"), (" apple", " apples"), (" shoe", " shoes"), (" ring", " rings"), (" egg", " eggs"),
-    (" pen", " pens"), (" map", " maps"), (" rock", " rocks"), (" lake", " lakes"), (" hill", " hills"),
-    (" king", " kings"), (" queen", " queens"), (" village", " villages"), (" garden", " gardens"),
-    (" animal", " animals"), (" idea", " ideas"), (" word", " words"), (" school", " schools"),
-    (" card", " cards"), (" coin", " coins"), (" farm", " farms"), (" wall", " walls"), (" bed", " beds"),
-    (" shirt", " shirts"), (" hat", " hats"), (" boot", " boots"), (" cloud", " clouds"),
-]
+NOUNS = _pairs("""
+    key=keys; dog=dogs; cat=cats; book=books; car=cars; house=houses; tree=trees; bird=birds; boy=boys;
+    girl=girls; student=students; teacher=teachers; door=doors; window=windows; table=tables;
+    chair=chairs; friend=friends; doctor=doctors; player=players; letter=letters; picture=pictures;
+    flower=flowers; bottle=bottles; farmer=farmers; worker=workers; officer=officers; author=authors;
+    song=songs; road=roads; river=rivers; star=stars; plant=plants; computer=computers; phone=phones;
+    bag=bags; box=boxes; church=churches; child=children; man=men; woman=women; mouse=mice; foot=feet;
+    tooth=teeth; person=people; leaf=leaves; knife=knives; wife=wives; city=cities; country=countries;
+    story=stories; baby=babies; lady=ladies; party=parties; family=families; company=companies;
+    horse=horses; ship=ships; game=games; room=rooms; hand=hands; eye=eyes; boat=boats; cup=cups;
+    apple=apples; shoe=shoes; ring=rings; egg=eggs; pen=pens; map=maps; rock=rocks; lake=lakes;
+    hill=hills; king=kings; queen=queens; village=villages; garden=gardens; animal=animals; idea=ideas;
+    word=words; school=schools; card=cards; coin=coins; farm=farms; wall=walls; bed=beds; shirt=shirts;
+    hat=hats; boot=boots; cloud=clouds
+""")
 
 # Nouns an attractor can be (they follow a preposition inside the subject noun phrase).
-ATTRACTORS = [
-    (" cabinet", " cabinets"), (" table", " tables"), (" door", " doors"), (" window", " windows"),
-    (" house", " houses"), (" tree", " trees"), (" car", " cars"), (" box", " boxes"),
-    (" building", " buildings"), (" garden", " gardens"), (" road", " roads"), (" river", " rivers"),
-    (" wall", " walls"), (" church", " churches"), (" school", " schools"), (" office", " offices"),
-    (" bridge", " bridges"), (" shop", " shops"), (" hill", " hills"), (" farm", " farms"),
-]
+ATTRACTORS = _pairs("""
+    cabinet=cabinets; table=tables; door=doors; window=windows; house=houses; tree=trees; car=cars;
+    box=boxes; building=buildings; garden=gardens; road=roads; river=rivers; wall=walls;
+    church=churches; school=schools; office=offices; bridge=bridges; shop=shops; hill=hills; farm=farms
+""")
 
 PREPOSITIONS = [" near", " behind", " beside", " by", " to", " of", " above", " under", " on", " in"]
 
 # (word, antonym) pairs for the antonym function task.
-ANTONYMS = [
-    (" hot", " cold"), (" big", " small"), (" tall", " short"), (" fast", " slow"), (" happy", " sad"),
-    (" good", " bad"), (" up", " down"), (" left", " right"), (" open", " closed"), (" old", " young"),
-    (" rich", " poor"), (" hard", " soft"), (" light", " dark"), (" strong", " weak"),
-    (" early", " late"), (" full", " empty"), (" high", " low"), (" long", " short"), (" thick", " thin"),
-    (" wet", " dry"), (" clean", " dirty"), (" true", " false"), (" easy", " difficult"),
-    (" alive", " dead"), (" inside", " outside"), (" first", " last"), (" win", " lose"),
-    (" love", " hate"), (" buy", " sell"), (" push", " pull"), (" give", " take"), (" come", " go"),
-    (" day", " night"), (" black", " white"), (" north", " south"), (" east", " west"),
-    (" top", " bottom"), (" begin", " end"), (" above", " below"), (" before", " after"),
-    (" always", " never"), (" more", " less"), (" friend", " enemy"), (" war", " peace"),
-    (" loud", " quiet"), (" deep", " shallow"), (" wide", " narrow"),
-    (" cheap", " expensive"), (" safe", " dangerous"), (" sweet", " sour"), (" near", " far"),
-    (" male", " female"), (" positive", " negative"), (" start", " finish"), (" accept", " reject"),
-    (" increase", " decrease"), (" maximum", " minimum"), (" question", " answer"), (" yes", " no"),
-    (" front", " back"), (" in", " out"), (" on", " off"),
-    (" arrive", " leave"), (" sharp", " dull"), (" brave", " afraid"), (" smooth", " rough"),
-    (" beautiful", " ugly"), (" ancient", " modern"), (" common", " rare"), (" public", " private"),
-    (" simple", " complex"), (" major", " minor"), (" inner", " outer"), (" upper", " lower"),
-]
+ANTONYMS = _pairs("""
+    hot=cold; big=small; tall=short; fast=slow; happy=sad; good=bad; up=down; left=right; open=closed;
+    old=young; rich=poor; hard=soft; light=dark; strong=weak; early=late; full=empty; high=low;
+    long=short; thick=thin; wet=dry; clean=dirty; true=false; easy=difficult; alive=dead;
+    inside=outside; first=last; win=lose; love=hate; buy=sell; push=pull; give=take; come=go; day=night;
+    black=white; north=south; east=west; top=bottom; begin=end; above=below; before=after; always=never;
+    more=less; friend=enemy; war=peace; loud=quiet; deep=shallow; wide=narrow; cheap=expensive;
+    safe=dangerous; sweet=sour; near=far; male=female; positive=negative; start=finish; accept=reject;
+    increase=decrease; maximum=minimum; question=answer; yes=no; front=back; in=out; on=off;
+    arrive=leave; sharp=dull; brave=afraid; smooth=rough; beautiful=ugly; ancient=modern; common=rare;
+    public=private; simple=complex; major=minor; inner=outer; upper=lower
+""")
 
 # (country, capital) pairs for the capital function task.
-CAPITALS = [
-    (" France", " Paris"), (" Germany", " Berlin"), (" Italy", " Rome"), (" Spain", " Madrid"),
-    (" Russia", " Moscow"), (" Japan", " Tokyo"), (" China", " Beijing"), (" England", " London"),
-    (" Egypt", " Cairo"), (" Greece", " Athens"), (" Ireland", " Dublin"), (" Austria", " Vienna"),
-    (" Portugal", " Lisbon"), (" Poland", " Warsaw"), (" Norway", " Oslo"), (" Sweden", " Stockholm"),
-    (" Denmark", " Copenhagen"), (" Finland", " Helsinki"), (" Hungary", " Budapest"),
-    (" Kenya", " Nairobi"), (" Peru", " Lima"), (" Cuba", " Havana"), (" Thailand", " Bangkok"),
-    (" Iran", " Tehran"), (" Iraq", " Baghdad"), (" Syria", " Damascus"), (" Lebanon", " Beirut"),
-    (" Turkey", " Ankara"), (" Canada", " Ottawa"), (" Australia", " Canberra"), (" India", " New Delhi"),
-    (" Belgium", " Brussels"), (" Netherlands", " Amsterdam"), (" Switzerland", " Bern"),
-    (" Argentina", " Buenos Aires"), (" Chile", " Santiago"), (" Colombia", " Bogota"),
-    (" Venezuela", " Caracas"), (" Mexico", " Mexico City"), (" Philippines", " Manila"),
-    (" Indonesia", " Jakarta"), (" Vietnam", " Hanoi"), (" South Korea", " Seoul"),
-    (" Scotland", " Edinburgh"),
-    (" Wales", " Cardiff"), (" Ukraine", " Kyiv"), (" Romania", " Bucharest"), (" Serbia", " Belgrade"),
-    (" Czech Republic", " Prague"), (" Israel", " Jerusalem"), (" Pakistan", " Islamabad"),
-    (" Afghanistan", " Kabul"), (" Nepal", " Kathmandu"), (" Ethiopia", " Addis Ababa"),
-    (" Nigeria", " Abuja"), (" Ghana", " Accra"), (" Morocco", " Rabat"), (" Tunisia", " Tunis"),
-    (" Algeria", " Algiers"), (" Senegal", " Dakar"), (" Uganda", " Kampala"), (" Jamaica", " Kingston"),
-    (" Bulgaria", " Sofia"), (" Croatia", " Zagreb"), (" Iceland", " Reykjavik"), (" Latvia", " Riga"),
-    (" Lithuania", " Vilnius"), (" Estonia", " Tallinn"), (" Qatar", " Doha"), (" Malaysia", " Kuala Lumpur"),
-]
+CAPITALS = _pairs("""
+    France=Paris; Germany=Berlin; Italy=Rome; Spain=Madrid; Russia=Moscow; Japan=Tokyo; China=Beijing;
+    England=London; Egypt=Cairo; Greece=Athens; Ireland=Dublin; Austria=Vienna; Portugal=Lisbon;
+    Poland=Warsaw; Norway=Oslo; Sweden=Stockholm; Denmark=Copenhagen; Finland=Helsinki;
+    Hungary=Budapest; Kenya=Nairobi; Peru=Lima; Cuba=Havana; Thailand=Bangkok; Iran=Tehran;
+    Iraq=Baghdad; Syria=Damascus; Lebanon=Beirut; Turkey=Ankara; Canada=Ottawa; Australia=Canberra;
+    India=New Delhi; Belgium=Brussels; Netherlands=Amsterdam; Switzerland=Bern; Argentina=Buenos Aires;
+    Chile=Santiago; Colombia=Bogota; Venezuela=Caracas; Mexico=Mexico City; Philippines=Manila;
+    Indonesia=Jakarta; Vietnam=Hanoi; South Korea=Seoul; Scotland=Edinburgh; Wales=Cardiff;
+    Ukraine=Kyiv; Romania=Bucharest; Serbia=Belgrade; Czech Republic=Prague; Israel=Jerusalem;
+    Pakistan=Islamabad; Afghanistan=Kabul; Nepal=Kathmandu; Ethiopia=Addis Ababa; Nigeria=Abuja;
+    Ghana=Accra; Morocco=Rabat; Tunisia=Tunis; Algeria=Algiers; Senegal=Dakar; Uganda=Kampala;
+    Jamaica=Kingston; Bulgaria=Sofia; Croatia=Zagreb; Iceland=Reykjavik; Latvia=Riga; Lithuania=Vilnius;
+    Estonia=Tallinn; Qatar=Doha; Malaysia=Kuala Lumpur
+""")
 
 # Short concrete words for the abstract-pattern (ABA / ABB) task.
 PATTERN_WORDS = [

@@ -118,12 +118,8 @@ def recall_circuit(vocab: int = 10, seq_len: int = 8, alpha: float = 3.0, beta: 
     0.0 copies it for the answer (facilitating), 0.1 against it (interfering), 0.2 and 0.3 write to
     scratch (irrelevant).
     """
-    heads = [
-        PlantedHead(0, 0, ("fixed", 1), +1, alpha),
-        PlantedHead(0, 1, ("fixed", 1), -1, beta),
-        PlantedHead(0, 2, ("fixed", 1), 0, alpha),
-        PlantedHead(0, 3, ("offset", 0), 0, alpha),
-    ]
+    heads = [PlantedHead(0, 0, ("fixed", 1), +1, alpha), PlantedHead(0, 1, ("fixed", 1), -1, beta),
+             PlantedHead(0, 2, ("fixed", 1), 0, alpha), PlantedHead(0, 3, ("offset", 0), 0, alpha)]
     model = build_planted_model(1, 4, heads, vocab=vocab, n_ctx=max(16, seq_len), name="planted-recall")
 
     def make(n: int, seed: int) -> GateData:
