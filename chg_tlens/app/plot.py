@@ -1,6 +1,7 @@
-"""Pictures of a CHGResult: per-head heatmaps, G+ vs G- scatter, role shares, seed agreement, losses.
+"""Pictures of a CHGResult: per-head heatmaps, G+ vs G- scatter, role shares, seed agreement, losses;
+and of a ContrastiveResult: the mean gate per head with its closed heads marked, and its loss curve.
 
-Every function takes a CHGResult (and optionally the axes to draw on) and returns the matplotlib
+Every function takes a result (and optionally the axes to draw on) and returns the matplotlib
 Figure. Figures are built as ``matplotlib.figure.Figure`` objects, not through pyplot: they render with
 Agg, never open a window, never touch the user's backend, and are freed when dropped. In a notebook
 the returned Figure displays inline as usual.
@@ -22,11 +23,11 @@ from jaxtyping import Float
 from matplotlib.axes import Axes
 from matplotlib.colors import BoundaryNorm, ListedColormap, Normalize
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 from torch import Tensor
 
 from chg_tlens.core.convergence import paired_roles
-from chg_tlens.core.result import ROLES, STAGES, UNCLASSIFIED, CHGResult
+from chg_tlens.core.result import ROLES, STAGES, UNCLASSIFIED, CHGResult, ContrastiveResult
 from chg_tlens.errors import InputError
 
 ALL_ROLES = ROLES + (UNCLASSIFIED,)
@@ -56,7 +57,13 @@ ANNOTATE_MAX_CELLS = 100
 """Heatmaps write each cell's value only up to this many heads; beyond it the numbers are unreadable."""
 STAGE_TITLES = {
     "zero": "stage 1: G0 (\u03bb = 0)", "plus": "G+ (\u03bb > 0)", "minus": "G\u2212 (\u03bb < 0)",
+    "contrastive": "contrastive (retain vs forget)",
 }
+CLOSED_OUTLINES = {
+    "every": {"edgecolor": "#d62728", "linewidth": 2.4, "linestyle": "-"},
+    "some": {"edgecolor": "#ff7f0e", "linewidth": 1.4, "linestyle": "--"},
+}
+"""How ``gate_map`` boxes a head whose gate is closed in every seed, or in some seeds only."""
 
 
 # --------------------------------------------------------------------------- per-head numbers
@@ -229,8 +236,9 @@ def seed_agreement(
     return fig
 
 
-def loss_curves(result: CHGResult, axes: Sequence[Axes] | None = None) -> Figure:
-    """Loss per step of each stage: every seed thin, the mean thick, and the mean target NLL dashed."""
+def loss_curves(result: CHGResult | ContrastiveResult, axes: Sequence[Axes] | None = None) -> Figure:
+    """Loss per step of each stage (a ContrastiveResult has one): every seed thin, the mean thick, and the
+    mean target NLL dashed."""
     stages = [s for s in STAGES if s in result.losses] + [s for s in result.losses if s not in STAGES]
     if axes is None:
         fig = Figure(figsize=(4.0 * max(1, len(stages)), 3.4), layout="constrained")
@@ -285,9 +293,51 @@ def role_trace(result: CHGResult, threshold: float = 0.5, max_seeds: int = 4) ->
     return fig
 
 
-def figures(result: CHGResult, threshold: float = 0.5, seed: int | None = None) -> dict[str, Figure]:
+def gate_map(
+    result: ContrastiveResult,
+    threshold: float | None = None,
+    ax: Axes | None = None,
+    annotate: bool | None = None,
+) -> Figure:
+    """``[layer, head]`` heatmap of a ContrastiveResult's gate, mean over seeds, on a fixed 0..1 scale.
+
+    Heads whose gate ends below ``threshold`` (default: the fit's own) are boxed: solid red when closed
+    in every seed, dashed orange when closed in some seeds only (see ``CLOSED_OUTLINES``).
+    """
+    if not isinstance(result, ContrastiveResult):
+        raise InputError(f"result: expected a chg_tlens.ContrastiveResult, got {type(result).__name__}.")
+    closed = result.closed(threshold).numpy()  # rejects a bad threshold before drawing
+    threshold = result.config.get("threshold", 0.5) if threshold is None else threshold
+    every, some = closed.all(axis=0), closed.any(axis=0)
+    values = result.gates.detach().float().cpu().mean(dim=0).numpy()
+    fig, ax = _figure_and_axes(ax, _panel_size(result))
+    title = (f"mean gate over {closed.shape[0]} seed(s); closed (< {threshold:g}) in every seed: "
+             f"{int(every.sum())}")
+    _draw_heatmap(ax, values, "viridis", title, annotate)
+    for (layer, head), in_every in np.ndenumerate(every):
+        if some[layer, head]:
+            outline = CLOSED_OUTLINES["every" if in_every else "some"]
+            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1.0, 1.0, fill=False, clip_on=False,
+                                   **outline))
+    return fig
+
+
+def figures_contrastive(result: ContrastiveResult, threshold: float | None = None) -> dict[str, Figure]:
+    """Every standard picture of a ContrastiveResult, by file stem: the gate map and the loss curve."""
+    return {"gate_map": gate_map(result, threshold), "loss_curves": loss_curves(result)}
+
+
+def figures(
+    result: CHGResult | ContrastiveResult, threshold: float = 0.5, seed: int | None = None
+) -> dict[str, Figure]:
     """Every standard picture, by file stem: what ``save_all`` writes and the HTML report shows (roles over
-    updates only for results that carry a trace)."""
+    updates only for results that carry a trace). A ContrastiveResult gets ``figures_contrastive`` (its
+    ``threshold`` is the closing one); its pictures show every seed, so ``seed`` must stay None."""
+    if isinstance(result, ContrastiveResult):
+        if seed is not None:
+            raise InputError(f"seed: a ContrastiveResult's pictures show every seed; expected None, "
+                             f"got {seed!r}.")
+        return figures_contrastive(result, threshold)
     return {
         "heatmaps": heatmaps(result, seed=seed),
         "role_map": role_map(result, seed=seed, threshold=threshold),
@@ -299,13 +349,13 @@ def figures(result: CHGResult, threshold: float = 0.5, seed: int | None = None) 
 
 
 def save_all(
-    result: CHGResult,
+    result: CHGResult | ContrastiveResult,
     folder: str | os.PathLike,
     threshold: float = 0.5,
     seed: int | None = None,
     dpi: int = 110,
 ) -> dict[str, Path]:
-    """Write every standard picture as ``<folder>/<name>.png``; returns name -> path."""
+    """Write every standard picture (``figures``) as ``<folder>/<name>.png``; returns name -> path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -385,10 +435,20 @@ def _text_color(cmap: str, value: float) -> str:
     return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
 
 
-def _panel_size(result: CHGResult, colorbar: bool = True, legend: bool = False) -> tuple[float, float]:
+def head_layout(result: CHGResult | ContrastiveResult) -> tuple[int, int, int]:
+    """``(seeds, layers, heads)`` of either kind of result."""
+    if isinstance(result, ContrastiveResult):
+        n_seeds, n_layers, n_heads = result.theta.shape
+        return int(n_seeds), int(n_layers), int(n_heads)
+    return result.n_seeds, result.n_layers, result.n_heads
+
+
+def _panel_size(result: CHGResult | ContrastiveResult, colorbar: bool = True,
+                legend: bool = False) -> tuple[float, float]:
     """Inches for one layer x head panel: cells stay readable from 1 x 4 to 32 x 32 heads."""
-    width = min(max(0.14 * result.n_heads + (1.4 if colorbar else 0.9), 2.6), 5.8)
-    height = min(max(0.16 * result.n_layers + 1.3, 2.2), 6.5)
+    _, n_layers, n_heads = head_layout(result)
+    width = min(max(0.14 * n_heads + (1.4 if colorbar else 0.9), 2.6), 5.8)
+    height = min(max(0.16 * n_layers + 1.3, 2.2), 6.5)
     return width + (1.4 if legend else 0.0), height
 
 
@@ -420,7 +480,8 @@ def _seed_suffix(result: CHGResult, seed: int | None) -> str:
 
 
 __all__ = [
-    "ALL_ROLES", "DEFAULT_HEATMAPS", "QUANTITIES", "ROLE_COLORS", "ablation_curves", "figure_png", "figures",
-    "gate_scatter", "head_values", "heatmap", "heatmaps", "loss_curves", "role_agreement", "role_map",
-    "role_shares", "role_trace", "save_all", "seed_agreement",
+    "ALL_ROLES", "CLOSED_OUTLINES", "DEFAULT_HEATMAPS", "QUANTITIES", "ROLE_COLORS", "ablation_curves",
+    "figure_png", "figures", "figures_contrastive", "gate_map", "gate_scatter", "head_layout", "head_values",
+    "heatmap", "heatmaps", "loss_curves", "role_agreement", "role_map", "role_shares", "role_trace",
+    "save_all", "seed_agreement",
 ]
