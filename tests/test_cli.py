@@ -1,22 +1,27 @@
 """The command line: complete help, run folders that validate and report, exit codes for bad input.
 
 Everything runs in-process through ``chg_tlens.cli.main`` (the ``chg-tlens`` entry point), on the planted
-repeat circuit (known roles) and, sized small, on the embedded SmolLM2-135M.
+repeat circuit (known roles), on the planted two-modes circuit for ``contrastive`` (standing in for the
+model and its function task) and, sized small, on the embedded SmolLM2-135M.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import torch
 
 from chg_tlens.app import report
 from chg_tlens.app.cli import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, UsageError, build_parser, main
 from chg_tlens.core.checkpoint import CheckpointError
-from chg_tlens.core.result import ResultFileError
+from chg_tlens.core.result import ContrastiveResult, ResultFileError
 from chg_tlens.errors import InputError
 
 SUBCOMMANDS = ["fit", "contrastive", "validate", "compare", "report", "demo", "bench"]
@@ -75,6 +80,40 @@ def test_validate_confirms_the_planted_circuit_on_held_out_data(planted_run):
     assert (planted_run / "validation_ablation.csv").is_file()
 
 
+@pytest.fixture(scope="module")
+def contrastive_run(tmp_path_factory) -> tuple[Path, str, object]:
+    """``chg-tlens contrastive`` with the planted two-modes circuit standing in for the model and its
+    function task (retain = the circuit's retain mode): the run folder, what it printed, the circuit."""
+    from chg_tlens.testbeds.planted import contrastive_circuit
+
+    circuit = contrastive_circuit()
+    asked: list[str] = []
+
+    def views(model, n, seed, function, split):
+        assert model is circuit.model and function == "plural" and split in ("train", "test")
+
+        def contrastive(keep):
+            asked.append(keep)
+            return circuit.data(n, seed)
+
+        return SimpleNamespace(contrastive=contrastive)
+
+    folder = tmp_path_factory.mktemp("cli") / "contrastive"
+    threads = torch.get_num_threads()
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+        patch.setattr("chg_tlens.models.load.load_model", lambda name, device=None, dtype=None: circuit.model)
+        patch.setattr("chg_tlens.tasks.function_views", views)
+        torch.set_num_threads(1)
+        try:
+            code = main(["contrastive", "--n", "128", "--n-eval", "64", "--n-seeds", "2", "--steps", "150",
+                         "--batch-size", "32", "--quiet", "--out", str(folder)])
+        finally:
+            torch.set_num_threads(threads)
+    assert code == EXIT_OK and asked == ["in_context", "in_context"]
+    return folder, out.getvalue(), circuit
+
+
 def test_fit_from_a_jsonl_file_on_the_embedded_model(tmp_path, capsys):
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps({"question": p, "answer": t}) for p, t in [
@@ -90,6 +129,39 @@ def test_fit_from_a_jsonl_file_on_the_embedded_model(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["data"] == str(data) and run["prompt_field"] == "question"
     assert "Share of heads per role" in capsys.readouterr().out
+
+
+def test_contrastive_writes_a_complete_run_folder_that_loads_back(contrastive_run):
+    folder, printed, circuit = contrastive_run
+    for name in ("chg_gates.safetensors", "chg_result.json", "heads.csv", "table.csv", "run.json",
+                 "contrastive.json", "report.html", "pictures/gate_map.png", "pictures/loss_curves.png"):
+        assert (folder / name).is_file(), name
+    result = ContrastiveResult.load(folder)
+    again = ContrastiveResult.load(result.save(folder.parent / "saved-again"))
+    assert torch.equal(again.theta, result.theta) and again.metrics.keys() == result.metrics.keys()
+    assert result.closed_heads() == [circuit.extra["forget_head"]]  # the planted forget head, every seed
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "heads.csv"), result.to_frame(), check_dtype=False)
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "table.csv"), result.table())
+    summary = json.loads((folder / "contrastive.json").read_text())  # kept for older readers
+    assert summary["closed_heads_every_seed"] == [list(head) for head in result.closed_heads()]
+    run = json.loads((folder / "run.json").read_text())
+    assert run["function"] == "plural" and run["retain"] == "icl" and run["threshold"] == 0.5
+    assert printed.rstrip().endswith(result.convergence_text())  # the last lines: convergence in words
+
+
+def test_report_on_a_contrastive_run_folder(contrastive_run, tmp_path, capsys):
+    folder, _, _ = contrastive_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in folder.iterdir():
+        if path.is_file() and path.name != "report.html":
+            (copy / path.name).write_bytes(path.read_bytes())
+    assert main(["report", str(copy)]) == EXIT_OK
+    assert str(copy / "report.html") in capsys.readouterr().out
+    page = (copy / "report.html").read_text()
+    assert "Contrastive CHG report" in page and 'id="before-after-table"' in page
+    assert '<section id="convergence">' in page and "stage contrastive:" in page
+    assert 'id="closed-every-seed"' in page and 'data-plot="gate_map"' in page
 
 
 def test_compare_scores_the_known_role_benchmarks(tmp_path):

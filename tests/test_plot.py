@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from chg_tlens.app import plot
-from chg_tlens.core.result import CHGResult
+from chg_tlens.core.result import CHGResult, ContrastiveResult
 
 GATE_OPEN, GATE_CLOSED = 5.0, -5.0  # logits: sigmoid 0.993 and 0.007
 
@@ -52,6 +52,18 @@ def known_roles_result() -> tuple[CHGResult, np.ndarray, np.ndarray]:
     agreement = np.ones(roles.shape)
     agreement[1, 2] = 2 / 3
     return CHGResult(torch.zeros_like(theta_plus), theta_plus, theta_minus), codes, agreement
+
+
+def contrastive_result() -> ContrastiveResult:
+    """2 seeds x 2 layers x 3 heads: head 0.1 closed in both seeds, head 1.2 in seed 1 only."""
+    theta = torch.full((2, 2, 3), GATE_OPEN)
+    theta[:, 0, 1] = GATE_CLOSED
+    theta[1, 1, 2] = GATE_CLOSED
+    theta[0, 1, 0] = 0.3  # gate 0.57: open at the fit's threshold 0.5, closed at 0.6
+    generator = torch.Generator().manual_seed(0)
+    losses = {"contrastive": {"loss": torch.rand(20, 2, generator=generator),
+                              "nll": torch.rand(20, 2, generator=generator)}}
+    return ContrastiveResult(theta, losses=losses, config={"threshold": 0.5})
 
 
 def images_of(fig: Figure) -> list:
@@ -242,3 +254,41 @@ def test_role_trace_draws_each_seeds_roles_at_every_snapshot(recall):
     for seed, image in enumerate(images):
         assert np.array_equal(image.get_array(), codes[:, seed].flatten(1).T.numpy())
     assert "role_trace" in plot.figures(result) and "role_trace" not in plot.figures(random_result(2, 2, 2))
+
+
+def outlined_heads(fig: Figure) -> dict[tuple[int, int], str]:
+    """(layer, head) -> line style of every box ``gate_map`` drew."""
+    from matplotlib.patches import Rectangle
+
+    boxes = [patch for ax in fig.axes for patch in ax.patches if isinstance(patch, Rectangle)]
+    return {(round(box.get_y() + 0.5), round(box.get_x() + 0.5)): box.get_linestyle() for box in boxes}
+
+
+def test_gate_map_draws_the_mean_gate_and_boxes_the_closed_heads():
+    result = contrastive_result()
+    fig = plot.gate_map(result)
+    (image,) = images_of(fig)
+    assert np.allclose(image.get_array(), result.gates.mean(dim=0).numpy())
+    assert outlined_heads(fig) == {(0, 1): "-", (1, 2): "--"}  # solid: every seed, dashed: some seeds
+    assert "1 closed (< 0.5) in every seed" in fig.axes[0].get_title()
+    assert outlined_heads(plot.gate_map(result, threshold=0.6)) == {(0, 1): "-", (1, 2): "--", (1, 0): "--"}
+    with pytest.raises(ValueError, match="threshold"):
+        plot.gate_map(result, threshold=1.5)
+    with pytest.raises(ValueError, match="expected a chg_tlens.ContrastiveResult"):
+        plot.gate_map(random_result(2, 2, 3))
+
+
+def test_contrastive_figures_show_the_gate_map_and_the_one_loss_curve(tmp_path):
+    result = contrastive_result()
+    fig = plot.loss_curves(result)
+    (ax,) = fig.axes
+    assert len(ax.lines) == 2 + 2  # each seed, the mean loss, the mean NLL
+    assert np.allclose(ax.lines[2].get_ydata(), result.losses["contrastive"]["loss"].mean(dim=1).numpy())
+    assert "contrastive" in ax.get_title()
+    assert set(plot.figures(result)) == set(plot.figures_contrastive(result)) == {"gate_map", "loss_curves"}
+    with pytest.raises(ValueError, match="seed"):
+        plot.figures(result, seed=0)
+    paths = plot.save_all(result, tmp_path / "pictures")
+    assert set(paths) == {"gate_map", "loss_curves"}
+    for path in paths.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

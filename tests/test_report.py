@@ -21,9 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-from chg_tlens import CHGConfig, fit_chg
-from chg_tlens.app.report import render_report, write_report
-from chg_tlens.core.result import META_FILE, TENSORS_FILE, CHGResult, ResultFileError
+from chg_tlens import CHGConfig, ContrastiveConfig, fit_chg, fit_contrastive_chg
+from chg_tlens.app.report import load_run_result, render_contrastive_report, render_report, write_report
+from chg_tlens.app.runs import write_contrastive_run_folder
+from chg_tlens.core.result import META_FILE, TENSORS_FILE, CHGResult, ContrastiveResult, ResultFileError
 from chg_tlens.errors import InputError
 
 HOSTILE_TASK = "repeat & <b>bold</b>"
@@ -66,6 +67,27 @@ def planted_page(planted_run) -> str:
     """The planted run's report, written once for the tests that only read it."""
     folder, _ = planted_run
     return write_report(folder).read_text()
+
+
+@pytest.fixture(scope="module")
+def contrastive_run(tmp_path_factory):
+    """A small contrastive fit of the planted two-modes model, written as a contrastive run folder."""
+    from chg_tlens.testbeds.planted import contrastive_circuit
+
+    circuit = contrastive_circuit()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = ContrastiveConfig(n_seeds=2, steps=150, batch_size=32, progress=False)
+        result = fit_contrastive_chg(circuit.model, circuit.data(128, 0), config,
+                                     eval_data=circuit.data(64, 99))
+    finally:
+        torch.set_num_threads(threads)
+    folder = tmp_path_factory.mktemp("contrastive")
+    run = {"command": HOSTILE_COMMAND, "model": "planted-two-modes", "function": HOSTILE_TASK,
+           "retain": "icl"}
+    write_contrastive_run_folder(result, folder, run)
+    return folder, result, circuit
 
 
 def images_in(page: str) -> dict[str, bytes]:
@@ -236,3 +258,54 @@ def test_report_renders_in_headless_chromium(planted_run, tmp_path):
     dom = run_chromium(broken, tmp_path / "profile-broken", "--dump-dom")
     assert 'data-page-errors="1"' in dom.stdout
     assert "failed to load &lt;img&gt; Gates and role scores" in dom.stdout
+
+
+def test_contrastive_report_shows_the_table_the_closed_heads_and_convergence(contrastive_run):
+    folder, result, circuit = contrastive_run
+    for name in ("heads.csv", "table.csv", "run.json", "report.html", "pictures/gate_map.png"):
+        assert (folder / name).is_file(), name
+    page = (folder / "report.html").read_text()
+    assert "Contrastive CHG report: planted-two-modes" in page
+    facts = re.search(r'<section id="what-was-run">(.*?)</section>', page, re.DOTALL).group(1)
+    for row in ("<th>retain view</th><td>icl</td>", '<th>seeds</th><td class="num">2</td>',
+                '<th>updates</th><td class="num">150</td>', '<th>batch size</th><td class="num">32</td>',
+                '<th>\u03bb</th><td class="num">0.1</td>',
+                '<th>closing threshold</th><td class="num">0.5</td>'):
+        assert row in facts, row
+    table = re.search(r'<table[^>]*id="before-after-table"[^>]*>(.*?)</table>', page, re.DOTALL).group(1)
+    assert table.count("<tr") == 1 + 4  # header, retain/forget x before/after
+    assert f"{result.table()['logprob'].iloc[3]:.3g}" in table
+    forget = circuit.extra["forget_head"]
+    assert result.closed_heads() == [forget]  # the fit found the planted forget head: the page must show it
+    every = re.search(r'<tr class="consensus" id="closed-every-seed">(.*?)</tr>', page).group(1)
+    assert f">L{forget[0]}H{forget[1]}<" in every
+    convergence = re.search(r'<section id="convergence">(.*?)</section>', page, re.DOTALL).group(1)
+    for line in result.convergence_text().splitlines():
+        assert f"<li>{html.escape(line)}</li>" in convergence
+    assert "mean_abs_dG" in convergence and "contrastive" in convergence
+    pictures = images_in(page)
+    assert set(pictures) == {"gate_map", "loss_curves"}
+    for data in pictures.values():
+        assert Image.open(io.BytesIO(data)).format == "PNG"
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", page, re.IGNORECASE)
+    assert "<b>bold</b>" not in page and "alert(1)</script>" not in page and page.count("<script") == 1
+    assert result.provenance["data_fingerprint"] in page and "heads.csv" in page
+
+
+def test_a_run_folder_is_read_as_the_kind_it_holds(contrastive_run, planted_run, tmp_path):
+    folder, result, _ = contrastive_run
+    loaded = load_run_result(folder)
+    assert isinstance(loaded, ContrastiveResult) and torch.equal(loaded.theta, result.theta.float())
+    assert isinstance(load_run_result(planted_run[0]), CHGResult)
+    for name in (TENSORS_FILE, META_FILE):
+        shutil.copy(folder / name, tmp_path / name)
+    (tmp_path / "run.json").write_text(json.dumps({"threshold": 0.9999}))
+    assert "<th>closing threshold</th><td class=\"num\">0.9999</td>" in write_report(tmp_path).read_text()
+    page = write_report(tmp_path, threshold=0.2).read_text()
+    assert "<th>closing threshold</th><td class=\"num\">0.2</td>" in page
+    with pytest.raises(InputError, match="expected a chg_tlens.ContrastiveResult"):
+        render_contrastive_report(load_run_result(planted_run[0]))
+    with pytest.raises(InputError, match="expected a chg_tlens.CHGResult"):
+        render_report(result)
+    with pytest.raises(ValueError, match="threshold"):
+        render_contrastive_report(result, threshold=2.0)

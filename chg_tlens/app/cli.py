@@ -273,7 +273,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def run_contrastive(args: argparse.Namespace) -> int:
     from chg_tlens import ContrastiveConfig, fit_contrastive_chg
-    from chg_tlens.app.runs import write_json
+    from chg_tlens.app.runs import write_contrastive_run_folder, write_json
     from chg_tlens.models.load import load_model
     from chg_tlens.tasks import function_views
 
@@ -281,15 +281,23 @@ def run_contrastive(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=config.device, dtype=args.dtype)
     train, held_out = contrastive_data(function_views, model, args.function, args.retain, args.n,
                                        args.n_eval, config.seed)
+    started = time.time()
     result = fit_contrastive_chg(model, train, config, eval_data=held_out, run_dir=args.out,
                                  resume=args.resume)
     table = result.table()
     write_json({"function": args.function, "retain": args.retain, "table": table.to_dict("records"),
                 "closed_heads_every_seed": result.closed_heads(), "config": result.config,
-                "provenance": result.provenance}, args.out / "contrastive.json")
+                "provenance": result.provenance}, args.out / "contrastive.json")  # kept for older readers
+    info = {"command": _command_line(), "model": args.model, "function": args.function, "retain": args.retain,
+            "n": args.n, "n_eval": args.n_eval, "seconds": time.time() - started}
+    write_contrastive_run_folder(result, args.out, info)
     print(f"contrastive CHG, {args.function}: retain {args.retain}, remove the other view")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"heads closed in every seed: {result.closed_heads()}")
+    print(f"run folder: {args.out}  (report: {args.out / 'report.html'})")
+    if result.trace:
+        print("\nConvergence (last quarter of the fit; details: result.convergence())")
+        print(result.convergence_text(config.threshold))
     return EXIT_OK
 
 
@@ -458,8 +466,8 @@ def run_report(args: argparse.Namespace) -> int:
         _check_threshold(args.threshold)
     if not args.run_dir.is_dir():
         found = "a file" if args.run_dir.exists() else "nothing"
-        raise UsageError(f"run_dir: expected a run folder written by 'chg-tlens fit', found {found} at "
-                         f"{args.run_dir}.")
+        raise UsageError(f"run_dir: expected a run folder written by 'chg-tlens fit' or 'chg-tlens "
+                         f"contrastive', found {found} at {args.run_dir}.")
     path = write_report(args.run_dir, threshold=args.threshold)
     print(f"wrote {path}")
     return EXIT_OK

@@ -311,8 +311,8 @@ def gate_map(
     every, some = closed.all(axis=0), closed.any(axis=0)
     values = result.gates.detach().float().cpu().mean(dim=0).numpy()
     fig, ax = _figure_and_axes(ax, _panel_size(result))
-    title = (f"mean gate over {closed.shape[0]} seed(s); closed (< {threshold:g}) in every seed: "
-             f"{int(every.sum())}")
+    title = (f"mean gate of {closed.shape[0]} seed(s)\n"
+             f"{int(every.sum())} closed (< {threshold:g}) in every seed")
     _draw_heatmap(ax, values, "viridis", title, annotate)
     for (layer, head), in_every in np.ndenumerate(every):
         if some[layer, head]:

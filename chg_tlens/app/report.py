@@ -2,7 +2,9 @@
 
 A run folder holds the files ``CHGResult.save`` writes (``chg_gates.safetensors``, ``chg_result.json``)
 and optionally ``run.json`` (what was run: command, model, task, config), ``validation.json`` (any JSON
-of validation numbers) and ``roles.csv``. Only the CHGResult files are required.
+of validation numbers) and ``roles.csv``. Only the CHGResult files are required. A folder holding a
+``ContrastiveResult`` instead (``chg-tlens contrastive``) gets the contrastive page: the before/after
+table, the heads closed in every seed, convergence and pictures.
 
 The page needs nothing outside itself: pictures are inline base64 PNGs, the CSS is inline, and the one
 small script (which surfaces script errors and images that fail to decode, for readers and for
@@ -21,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from chg_tlens.app import plot
-from chg_tlens.core.result import META_FILE, ROLES, TENSORS_FILE, UNCLASSIFIED, CHGResult, ResultFileError
+from chg_tlens.core.result import (
+    META_FILE,
+    ROLES,
+    TENSORS_FILE,
+    UNCLASSIFIED,
+    CHGResult,
+    ContrastiveResult,
+    ResultFileError,
+)
 from chg_tlens.errors import InputError
 
 ROLES_FILE = "roles.csv"
@@ -48,6 +58,8 @@ FIGURE_CAPTIONS = {
     "role_trace": "Role of every head (rows, layer by layer) at each snapshot of the G+/G\u2212 fit "
                   "(columns, by update), per seed: straight bands = settled roles; changes near the right "
                   "edge = roles the fit had not settled when it ended.",
+    "gate_map": "Gate per head (layer down, head across), mean over seeds: boxed solid red = closed in every "
+                "seed, dashed orange = closed in some seeds only.",
 }
 
 
@@ -58,28 +70,49 @@ def write_report(
 ) -> Path:
     """Read a run folder and write its HTML report (default ``<run_folder>/report.html``); return the path.
 
-    ``threshold`` (the role score cut-off) defaults to the one recorded in ``run.json``, else 0.5.
+    ``threshold`` (the role score cut-off; for a ContrastiveResult the closing one) defaults to the one
+    recorded in ``run.json``, else 0.5 (a ContrastiveResult: its fit's own).
     """
     folder = Path(run_folder)
     if not folder.is_dir():
         found = "a file" if folder.exists() else "nothing"
         raise FileNotFoundError(f"run_folder: expected a folder holding {TENSORS_FILE} and {META_FILE}, "
                                 f"found {found} at {folder}.")
-    result = CHGResult.load(folder)
+    result = load_run_result(folder)
     run = _read_json(folder / RUN_FILE)
-    validation = _read_json(folder / VALIDATION_FILE)
-    if threshold is None:
-        threshold = _recorded_threshold(run)
     target = Path(output) if output is not None else folder / REPORT_FILE
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()
              and not p.name.startswith(".") and p.resolve() != target.resolve()}
+    if isinstance(result, ContrastiveResult):
+        if threshold is None:
+            threshold = _recorded_threshold(run, result.config.get("threshold", DEFAULT_THRESHOLD))
+        page = render_contrastive_report(result, run=run, threshold=threshold, files=files,
+                                         title=folder.resolve().name)
+        return _write_page(page, target)
+    validation = _read_json(folder / VALIDATION_FILE)
+    if threshold is None:
+        threshold = _recorded_threshold(run)
     validation_pictures = {p.stem: p.read_bytes()
                            for p in sorted((folder / "pictures").glob("validation_*.png"))}
     page = render_report(result, run=run, validation=validation, threshold=threshold, files=files,
                          title=folder.resolve().name, validation_pictures=validation_pictures)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(page, encoding="utf-8")
-    return target
+    return _write_page(page, target)
+
+
+def load_run_result(folder: str | os.PathLike) -> CHGResult | ContrastiveResult:
+    """The result a run folder holds, of the kind its ``chg_result.json`` names (``format``).
+
+    A folder without a readable kind is read as a CHGResult, whose loader says what is wrong with it.
+    """
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = None
+    kind = meta.get("format") if isinstance(meta, dict) else None
+    if kind == f"chg_tlens.{ContrastiveResult.__name__}":
+        return ContrastiveResult.load(folder)
+    return CHGResult.load(folder)
 
 
 def render_report(
@@ -97,8 +130,7 @@ def render_report(
     """
     if not isinstance(result, CHGResult):
         raise InputError(f"result: expected a chg_tlens.CHGResult, got {type(result).__name__}.")
-    if run is not None and not isinstance(run, dict):
-        raise InputError(f"run: expected a dict (the contents of {RUN_FILE}), got {type(run).__name__}.")
+    _check_run(run)
     result.role_labels(threshold)  # rejects a bad threshold before any drawing
     run = run or {}
     model, task = _model_and_task(result, run)
@@ -118,22 +150,69 @@ def render_report(
     return _page(heading, title or heading, "\n".join(sections))
 
 
+def render_contrastive_report(
+    result: ContrastiveResult,
+    run: dict[str, Any] | None = None,
+    threshold: float | None = None,
+    files: dict[str, int] | None = None,
+    title: str | None = None,
+) -> str:
+    """The page of a contrastive run: what was run, before/after, the closed heads, convergence, pictures.
+
+    ``threshold`` (a head is closed when its gate ends below it) defaults to the fit's own.
+    """
+    if not isinstance(result, ContrastiveResult):
+        raise InputError(f"result: expected a chg_tlens.ContrastiveResult, got {type(result).__name__}.")
+    _check_run(run)
+    threshold = result.config.get("threshold", DEFAULT_THRESHOLD) if threshold is None else threshold
+    result.closed(threshold)  # rejects a bad threshold before any drawing
+    run = run or {}
+    model, function = _model_and_function(result, run)
+    heading = "Contrastive CHG report: " + " \u00b7 ".join(x for x in (model, function) if x) \
+        if (model or function) else "Contrastive CHG report"
+    sections = [
+        _section("What was run", _contrastive_facts(result, run, threshold)),
+        _section("Before and after", _before_after_html(result), section_id="before-after"),
+        _section("Closed heads", _closed_heads_html(result, threshold), section_id="closed-heads"),
+        _section("Convergence", _convergence_html(result, threshold), section_id="convergence"),
+        _section("Pictures", _figures_html(result, threshold)),
+        _section("Details", _details_html(result, run, files)),
+    ]
+    return _page(heading, title or heading, "\n".join(sections))
+
+
 # --------------------------------------------------------------------------- sections
 def _key_facts(result: CHGResult, run: dict[str, Any], threshold: float) -> str:
-    provenance, config = result.provenance, result.config
+    config = result.config
     model, task = _model_and_task(result, run)
+    clamp = f"{config['clamp_mode']} at {config.get('clamp')}" if "clamp_mode" in config else None
+    return _facts_html(result, run, {"model": model, "task": task}, "updates per stage",
+                       {"clamp": clamp, "role threshold": threshold})
+
+
+def _contrastive_facts(result: ContrastiveResult, run: dict[str, Any], threshold: float) -> str:
+    model, function = _model_and_function(result, run)
+    return _facts_html(result, run, {"model": model, "function": function, "retain view": run.get("retain")},
+                       "updates", {"log-prob clamp": result.config.get("logprob_clamp"),
+                                   "closing threshold": threshold,
+                                   "evaluated on": result.provenance.get("evaluated_on")})
+
+
+def _facts_html(result: CHGResult | ContrastiveResult, run: dict[str, Any], gated: dict[str, Any],
+                steps_name: str, method: dict[str, Any]) -> str:
+    """The "what was run" table: the command, what was gated (``gated``), heads, seeds and the fit's
+    settings, the method's own (``method``), then the data and the time; empty entries left out."""
+    provenance, config = result.provenance, result.config
+    n_seeds, n_layers, n_heads = plot.head_layout(result)
     facts: dict[str, Any] = {
         "command": run.get("command"),
-        "model": model,
-        "task": task,
-        "heads": f"{result.n_layers} layers \u00d7 {result.n_heads} heads "
-                 f"= {result.n_layers * result.n_heads}",
-        "seeds": result.n_seeds,
-        "updates per stage": config.get("steps"),
+        **gated,
+        "heads": f"{n_layers} layers \u00d7 {n_heads} heads = {n_layers * n_heads}",
+        "seeds": n_seeds,
+        steps_name: config.get("steps"),
         "batch size": config.get("batch_size"),
         "\u03bb": config.get("lam"),
-        "clamp": f"{config['clamp_mode']} at {config.get('clamp')}" if "clamp_mode" in config else None,
-        "role threshold": threshold,
+        **method,
         "examples": provenance.get("n_examples"),
         "fit time (s)": provenance.get("seconds"),
         "created": provenance.get("created"),
@@ -144,8 +223,40 @@ def _key_facts(result: CHGResult, run: dict[str, Any], threshold: float) -> str:
     return _key_value_table(rows, code_keys={"command"})
 
 
-def _convergence_html(result: CHGResult, threshold: float) -> str:
-    """In words per stage, then the figures behind the words: a user should not read noise as roles."""
+def _before_after_html(result: ContrastiveResult) -> str:
+    if not result.metrics:
+        return "<p>This result records no before/after numbers.</p>"
+    where = {"eval_data": "held-out items"}.get(result.provenance.get("evaluated_on"), "the training items")
+    note = (f"<p>Accuracy and mean target log-prob on {_e(where)}: <em>before</em> with every gate open, "
+            "<em>after</em> with each seed's gates (mean over seeds, and the lowest and highest seed). "
+            "Retain should hold, forget should fall.</p>")
+    table = result.table().to_html(index=False, float_format=lambda v: f"{v:.3g}",
+                                   table_id="before-after-table")
+    return note + table
+
+
+def _closed_heads_html(result: ContrastiveResult, threshold: float) -> str:
+    closed = result.closed(threshold)
+    listed = [(str(seed), result.closed_heads(threshold, seed=seed)) for seed in range(closed.shape[0])]
+    listed.append(("every seed", result.closed_heads(threshold)))
+    rows = []
+    for name, heads in listed:
+        css = ' class="consensus" id="closed-every-seed"' if name == "every seed" else ""
+        rows.append(f'<tr{css}><th>{_e(name)}</th><td class="num">{len(heads)}</td>'
+                    f'<td class="heads">{_e(_heads_text(heads))}</td></tr>')
+    note = (f"<p>Heads whose gate ends below {_e(_number(threshold))}, per seed; the last row holds the "
+            f"heads closed in every seed (of {closed.shape[1] * closed.shape[2]} heads).</p>")
+    return (note + '<table class="closed" id="closed-heads-table"><thead><tr><th>seed</th><th>closed</th>'
+            f"<th>heads (layer, head)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _heads_text(heads: list[tuple[int, int]]) -> str:
+    return ", ".join(f"L{layer}H{head}" for layer, head in heads) or "none"
+
+
+def _convergence_html(result: CHGResult | ContrastiveResult, threshold: float) -> str:
+    """In words per stage, then the figures behind the words: a user should not read noise as roles (or,
+    for a ContrastiveResult, as closed heads; ``threshold`` is then the closing one)."""
     if not result.trace:
         return "<p>This result carries no trace (saved by an older chg_tlens): convergence unknown.</p>"
     frame = result.convergence(threshold)
@@ -173,7 +284,7 @@ def _roles_html(result: CHGResult, threshold: float) -> str:
     items = []
     for role in columns:
         heads = consensus[role]
-        listed = ", ".join(f"L{layer}H{head}" for layer, head in heads) or "none"
+        listed = _heads_text(heads)
         items.append(f'<tr data-role="{_e(role)}"><th><span class="swatch" style="background:'
                      f'{plot.ROLE_COLORS[role]}"></span>{_e(role)}</th><td class="num">{len(heads)}</td>'
                      f'<td class="heads">{_e(listed)}</td></tr>')
@@ -183,7 +294,7 @@ def _roles_html(result: CHGResult, threshold: float) -> str:
     return note + table + "<h3>Heads with the same role in every seed</h3>" + heads_table
 
 
-def _figures_html(result: CHGResult, threshold: float) -> str:
+def _figures_html(result: CHGResult | ContrastiveResult, threshold: float) -> str:
     return _png_figures({name: plot.figure_png(figure, dpi=100)
                          for name, figure in plot.figures(result, threshold).items()})
 
@@ -202,7 +313,8 @@ def _png_figures(pictures: dict[str, bytes]) -> str:
     return '<div class="figures">' + "\n".join(blocks) + "</div>"
 
 
-def _details_html(result: CHGResult, run: dict[str, Any], files: dict[str, int] | None) -> str:
+def _details_html(result: CHGResult | ContrastiveResult, run: dict[str, Any],
+                  files: dict[str, int] | None) -> str:
     parts = []
     if run:
         parts.append(f"<h3>{_e(RUN_FILE)}</h3>" + _key_value_table(_flatten(run)))
@@ -422,16 +534,35 @@ def _read_json(path: Path) -> Any:
         raise ResultFileError(f"{path} is not valid JSON: {error}") from None
 
 
-def _recorded_threshold(run: Any) -> float:
+def _recorded_threshold(run: Any, default: float = DEFAULT_THRESHOLD) -> float:
     if isinstance(run, dict):
         for source in (run, run.get("config")):
             if isinstance(source, dict) and isinstance(source.get("threshold"), (int, float)) \
                     and not isinstance(source.get("threshold"), bool):
                 return float(source["threshold"])
-    return DEFAULT_THRESHOLD
+    return default
 
 
-def _model_and_task(result: CHGResult, run: dict[str, Any]) -> tuple[str, str]:
+def _check_run(run: Any) -> None:
+    if run is not None and not isinstance(run, dict):
+        raise InputError(f"run: expected a dict (the contents of {RUN_FILE}), got {type(run).__name__}.")
+
+
+def _write_page(page: str, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(page, encoding="utf-8")
+    return target
+
+
+def _model_and_function(result: ContrastiveResult, run: dict[str, Any]) -> tuple[str, str]:
+    """The model and the function task of a contrastive run (``run.json``'s ``function``, else the data's)."""
+    model, task = _model_and_task(result, run)
+    data_meta = result.provenance.get("data_meta") or {}
+    recorded = data_meta.get("function") if isinstance(data_meta, dict) else None
+    return model, str(run.get("function") or recorded or task)
+
+
+def _model_and_task(result: CHGResult | ContrastiveResult, run: dict[str, Any]) -> tuple[str, str]:
     model = run.get("model") or result.provenance.get("model_name") or ""
     data_meta = result.provenance.get("data_meta") or {}
     task = run.get("task") or (data_meta.get("task") if isinstance(data_meta, dict) else None) or ""
@@ -454,4 +585,5 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-__all__ = ["REPORT_FILE", "ROLES_FILE", "RUN_FILE", "VALIDATION_FILE", "render_report", "write_report"]
+__all__ = ["REPORT_FILE", "ROLES_FILE", "RUN_FILE", "VALIDATION_FILE", "load_run_result",
+           "render_contrastive_report", "render_report", "write_report"]

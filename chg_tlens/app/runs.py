@@ -4,6 +4,10 @@
     <run>/roles.csv, summary.csv, losses.csv       tables
     <run>/run.json                                 what was run (command, model, task, config)
     <run>/pictures/*.png, report.html              pictures and the self-contained report
+
+A contrastive run (``write_contrastive_run_folder``) holds the saved ContrastiveResult (the same two
+files), ``heads.csv`` (the gate of every head and seed), ``table.csv`` (before/after), run.json,
+pictures and report.html.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from torch import Tensor
 
 from chg_tlens.app.report import ROLES_FILE, RUN_FILE, VALIDATION_FILE, write_report
 from chg_tlens.core.checkpoint import atomic_write_bytes
-from chg_tlens.core.result import CHGResult
+from chg_tlens.core.result import CHGResult, ContrastiveResult
+
+HEADS_FILE = "heads.csv"
+"""A contrastive run's gate per head and seed, and which heads close (ContrastiveResult.to_frame)."""
+TABLE_FILE = "table.csv"
+"""A contrastive run's accuracy and log-prob before/after gating (ContrastiveResult.table)."""
 
 
 def write_table(frame: pd.DataFrame, path: Path, index: bool = False) -> None:
@@ -42,11 +51,35 @@ def write_run_folder(
     report: bool = True,
 ) -> Path:
     """Write the result, its tables, pictures and report into ``folder``; return the folder."""
-    folder = Path(folder)
+    tables = [(ROLES_FILE, result.to_frame(threshold), False),
+              ("summary.csv", result.summary(threshold), True),
+              ("losses.csv", result.loss_frame(), False)]
+    return _write_result_folder(result, Path(folder), tables, run_info, threshold, pictures, report)
+
+
+def write_contrastive_run_folder(
+    result: ContrastiveResult,
+    folder: str | os.PathLike,
+    run_info: dict[str, Any] | None = None,
+    threshold: float | None = None,
+    pictures: bool = True,
+    report: bool = True,
+) -> Path:
+    """Write a contrastive result, its tables (``heads.csv``, ``table.csv``), pictures and report into
+    ``folder``; return the folder. ``threshold`` (a head is closed below it) defaults to the fit's own."""
+    threshold = result.config.get("threshold", 0.5) if threshold is None else threshold
+    tables = [(HEADS_FILE, result.to_frame(threshold), False), (TABLE_FILE, result.table(), False)]
+    return _write_result_folder(result, Path(folder), tables, run_info, threshold, pictures, report)
+
+
+def _write_result_folder(result: CHGResult | ContrastiveResult, folder: Path,
+                         tables: list[tuple[str, pd.DataFrame, bool]], run_info: dict[str, Any] | None,
+                         threshold: float, pictures: bool, report: bool) -> Path:
+    """What every run folder holds: the saved result, ``tables`` (file name, frame, keep the index),
+    run.json with the threshold, the pictures and the report."""
     result.save(folder)
-    write_table(result.to_frame(threshold), folder / ROLES_FILE)
-    write_table(result.summary(threshold), folder / "summary.csv", index=True)
-    write_table(result.loss_frame(), folder / "losses.csv")
+    for name, frame, index in tables:
+        write_table(frame, folder / name, index=index)
     write_json({**(run_info or {}), "threshold": threshold}, folder / RUN_FILE)
     if pictures:
         from chg_tlens.app.plot import save_all
