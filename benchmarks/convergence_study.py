@@ -79,8 +79,9 @@ def main() -> None:
             records[task][name] = run_fit(model, data, folder, settings[name], args.seeds)
             print(f"{task} / {name}: {records[task][name]['seconds']:.0f} s", flush=True)
         if task == "induction":
-            records[task]["_induction_heads"] = induction_reference(model, data).tolist()
-    table = summarise(out, records)
+            heads = induction_reference(model, data).tolist()
+            (out / "fits" / task / "induction_heads.json").write_text(json.dumps(heads))
+    table = summarise(out, cached_records(out, settings))
     write_tables(out, table, args, time.time() - started)
     if args.docs:
         write_tables(Path("docs/results"), table, args, time.time() - started)
@@ -108,6 +109,19 @@ def run_fit(model: Any, data: Any, folder: Path, setting: dict[str, Any], n_seed
     }
     record_file.write_text(json.dumps(record, indent=2))
     return record
+
+
+def cached_records(out: Path, settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every finished fit under OUT, whichever call ran it, so the tables always cover all tasks so far."""
+    records: dict[str, dict[str, Any]] = {}
+    for task_folder in sorted(p for p in (out / "fits").glob("*") if p.is_dir()):
+        fits = {name: json.loads((task_folder / _slug(name) / "record.json").read_text())
+                for name in settings if (task_folder / _slug(name) / "record.json").is_file()}
+        heads = task_folder / "induction_heads.json"
+        if heads.is_file():
+            fits["_induction_heads"] = json.loads(heads.read_text())
+        records[task_folder.name] = fits
+    return records
 
 
 def summarise(out: Path, records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
