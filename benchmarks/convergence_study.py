@@ -99,11 +99,10 @@ def run_fit(model: Any, data: Any, folder: Path, setting: dict[str, Any], n_seed
     began = time.time()
     result = fit_chg(model, data, config, run_dir=checkpoint, resume=resume)
     result.save(folder / "result")
-    updates = {stage: int(curves["loss"].shape[0]) for stage, curves in result.losses.items()}
     record = {
         "setting": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()},
-        "updates": updates,
-        "example_passes": sum(updates.values()) * config.batch_size * n_seeds,
+        "updates": {stage: int(curves["loss"].shape[0]) for stage, curves in result.losses.items()},
+        "example_passes": result.example_passes(),
         "seconds": float(result.provenance.get("seconds", time.time() - began)),
         "converged_share": float(result.convergence()["converged"].mean()),
     }

@@ -31,6 +31,7 @@ from chg_tlens.analysis.metrics import (
     spearman,
     truth_metrics,
 )
+from chg_tlens.core import checks
 from chg_tlens.core.config import CHGConfig
 from chg_tlens.core.data import GateData
 from chg_tlens.core.fit import fit_chg
@@ -96,14 +97,10 @@ def chg_head_scores(result: CHGResult, reduce: SeedReduce = "max") -> HeadScores
     """
     if not isinstance(result, CHGResult):
         raise InputError(f"result: expected a CHGResult, got {type(result).__name__}.")
-    if reduce == "max":
-        scores = result.facilitating.max(dim=0).values
-    elif reduce == "mean":
-        scores = result.facilitating.mean(dim=0)
-    else:
+    if reduce not in ("max", "mean"):
         raise InputError(f"chg_head_scores: reduce must be 'max' or 'mean', got {reduce!r}.")
-    config = result.config
-    passes = 3 * int(config.get("steps", 0)) * int(config.get("batch_size", 0)) * result.n_seeds
+    scores = checks.reduce_seeds(result.facilitating, reduce)
+    passes = result.example_passes()
     return HeadScores(scores.detach().float().cpu(), f"chg_{reduce}", passes, passes,
                       float(result.provenance.get("seconds", 0.0)), signed=False,
                       details={"n_seeds": result.n_seeds, "reduce": reduce,

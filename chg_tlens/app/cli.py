@@ -538,8 +538,9 @@ def _settings_text(settings: dict[str, Any]) -> str:
 
 
 def _check_threshold(threshold: float) -> None:
-    if not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"--threshold must be within [0, 1], got {threshold}.")
+    from chg_tlens.core import checks
+
+    checks.unit_interval(threshold, "--threshold")
 
 
 def _command_line() -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -46,7 +45,7 @@ def is_positive_number(value: Any) -> bool:
 def unit_interval(value: Any, argument: str) -> float:
     """``value`` if it is a number within [0, 1] (a threshold or a confidence)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-        raise InputError(f"{argument} must be a number within [0, 1], got {value!r}.")
+        raise InputError(f"{argument} must be within [0, 1], got {value!r}.")
     return float(value)
 
 
@@ -97,17 +96,6 @@ def corrupt_twin(data: GateData, method: str, corrupt: Any = None) -> GateData:
             f"{list(data.tokens.shape)}; patching swaps activations position by position."
         )
     return twin
-
-
-def head_map(values: Any, layout: adapter.HeadLayout, argument: str) -> Float[Tensor, "layer head"]:
-    """A ``[layer, head]`` tensor of finite numbers matching the model."""
-    tensor = torch.as_tensor(values, dtype=torch.float32)
-    expected = (layout.n_layers, layout.n_heads)
-    if tuple(tensor.shape) != expected:
-        raise InputError(f"{argument}: expected [layer, head] = {list(expected)}, got {list(tensor.shape)}.")
-    if not torch.isfinite(tensor).all():
-        raise InputError(f"{argument}: every value must be finite.")
-    return tensor
 
 
 def heads(values: Any, layout: adapter.HeadLayout, argument: str, allow_empty: bool = True

@@ -21,7 +21,7 @@ from jaxtyping import Bool, Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from chg_tlens.core import convergence
+from chg_tlens.core import checks, convergence
 from chg_tlens.core.checkpoint import atomic_write_bytes
 from chg_tlens.core.convergence import ROLES, UNCLASSIFIED
 from chg_tlens.errors import InputError
@@ -95,11 +95,11 @@ class CHGResult:
         ``min_confidence`` > 0 leaves heads whose :meth:`confidence` is below it unclassified, so a role
         that still flipped late in the fit or that other seeds do not share is not read as a finding.
         """
-        _check_threshold(threshold)
+        checks.unit_interval(threshold, "threshold")
         names = np.array(ROLES + (UNCLASSIFIED,), dtype=object)
         labels = names[convergence.role_codes(self.g_plus, self.g_minus, threshold).numpy()]
         if min_confidence > 0:
-            _check_threshold(min_confidence, "min_confidence")
+            checks.unit_interval(min_confidence, "min_confidence")
             labels[(self.confidence(threshold) < min_confidence).numpy()] = UNCLASSIFIED
         return labels
 
@@ -141,6 +141,12 @@ class CHGResult:
             frame["converged"] = [bool(per_seed[s]) for s in range(self.n_seeds)] + [bool(per_seed.all())]
             frame.attrs["convergence"] = convergence.in_words(report.to_dict("records"))
         return frame
+
+    def example_passes(self) -> int:
+        """Example forward+backward passes the fit cost: updates run in every stage (early stops
+        included) x batch size x seeds (each G+/G- update counts for both of its gate sets)."""
+        updates = sum(int(curves["loss"].shape[0]) for curves in self.losses.values())
+        return updates * int(self.config.get("batch_size", 0)) * self.n_seeds
 
     # ----------------------------------------------------------------- convergence
     def convergence(self, threshold: float = 0.5) -> pd.DataFrame:
@@ -252,11 +258,6 @@ class CHGResult:
         return consensus
 
 
-def _check_threshold(threshold: float, argument: str = "threshold") -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise InputError(f"{argument} must be within [0, 1], got {threshold!r}.")
-
-
 def _require_trace(trace: dict[str, dict[str, Tensor]], stages: tuple[str, ...]) -> None:
     missing = [stage for stage in stages if stage not in trace]
     if missing:
@@ -268,7 +269,7 @@ def _require_trace(trace: dict[str, dict[str, Tensor]], stages: tuple[str, ...])
 
 def _convergence_frame(trace: dict[str, dict[str, Tensor]], losses: dict[str, dict[str, Tensor]],
                        config: dict[str, Any], threshold: float) -> pd.DataFrame:
-    _check_threshold(threshold)
+    checks.unit_interval(threshold, "threshold")
     _require_trace(trace, tuple(losses))
     rows = convergence.stage_report(trace, losses, threshold, tolerance=config.get("stop_tolerance", 0.01),
                                     patience=config.get("patience", 100))
@@ -427,7 +428,7 @@ class ContrastiveResult:
     def closed(self, threshold: float | None = None) -> Bool[Tensor, "seed layer head"]:
         """Which gates end below ``threshold`` (default: the fit's own)."""
         threshold = self.config.get("threshold", 0.5) if threshold is None else threshold
-        _check_threshold(threshold)
+        checks.unit_interval(threshold, "threshold")
         return self.gates.detach().cpu() < threshold
 
     def closed_heads(self, threshold: float | None = None, seed: int | None = None) -> list[tuple[int, int]]:
