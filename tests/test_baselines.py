@@ -261,3 +261,70 @@ def test_bad_input_fails_early_naming_the_argument(recall):
         baselines.subnetwork_probing(circuit.model, data, l0_weight=-1.0)
     with pytest.raises(ValueError, match=r"\[layer, head\]"):
         baselines.HeadScores(torch.zeros(3), "broken")
+
+
+# ------------------------------------------------------------------------------ EAP-IG
+def _random_twins(n: int = 5, seq: int = 8, seed: int = 0) -> GateData:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 20, (n, seq), generator=generator)
+    corrupt = torch.randint(0, 20, (n, seq), generator=generator)
+    mask = torch.zeros(n, seq, dtype=torch.bool)
+    mask[:, 4:] = True
+    return GateData.from_tokens(tokens, mask).with_corrupt(GateData.from_tokens(corrupt, mask))
+
+
+def test_eap_ig_with_one_step_is_attribution_patching_and_more_steps_move_it():
+    model = random_bridge()
+    data = _random_twins()
+    one = baselines.eap_ig(model, data, steps=1, batch_size=3)
+    attribution = baselines.attribution_patching(model, data, backend="hooks", batch_size=3)
+    torch.testing.assert_close(one.scores, attribution.scores, atol=1e-6, rtol=0)
+    several = baselines.eap_ig(model, data, steps=4)
+    assert (several.scores - one.scores).abs().max() > 1e-3  # the interpolation changes the gradient
+    assert several.forward_passes == 5 * len(data) and several.backward_passes == 4 * len(data)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_eap_ig_averages_gradients_along_the_interpolated_embeddings():
+    """steps=2 is the mean of the gradients at alpha = 0 and alpha = 1/2, taken here by hand."""
+    model = random_bridge()
+    data = _random_twins(n=3)
+    result = baselines.eap_ig(model, data, steps=2)
+    metric = baselines.target_logprob_metric(data)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(data.tokens)
+        _, corrupt_cache = model.run_with_cache(data.corrupt.tokens)
+    clean_embed, corrupt_embed = clean_cache["hook_embed"], corrupt_cache["hook_embed"]
+    delta = [clean_cache[f"blocks.{layer}.attn.hook_z"] - corrupt_cache[f"blocks.{layer}.attn.hook_z"]
+             for layer in range(2)]
+
+    def shift(probe, difference):
+        return lambda z, hook: z + probe[None, None, :, None] * difference
+
+    expected = torch.zeros(2, 4)
+    for alpha in (0.0, 0.5):
+        # d metric / d (a shift of each head's z along its clean - corrupt difference), at this alpha
+        per_head = [torch.zeros(4, requires_grad=True) for _ in range(2)]
+        hooks = [("hook_embed", lambda e, hook, a=alpha: corrupt_embed + a * (clean_embed - corrupt_embed))]
+        hooks += [(f"blocks.{layer}.attn.hook_z", shift(per_head[layer], delta[layer])) for layer in range(2)]
+        with model.hooks(fwd_hooks=hooks):
+            value = metric(model(data.corrupt.tokens))
+        grads = torch.autograd.grad(value, per_head)
+        expected += torch.stack(grads) / 2
+    torch.testing.assert_close(result.scores, expected, atol=1e-5, rtol=0)
+
+
+def test_eap_ig_finds_the_planted_heads_of_a_composition(recall):
+    circuit = induction_circuit()
+    data = circuit.data(24, 0)
+    result = baselines.eap_ig(circuit.model, data, steps=8)
+    assert divmod(int(result.scores.argmax()), result.scores.shape[1]) == (1, 1)  # the induction head
+    recall_circuit, recall_data = recall
+    on_recall = baselines.eap_ig(recall_circuit.model, recall_data, steps=4)
+    assert divmod(int(on_recall.scores.argmax()), 4) == recall_circuit.heads_with_role("facilitating")[0]
+    assert on_recall.scores[0, 1] < 0  # the interfering head
+    with pytest.raises(InputError, match="steps"):
+        baselines.eap_ig(recall_circuit.model, recall_data, steps=0)
+    with pytest.raises(InputError, match="corrupt twin"):
+        clean_only = GateData.from_tokens(recall_data.tokens, recall_data.target_mask)
+        baselines.eap_ig(recall_circuit.model, clean_only)

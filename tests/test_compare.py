@@ -124,10 +124,14 @@ def test_chg_adapter_scores_facilitation_and_counts_its_cost(recall):
 def test_run_methods_skips_patching_without_a_corrupt_twin(recall):
     circuit, data = recall
     clean_only = GateData.from_tokens(data.tokens, data.target_mask)
-    names = ["gradient_importance", "activation_patching_denoise", "attribution_patching", "random"]
+    names = ["gradient_importance", "activation_patching_denoise", "attribution_patching", "eap_ig", "acdc",
+             "random"]  # gradient_importance: the old name of hisp
     scored, skipped = compare.run_methods(circuit.model, clean_only, names)
-    assert [s.method for s in scored] == ["gradient_importance", "random"]
-    assert set(skipped) == {"activation_patching_denoise", "attribution_patching"}
+    assert [s.method for s in scored] == ["hisp", "random"]
+    assert set(skipped) == {"activation_patching_denoise", "attribution_patching", "eap_ig", "acdc"}
+    zero_acdc = compare.MethodSettings(acdc_ablation="zero", acdc_taus=(0.1,))
+    scored, skipped = compare.run_methods(circuit.model, clean_only, ["acdc"], zero_acdc)
+    assert [s.method for s in scored] == ["acdc"] and not skipped  # zero ablation needs no twin
     with pytest.raises(ValueError, match="unknown method"):
         compare.run_methods(circuit.model, data, ["telepathy"])
 

@@ -4,10 +4,11 @@ Every method answers the same question CHG does ("which heads matter for this ta
 per head, higher = more important, so the results line up with ``CHGResult.facilitating`` and with
 each other (see ``chg_tlens.compare``):
 
-    gradient_importance   |d loss / d gate| at every gate = 1            (Michel et al., 2019)
+    gradient_importance   |d loss / d gate| at every gate = 1 ("hisp")   (Michel et al., 2019)
     ablation_scores       task metric lost when one head is zeroed or mean-ablated
     activation_patching   transformer_lens.patching on hook_z, clean <-> corrupt twin
     attribution_patching  (clean z - corrupt z) . d metric / d z, summed per head (Nanda; Syed et al.)
+    eap_ig                the same with integrated gradients along the input embeddings (Hanna et al., 2024)
     subnetwork_probing    hard-concrete L0 masks trained on task NLL + sparsity (Cao et al., 2021)
     random_scores         seeded noise, the floor every method must beat
 
@@ -43,6 +44,10 @@ AblationKind = Literal["zero", "mean"]
 PatchDirection = Literal["denoise", "noise"]
 AttributionBackend = Literal["auto", "transformer_lens", "hooks"]
 
+EAP_IG_STEPS = 5
+"""Default integrated-gradient steps of :func:`eap_ig` (Hanna et al. find a handful already close)."""
+EMBEDDING_HOOK = "hook_embed"
+"""Where EAP-IG interpolates inputs: the token embedding (positions are the same in both prompts)."""
 HARD_CONCRETE_BETA = 2.0 / 3.0
 """Temperature of the hard-concrete distribution (Louizos et al., 2018; Cao et al., 2021)."""
 HARD_CONCRETE_GAMMA = -0.1
@@ -85,7 +90,8 @@ def gradient_importance(
     model: Any, data: GateData, batch_size: int = 32, absolute: bool = True
 ) -> HeadScores:
     """Michel et al. (2019): ``E_x |d NLL(x) / d g_h|`` at every gate ``g = 1`` (the gate value, not
-    its logit).
+    its logit). Named ``hisp`` in tables, as the ACDC paper calls it ("head importance score for
+    pruning"), so figures line up with theirs.
 
     Each example gets its own copy of the gates (one mask per example), so a single backward gives
     every per-example gradient and the absolute value is taken before averaging, as in the paper.
@@ -108,7 +114,7 @@ def gradient_importance(
             logprob = target_logprobs(logits, tokens, target_mask)  # [1, batch]
             (grad,) = torch.autograd.grad(logprob.sum(), values)
             total += (grad.abs() if absolute else grad).sum(dim=0).float().cpu()
-    name = "gradient_importance" if absolute else "gradient_signed"
+    name = "hisp" if absolute else "gradient_signed"
     return HeadScores(total / len(data), name, len(data), len(data), time.time() - started,
                       signed=not absolute, details={"absolute": absolute})
 
@@ -229,6 +235,32 @@ def attribution_patching(model: Any, data: GateData, backend: AttributionBackend
                                "fallback_reason": None if use_tl else why_not})
 
 
+def eap_ig(model: Any, data: GateData, steps: int = EAP_IG_STEPS, batch_size: int = 32) -> HeadScores:
+    """EAP-IG at node level (Hanna, Pezzelle & Belinkov, 2024, "Have Faith in Faithfulness").
+
+    Attribution patching with integrated gradients: the gradient of the task metric at each head's
+    ``hook_z`` is averaged over ``steps`` runs whose input embeddings are interpolated from the
+    corrupt prompt (alpha = 0) towards the clean one (alpha = k / steps), then dotted with
+    ``(clean z - corrupt z)`` and summed per head. ``steps=1`` is exactly :func:`attribution_patching`
+    (the gradient at the corrupt run); more steps correct its linearisation where the metric bends
+    (a saturated softmax, heads that only act together). Positive = the head helps the task, as in
+    every method here. Needs ``data.corrupt``; costs ``1 + steps`` forwards and ``steps`` backwards
+    per example.
+    """
+    layout = adapter.require_model(model)
+    data = checks.gate_data(data, model)
+    checks.corrupt_twin(data, "eap_ig")
+    checks.positive_int(steps, "steps")
+    checks.positive_int(batch_size, "batch_size")
+    if EMBEDDING_HOOK not in model.hook_dict:
+        raise InputError(f"eap_ig: the model has no {EMBEDDING_HOOK} hook to interpolate its inputs at.")
+    started = time.time()
+    with adapter.frozen(model):
+        scores = _attribution_hooks(model, data, layout, batch_size, steps=steps)
+    return HeadScores(scores, "eap_ig", (1 + steps) * len(data), steps * len(data), time.time() - started,
+                      signed=True, details={"steps": steps, "path": "input embeddings, corrupt -> clean"})
+
+
 def subnetwork_probing(model: Any, data: GateData, steps: int = 300, lr: float = 0.1, l0_weight: float = 1.0,
                        batch_size: int = 32, init_log_alpha: float = 3.0, seed: int = 0) -> HeadScores:
     """Cao et al. (2021): hard-concrete L0 masks on heads trained on task NLL + sparsity.
@@ -327,7 +359,7 @@ def mean_head_activations(
     counts = torch.zeros(width)
     with torch.no_grad():
         for batch, tokens, _ in on_device(data, batch_size, device):
-            _, cache = model.run_with_cache(tokens, names_filter=_is_hook_z)
+            _, cache = model.run_with_cache(tokens, names_filter=adapter.is_hook_z)
             present = torch.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]  # [b, pos]
             counts[: present.shape[1]] += present.sum(dim=0).float()
             for layer in range(layout.n_layers):
@@ -368,34 +400,55 @@ def _attribution_transformer_lens(model: Any, data: GateData, layout: adapter.He
     return total / len(data)
 
 
-def _attribution_hooks(model: Any, data: GateData, layout: adapter.HeadLayout, batch_size: int) -> Tensor:
-    """Grad of the metric wrt hook_z at the corrupt run, dotted with (clean - corrupt) z, per head.
+def _attribution_hooks(model: Any, data: GateData, layout: adapter.HeadLayout, batch_size: int,
+                       steps: int = 1) -> Tensor:
+    """``(clean z - corrupt z) . d metric / d z``, the gradient averaged over ``steps`` runs whose input
+    embeddings go from the corrupt prompt towards the clean one (alpha = 0, 1/steps, ...).
 
-    The hook returns ``z + probe`` with a zero ``probe`` leaf, so ``d metric / d probe`` is the total
-    derivative at ``hook_z`` on either TransformerLens (a bridge's hook sees a reshaped view whose
-    own ``.grad`` never fills).
+    One step is attribution patching (the gradient at the corrupt run); more steps are EAP-IG's
+    integrated gradients, as a left Riemann sum. Each hook returns ``z + probe`` with a zero
+    ``probe`` leaf, so ``d metric / d probe`` is the total derivative at ``hook_z`` on either
+    TransformerLens (a bridge's hook sees a reshaped view whose own ``.grad`` never fills).
     """
     device = adapter.model_device(model)
     total = torch.zeros(layout.n_layers, layout.n_heads)
     for batch, clean, _ in on_device(data, batch_size, device):
         corrupt = batch.corrupt.tokens.to(device)
         with torch.no_grad():
-            _, cache = model.run_with_cache(clean, names_filter=_is_hook_z)
-        captured: dict[int, Tensor] = {}
-        probes: dict[int, Tensor] = {}
-        hooks = [(adapter.hook_z_name(layer),
-                  functools.partial(_probe_hook, layer=layer, captured=captured, probes=probes))
-                 for layer in range(layout.n_layers)]
-        with model.hooks(fwd_hooks=hooks):
-            metric = target_logprob_metric(batch)(model(corrupt))
-        layers = sorted(probes)
-        grads = torch.autograd.grad(metric, [probes[layer] for layer in layers], allow_unused=True)
-        for layer, grad in zip(layers, grads, strict=True):
-            if grad is None:
-                continue
-            delta = cache[adapter.hook_z_name(layer)] - captured[layer]
-            total[layer] += (delta * grad).sum(dim=(0, 1, 3)).float().cpu() * len(batch)
+            _, cache = model.run_with_cache(
+                clean, names_filter=lambda name: adapter.is_hook_z(name) or name == EMBEDDING_HOOK)
+        metric_of = target_logprob_metric(batch)
+        grad_sum: dict[int, Tensor] = {}
+        corrupt_z: dict[int, Tensor] = {}
+        for step in range(steps):
+            captured: dict[int, Tensor] = {}
+            probes: dict[int, Tensor] = {}
+            hooks = [(adapter.hook_z_name(layer),
+                      functools.partial(_probe_hook, layer=layer, captured=captured, probes=probes))
+                     for layer in range(layout.n_layers)]
+            if step > 0:  # alpha = 0 is the corrupt run itself
+                hooks.append((EMBEDDING_HOOK, _interpolate_hook(cache[EMBEDDING_HOOK], step / steps)))
+            with model.hooks(fwd_hooks=hooks):
+                metric = metric_of(model(corrupt))
+            layers = sorted(probes)
+            grads = torch.autograd.grad(metric, [probes[layer] for layer in layers], allow_unused=True)
+            for layer, grad in zip(layers, grads, strict=True):
+                if grad is not None:
+                    grad_sum[layer] = grad_sum.get(layer, 0) + grad
+            if step == 0:
+                corrupt_z = captured
+        for layer, grad in grad_sum.items():
+            delta = cache[adapter.hook_z_name(layer)] - corrupt_z[layer]
+            total[layer] += (delta * grad / steps).sum(dim=(0, 1, 3)).float().cpu() * len(batch)
     return total / len(data)
+
+
+def _interpolate_hook(clean_embedding: Tensor, alpha: float) -> Callable[..., Tensor]:
+    """Replace the (corrupt) input embedding by ``corrupt + alpha * (clean - corrupt)``."""
+    def interpolate(embedding: Tensor, hook: Any = None, **kwargs: Any) -> Tensor:
+        return embedding + alpha * (clean_embedding.to(embedding.dtype) - embedding)
+
+    return interpolate
 
 
 def _probe_hook(z: Tensor, hook: Any, layer: int, captured: dict[int, Tensor],
@@ -421,7 +474,3 @@ def _metric_with_hooks(model: Any, data: GateData, hooks: list, batch_size: int)
         for batch, tokens, _ in on_device(data, batch_size, device):
             total += float(target_logprob_metric(batch)(model(tokens))) * len(batch)
     return total / len(data)
-
-
-def _is_hook_z(name: str) -> bool:
-    return name.endswith("attn.hook_z")

@@ -22,13 +22,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from chg_tlens.analysis import baselines
+from chg_tlens.analysis import acdc, baselines
 from chg_tlens.analysis.ablation import evaluate_gates
 from chg_tlens.analysis.baselines import HeadScores
 from chg_tlens.analysis.metrics import (
     ScoresLike,
     flat_scores,
     spearman,
+    sweep_roc,
     truth_metrics,
 )
 from chg_tlens.core import checks
@@ -129,6 +130,12 @@ class MethodSettings:
     batch_size: int = 32
     subnetwork_steps: int = 300
     subnetwork_l0_weight: float = 1.0
+    eap_ig_steps: int = baselines.EAP_IG_STEPS
+    acdc_tau: float = acdc.DEFAULT_TAU
+    acdc_taus: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+    """Thresholds of ACDC's sweep (its ROC curve); the run at ``acdc_tau`` gives the per-head scores."""
+    acdc_ablation: acdc.AcdcAblation = "corrupt"
+    acdc_distance: acdc.AcdcDistance = "kl"
     chg: CHGConfig = field(default_factory=lambda: CHGConfig(n_seeds=4, steps=150, batch_size=32,
                                                              progress=False))
     random_seed: int = 0
@@ -144,14 +151,20 @@ def _single(fn: Callable[..., HeadScores], **kwargs: Any) -> MethodFn:
     return run
 
 
-METHODS: dict[str, tuple[MethodFn, bool]] = {
+METHODS: dict[str, tuple[MethodFn, bool | Callable[[MethodSettings], bool]]] = {
     "chg": (lambda model, data, settings: run_chg(model, data, settings.chg)[0], False),
-    "gradient_importance": (_single(baselines.gradient_importance), False),
+    "hisp": (_single(baselines.gradient_importance), False),
     "ablation_zero": (_single(baselines.ablation_scores, kind="zero"), False),
     "ablation_mean": (_single(baselines.ablation_scores, kind="mean"), False),
     "activation_patching_denoise": (_single(baselines.activation_patching, direction="denoise"), True),
     "activation_patching_noise": (_single(baselines.activation_patching, direction="noise"), True),
     "attribution_patching": (_single(baselines.attribution_patching), True),
+    "eap_ig": (lambda model, data, settings: [baselines.eap_ig(
+        model, data, steps=settings.eap_ig_steps, batch_size=settings.batch_size)], True),
+    "acdc": (lambda model, data, settings: [acdc.acdc(
+        model, data, tau=settings.acdc_tau, taus=settings.acdc_taus, ablation=settings.acdc_ablation,
+        distance=settings.acdc_distance, batch_size=settings.batch_size)],
+        lambda settings: settings.acdc_ablation == "corrupt"),
     "subnetwork_probing": (
         lambda model, data, settings: [baselines.subnetwork_probing(
             model, data, steps=settings.subnetwork_steps, l0_weight=settings.subnetwork_l0_weight,
@@ -160,7 +173,10 @@ METHODS: dict[str, tuple[MethodFn, bool]] = {
     ),
     "random": (lambda model, data, settings: [baselines.random_scores(model, settings.random_seed)], False),
 }
-"""Name -> (runner, needs a corrupt twin). A runner may return several readings (CHG: max and mean)."""
+"""Name -> (runner, needs a corrupt twin: a bool or a rule on the settings). A runner may return
+several readings (CHG: max and mean). ``hisp``: Michel et al.'s head importance, as ACDC names it."""
+METHOD_ALIASES = {"gradient_importance": "hisp"}
+"""Older names still accepted by :func:`run_methods`."""
 
 
 def run_methods(
@@ -173,7 +189,7 @@ def run_methods(
 
     Returns the scores and, per skipped method, why.
     """
-    names = list(METHODS) if names is None else list(names)
+    names = list(METHODS) if names is None else [METHOD_ALIASES.get(name, name) for name in names]
     unknown = [name for name in names if name not in METHODS]
     if unknown:
         raise InputError(f"run_methods: unknown method(s) {unknown}; choose from {list(METHODS)}.")
@@ -182,7 +198,7 @@ def run_methods(
     skipped: dict[str, str] = {}
     for name in names:
         runner, needs_twin = METHODS[name]
-        if needs_twin and data.corrupt is None:
+        if needs_twin is not False and data.corrupt is None and (needs_twin is True or needs_twin(settings)):
             skipped[name] = "the data has no corrupt twin"
             continue
         scored.extend(runner(model, data, settings))
@@ -290,7 +306,7 @@ def evaluate_benchmark(benchmark: Benchmark, scored: list[HeadScores]) -> list[d
         curve = faithfulness_curve(benchmark.model, benchmark.eval_data, item, ks=[benchmark.k])
         row: dict[str, Any] = {
             "benchmark": benchmark.name, "method": item.method, "k": benchmark.k,
-            "auc": None, "precision_at_k": None,
+            "auc": None, "auc_sweep": None, "precision_at_k": None,
             "faithfulness_at_k": float(curve["faithfulness"].iloc[0]),
             "logprob_at_k": float(curve["logprob"].iloc[0]),
             "logprob_all": float(curve["logprob_all"].iloc[0]),
@@ -301,6 +317,9 @@ def evaluate_benchmark(benchmark: Benchmark, scored: list[HeadScores]) -> list[d
         if roles is not None and 0 < (roles == "facilitating").sum() < roles.size:
             truth = truth_metrics(item, roles, k=benchmark.k)
             row["auc"], row["precision_at_k"] = truth["auc"], truth["precision_at_k"]
+            if item.details.get("sweep"):  # ACDC: the ROC of its threshold sweep, as its paper scores it
+                kept = [item.details["kept"], *(point["kept"] for point in item.details["sweep"])]
+                row["auc_sweep"] = sweep_roc(kept, roles == "facilitating")[2]
         labels = item.details.get("role_labels")
         if item.method == "chg_max" and labels is not None and roles is not None:
             row["chg_role_accuracy"] = float(np.mean(labels == roles[None]))

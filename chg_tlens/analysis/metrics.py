@@ -2,6 +2,7 @@
 
     spearman, top_k_overlap        do two methods rank heads alike?
     roc_auc, precision_at_k        does a method find the heads known to matter?
+    sweep_roc                      the same for a method that returns kept sets over a threshold sweep (ACDC)
 
 Written out in numpy (average ranks for ties) and checked on hand-made examples in the tests.
 """
@@ -98,6 +99,32 @@ def precision_at_k(
     places_left = k - int(above.sum())
     hits = labels[above].sum() + places_left * labels[tied].mean()
     return float(hits / k)
+
+
+def sweep_roc(
+    kept_sets: Sequence[Bool[Tensor, "layer head"] | np.ndarray | list],
+    positives: Bool[Tensor, "layer head"] | np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """ROC of a threshold sweep: one (FPR, TPR) point per kept set, plus (0, 0) and (1, 1); trapezoid AUC.
+
+    How the ACDC paper scores its threshold sweeps; the points are sorted by FPR, ties by TPR.
+    """
+    if len(kept_sets) == 0:
+        raise InputError("sweep_roc: needs at least one kept set.")
+    n = int(np.asarray(positives).size)
+    labels = _labels(positives, n, "sweep_roc")
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise InputError(
+            f"sweep_roc: needs at least one positive and one negative head, got {n_pos} and {n_neg}."
+        )
+    points = [(0.0, 0.0), (1.0, 1.0)]
+    for kept in kept_sets:
+        chosen = _labels(kept, n, "sweep_roc")
+        points.append((float((chosen & ~labels).sum() / n_neg), float((chosen & labels).sum() / n_pos)))
+    points.sort()
+    fpr, tpr = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+    return fpr, tpr, float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
 # ------------------------------------------------------------------------------ against the truth

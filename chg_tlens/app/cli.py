@@ -415,6 +415,7 @@ def _print_validation(summary: dict[str, Any]) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     from chg_tlens.analysis.compare import (
+        METHOD_ALIASES,
         METHODS,
         compare_methods,
         known_role_benchmarks,
@@ -428,7 +429,7 @@ def run_compare(args: argparse.Namespace) -> int:
         print("\n".join(METHODS))
         return EXIT_OK
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods or [] if m not in METHODS]
+    unknown = [m for m in methods or [] if m not in METHODS and m not in METHOD_ALIASES]
     if unknown:
         raise UsageError(f"--methods: unknown {unknown}; choose from {list(METHODS)}.")
     if args.no_known and not args.task:

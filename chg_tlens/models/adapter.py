@@ -23,6 +23,11 @@ def hook_z_name(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_z"
 
 
+def is_hook_z(name: str) -> bool:
+    """Whether a hook name is some layer's ``hook_z`` (a ``names_filter`` for caching head outputs)."""
+    return name.endswith("attn.hook_z")
+
+
 def is_transformer_lens_model(model: Any) -> bool:
     """True for a TransformerBridge (TL 4) or HookedTransformer (TL 3.9)."""
     return (

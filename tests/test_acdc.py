@@ -1,0 +1,97 @@
+"""ACDC at head granularity: it keeps the planted heads, prunes the rest, sweeps thresholds into a ROC,
+and its recorded changes are the distances it measured."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chg_tlens.analysis.acdc import acdc
+from chg_tlens.analysis.metrics import sweep_roc
+from chg_tlens.core.data import GateData
+from chg_tlens.errors import InputError
+from chg_tlens.testbeds.benchmark_models import induction_circuit, recall_benchmark
+
+
+@pytest.fixture(scope="module")
+def recall():
+    circuit = recall_benchmark()
+    return circuit, circuit.data(32, 0)
+
+
+def test_acdc_keeps_the_heads_the_output_needs_and_prunes_heads_that_write_nowhere(recall):
+    circuit, data = recall
+    result = acdc(circuit.model, data, tau=0.01)
+    kept = result.details["kept"]
+    facilitating = circuit.heads_with_role("facilitating")[0]
+    assert kept[facilitating] and kept[0, 1]  # the answer head; the interfering one moves the output
+    assert not kept[0, 2] and not kept[0, 3]  # 0.2 and 0.3 write where nothing reads
+    assert result.scores[0, 2:].abs().max() < 1e-6
+    assert result.scores[facilitating] > result.scores[0, 1] > 0.01
+    assert result.forward_passes == len(data) * (2 + 4)  # clean + corrupt reference, one pass per head
+    assert result.details["distance"] < 0.01
+
+
+def test_acdc_composition_keeps_both_heads_of_an_and_with_corrupt_and_with_zero_ablation():
+    circuit = induction_circuit()
+    data = circuit.data(24, 0)
+    needed = circuit.true_roles() == "facilitating"
+    for ablation in ("corrupt", "zero"):
+        source = data if ablation == "corrupt" else GateData.from_tokens(data.tokens, data.target_mask,
+                                                                          lengths=data.lengths)
+        result = acdc(circuit.model, source, tau=0.05, ablation=ablation)
+        assert np.array_equal(result.details["kept"], needed), ablation
+
+
+def test_acdc_sweep_gives_nested_extremes_and_a_perfect_roc_on_the_planted_model(recall):
+    circuit, data = recall
+    result = acdc(circuit.model, data, tau=0.01, taus=[0.0, 1e-3, 0.1, 1e3])
+    sweep = result.details["sweep"]
+    assert [point["tau"] for point in sweep] == [0.0, 1e-3, 0.1, 1e3]
+    assert sweep[-1]["n_kept"] == 0  # nothing moves the output by a thousand nats
+    assert sweep[0]["n_kept"] >= 2
+    kept = [result.details["kept"], *(point["kept"] for point in sweep)]
+    positives = circuit.true_roles() != "irrelevant"  # what the output depends on
+    fpr, tpr, auc = sweep_roc(kept, positives)
+    assert auc == pytest.approx(1.0) and fpr[0] == 0 and tpr[-1] == 1
+
+
+def test_recorded_change_is_the_distance_acdc_measured():
+    """With one head kept from the last layer, the change of the next head is KL of the output with both."""
+    circuit, data = recall_benchmark(), None
+    data = circuit.data(16, 1)
+    result = acdc(circuit.model, data, tau=1e3, ablation="zero")  # everything goes: changes accumulate
+    with torch.no_grad():
+        full = circuit.model(data.tokens).log_softmax(-1)
+        gated = circuit.model.run_with_hooks(
+            data.tokens, fwd_hooks=[("blocks.0.attn.hook_z", lambda z, hook: z * 0)]).log_softmax(-1)
+    example, position = torch.nonzero(data.target_mask[:, 1:], as_tuple=True)
+    p, q = full[example, position], gated[example, position]
+    total = float((p.exp() * (p - q)).sum(-1).mean())
+    assert float(result.scores.sum()) == pytest.approx(total, rel=1e-4, abs=1e-6)  # changes telescope
+    assert result.details["distance"] == pytest.approx(total, rel=1e-4, abs=1e-6)
+
+
+def test_sweep_roc_by_hand():
+    positives = np.array([[True, False, False, True]])
+    fpr, tpr, auc = sweep_roc([np.array([[True, False, False, False]]),
+                               np.array([[True, True, False, True]])], positives)
+    assert list(fpr) == [0, 0, 0.5, 1] and list(tpr) == [0, 0.5, 1, 1]
+    assert auc == pytest.approx(0.5 * (0.5 + 1) / 2 + 0.5 * 1)  # trapezoids over FPR 0-0.5 and 0.5-1
+    with pytest.raises(InputError, match="positive"):
+        sweep_roc([positives], np.zeros((1, 4), dtype=bool))
+
+
+def test_acdc_refuses_bad_input(recall):
+    circuit, data = recall
+    with pytest.raises(InputError, match="tau"):
+        acdc(circuit.model, data, tau=-1)
+    with pytest.raises(InputError, match="taus"):
+        acdc(circuit.model, data, taus=[float("nan")])
+    with pytest.raises(InputError, match="ablation"):
+        acdc(circuit.model, data, ablation="mean")
+    with pytest.raises(InputError, match="distance"):
+        acdc(circuit.model, data, distance="js")
+    with pytest.raises(InputError, match="corrupt twin"):
+        acdc(circuit.model, GateData.from_tokens(data.tokens, data.target_mask))
