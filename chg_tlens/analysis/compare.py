@@ -232,11 +232,16 @@ class Benchmark:
 
 
 def known_role_benchmarks(n: int = 64, include_trained: bool = True) -> list[Benchmark]:
-    """The planted circuits (and a model trained here) of :mod:`chg_tlens.benchmark_models`."""
+    """The planted circuits of :mod:`chg_tlens.testbeds.benchmark_models`, the 32-head composite model
+    that separates methods (:mod:`chg_tlens.testbeds.composite`), and a model trained here."""
     from chg_tlens.testbeds import benchmark_models
+    from chg_tlens.testbeds.composite import composite_circuit
 
+    circuits = [*benchmark_models.all_benchmarks(include_trained=False), composite_circuit()]
+    if include_trained:
+        circuits.append(benchmark_models.trained_induction())
     suite = []
-    for circuit in benchmark_models.all_benchmarks(include_trained=include_trained):
+    for circuit in circuits:
         roles = circuit.true_roles()
         suite.append(Benchmark(circuit.name, circuit.model, circuit.data(n, 0), circuit.data(n, 1), roles,
                                int((roles == "facilitating").sum()), MethodSettings(), circuit.description))
