@@ -40,6 +40,9 @@ gates that stage 1 drives past -4 reachable for G+)."""
 TASK_OPTIONS = {"induction": dict(seq_len=8)}
 """Shorter repeats than the task's default, so the study fits on a CPU; 7 predicted tokens each."""
 SCORES = ("facilitating", "interfering", "irrelevant")
+CONFIDENT = 0.8
+"""A (seed, head) counts as confident when ``CHGResult.confidence()`` reaches this: with 3 seeds, every
+seed ends with the same role and the role held over at least 80% of the last quarter's snapshots."""
 
 
 def variants(ref_steps: int, ref_batch: int) -> dict[str, dict[str, Any]]:
@@ -131,6 +134,7 @@ def summarise(out: Path, records: dict[str, dict[str, Any]]) -> list[dict[str, A
             continue
         reference = CHGResult.load(out / "fits" / task / _slug("reference") / "result")
         ref_labels = reference.role_labels()
+        ref_confident = reference.confidence().numpy() >= CONFIDENT
         ref_passes = fits["reference"]["example_passes"]
         flagged = fits.get("_induction_heads")
         for name, record in fits.items():
@@ -138,6 +142,8 @@ def summarise(out: Path, records: dict[str, dict[str, Any]]) -> list[dict[str, A
                 continue
             result = CHGResult.load(out / "fits" / task / _slug(name) / "result")
             labels = result.role_labels()
+            confident = result.confidence().numpy() >= CONFIDENT
+            same = labels == ref_labels
             row = {
                 "task": task, "variant": name, "example_passes": record["example_passes"],
                 "passes_vs_reference": record["example_passes"] / ref_passes, "seconds": record["seconds"],
@@ -145,6 +151,10 @@ def summarise(out: Path, records: dict[str, dict[str, Any]]) -> list[dict[str, A
                 "role_agreement_min_seed": float((labels == ref_labels).reshape(result.n_seeds, -1)
                                                  .mean(axis=1).min()),
                 "seed_agreement": _seed_agreement(labels),
+                "reference_confident_share": float(ref_confident.mean()),
+                "agreement_on_reference_confident": _share(same, ref_confident),
+                "confident_share": float(confident.mean()),
+                "agreement_where_confident": _share(same, confident),
                 "converged_share": record["converged_share"],
             }
             for score in SCORES:
@@ -157,6 +167,11 @@ def summarise(out: Path, records: dict[str, dict[str, Any]]) -> list[dict[str, A
                 row.update(induction_t=test["t"], induction_p=test["p"], induction_heads=int(heads.sum()))
             rows.append(row)
     return rows
+
+
+def _share(values: np.ndarray, where: np.ndarray) -> float:
+    """Mean of ``values`` over the entries ``where`` marks; NaN when it marks none."""
+    return float(values[where].mean()) if where.any() else float("nan")
 
 
 def _seed_agreement(labels: np.ndarray) -> float:
@@ -177,7 +192,9 @@ def write_tables(folder: Path, rows: list[dict[str, Any]], args: argparse.Namesp
     frame = pd.DataFrame(rows)
     columns = ["task", "variant", "passes_vs_reference", "seconds", "role_agreement",
                "role_agreement_min_seed", "spearman_facilitating", "spearman_interfering",
-               "spearman_irrelevant", "seed_agreement", "converged_share", "induction_t", "induction_p"]
+               "spearman_irrelevant", "seed_agreement", "converged_share", "reference_confident_share",
+               "agreement_on_reference_confident", "confident_share", "agreement_where_confident",
+               "induction_t", "induction_p"]
     body = markdown_table(frame[[c for c in columns if c in frame]]) if len(frame) else "(no fits yet)"
     text = ["# CHG convergence study, SmolLM2-135M-Instruct", "",
             f"Reference per task: {args.ref_steps} updates per stage, batch {args.ref_batch}, "
@@ -185,7 +202,12 @@ def write_tables(folder: Path, rows: list[dict[str, Any]], args: argparse.Namesp
             "initial gates. "
             "role_agreement: share of (seed, head) with the reference's role; spearman_*: of each score with "
             "the reference's, same seed, mean over seeds; seed_agreement: between seeds of the same fit; "
-            "converged_share: stage x seed rows the fit reports converged.", "", body, ""]
+            "converged_share: stage x seed rows the fit reports converged. "
+            f"reference_confident_share: (seed, head) whose reference confidence is >= {CONFIDENT}; "
+            "agreement_on_reference_confident: role agreement on those; confident_share and "
+            "agreement_where_confident: the same for the fit's own confidence (what "
+            f"`roles(min_confidence={CONFIDENT})` would report, and how often the reference agrees).",
+            "", body, ""]
     (folder / "convergence_study.md").write_text("\n".join(text))
 
 
