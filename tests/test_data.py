@@ -12,6 +12,7 @@ from models_for_tests import WORDS, random_bridge, word_model
 from chg_tlens import GateData
 from chg_tlens.core.objectives import target_nll
 from chg_tlens.errors import InputError
+from chg_tlens.models import adapter
 
 PROMPT = "when mary and john went to the store john gave a drink to"
 
@@ -201,3 +202,55 @@ def test_a_data_file_with_the_named_fields_loads(words, tmp_path):
     path.write_text("question,answer\nthe keys to the cabinet, are\n")
     data = GateData.from_file(words, path, prompt_field="question", target_field="answer")
     assert len(data) == 1 and data.n_targets == 1
+
+
+def test_next_token_fingerprints_are_the_ones_recorded_before_per_position_targets():
+    """Pinned from the code before ``targets`` existed, so recorded results and checkpoints still match."""
+    tokens = torch.tensor([[5, 6, 7, 8], [5, 9, 1, 0]])
+    mask = torch.tensor([[False, False, True, True], [False, True, True, False]])
+    data = GateData.from_tokens(tokens, mask, lengths=torch.tensor([4, 3]))
+    assert data.fingerprint() == "6a646fe5f5e4dc5d"
+    twin = GateData.from_tokens(tokens.flip(1), mask, lengths=torch.tensor([4, 3]))
+    assert data.with_corrupt(twin).fingerprint() == "f5bb9bb5d69e5deb"
+    labelled = GateData.from_tokens(tokens, mask, lengths=torch.tensor([4, 3]), targets=tokens)
+    relabelled = GateData.from_tokens(tokens, mask, lengths=torch.tensor([4, 3]), targets=tokens.flip(1))
+    assert len({data.fingerprint(), labelled.fingerprint(), relabelled.fingerprint()}) == 3
+
+
+def test_per_position_targets_follow_the_data_and_are_checked():
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    mask = torch.tensor([[True, True, False], [False, True, True]])  # position 0 may be scored
+    targets = torch.tensor([[7, 8, 0], [0, 9, 1]])
+    data = GateData.from_tokens(tokens, mask, targets=targets)
+    assert data.per_position and data.labels().tolist() == [7, 8, 9, 1]
+    assert data.subset([1]).labels().tolist() == [9, 1]
+    stacked = GateData.stack_padded([data, data.subset([0])])
+    assert stacked.labels().tolist() == [7, 8, 9, 1, 7, 8]
+    plain = GateData.from_tokens(tokens, mask & torch.tensor([False, True, True]))
+    with pytest.raises(InputError, match="some parts have per-position targets"):
+        GateData.stack_padded([data, plain])
+    with pytest.raises(InputError, match="corrupt twin has no per-position targets"):
+        data.with_corrupt(plain)
+    with pytest.raises(InputError, match="position 0"):
+        GateData.from_tokens(tokens, mask)
+    with pytest.raises(InputError, match="targets shape"):
+        GateData.from_tokens(tokens, mask, targets=targets[:, :2])
+    with pytest.raises(InputError, match="targets must be integer ids"):
+        GateData.from_tokens(tokens, mask, targets=targets.float())
+    with pytest.raises(InputError, match=">= 0"):
+        GateData.from_tokens(tokens, mask, targets=-targets - 1)
+
+
+def test_a_bidirectional_model_takes_its_own_output_vocabulary_and_no_padding():
+    model = adapter.build_native_model(
+        model_name="bidirectional-toy", d_model=16, d_head=4, n_layers=1, n_ctx=8, n_heads=4, d_vocab=10,
+        d_vocab_out=3, attn_only=True, normalization_type=None, attention_dir="bidirectional")
+    tokens = torch.tensor([[9, 8, 7], [6, 5, 4]])  # input ids past the 3 outputs are fine
+    mask = torch.tensor([[False, True, True], [False, True, True]])
+    GateData.from_tokens(tokens, mask, targets=torch.full_like(tokens, 2)).checked_for(model)
+    with pytest.raises(InputError, match=r"targets must lie in \[0, 3\)"):
+        GateData.from_tokens(tokens, mask, targets=torch.full_like(tokens, 3)).checked_for(model)
+    padded = GateData.from_tokens(tokens, mask & torch.tensor([True, True, False]),
+                                  lengths=torch.tensor([3, 2]), targets=torch.zeros_like(tokens))
+    with pytest.raises(InputError, match="attends in both directions"):
+        padded.checked_for(model)

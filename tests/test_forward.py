@@ -78,3 +78,22 @@ def test_on_device_yields_every_example_once_in_order():
     assert sizes == [3, 3, 1]
     assert torch.equal(torch.cat(seen_tokens), data.tokens)
     assert torch.equal(torch.cat(seen_masks), data.target_mask)
+
+
+def test_per_position_data_scores_the_same_through_the_target_only_path():
+    """score_gates (target-only logits) and target_logprobs on full logits read the same positions."""
+    from chg_tlens.core.forward import score_gates
+    from chg_tlens.core.objectives import target_accuracy, target_logprobs
+
+    model = random_bridge(model_name="per-position-toy")
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 20, (5, 6), generator=generator)
+    mask = torch.rand(5, 6, generator=generator) < 0.6
+    mask[:, 0] = True  # position 0 scores too
+    data = GateData.from_tokens(tokens, mask, targets=torch.randint(0, 20, (5, 6), generator=generator))
+    gates = HeadGates(2, 4, n_masks=3, seed=0)
+    logprob, accuracy = score_gates(model, data, gates, batch_size=2)
+    with torch.no_grad(), model.hooks(fwd_hooks=gates.hooks()):
+        logits = model(gates.repeat_batch(tokens))
+    assert torch.allclose(logprob, target_logprobs(logits, tokens, mask, 3, data.targets), atol=1e-5)
+    assert torch.equal(accuracy, target_accuracy(logits, tokens, mask, 3, data.targets))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,3 +100,26 @@ def test_grad_clip_is_per_mask():
     assert torch.allclose(norms, torch.tensor([5.0, 0.5]))
     assert torch.allclose(grad[0].norm(), torch.tensor(1.0), atol=1e-5)
     assert torch.allclose(grad[1], torch.tensor([[0.3, 0.4]]))
+
+
+def test_per_position_targets_score_the_logit_at_the_same_position():
+    """Hand-computed: logits at positions 1 and 2 scored against targets there, not the next tokens."""
+    log = torch.log
+    logits = torch.zeros(1, 3, 3)
+    logits[0, 1] = log(torch.tensor([1.0, 3.0, 1.0]))  # softmax [1/5, 3/5, 1/5]
+    logits[0, 2] = log(torch.tensor([3.0, 1.0, 1.0]))  # softmax [3/5, 1/5, 1/5]
+    tokens = torch.tensor([[0, 0, 0]])
+    mask = torch.tensor([[False, True, True]])
+    targets = torch.tensor([[0, 1, 2]])
+    expected = (math.log(3 / 5) + math.log(1 / 5)) / 2
+    assert torch.allclose(target_logprobs(logits, tokens, mask, targets=targets), torch.tensor([[expected]]))
+    assert torch.allclose(target_nll(logits, tokens, mask, targets=targets), torch.tensor([-expected]))
+    assert torch.equal(target_accuracy(logits, tokens, mask, targets=targets), torch.tensor([[0.5]]))
+    # The default reads the same logits as next-token predictions: tokens 1 and 2 (both id 0) from
+    # positions 0 (uniform) and 1.
+    next_token = target_logprobs(logits, tokens, mask)
+    assert torch.allclose(next_token, torch.tensor([[(math.log(1 / 3) + math.log(1 / 5)) / 2]]))
+    # Position 0 can be scored too: it has no earlier position, but per-position data needs none.
+    first = torch.tensor([[True, False, False]])
+    assert torch.allclose(target_logprobs(logits, tokens, first, targets=targets),
+                          torch.tensor([[math.log(1 / 3)]]))

@@ -16,7 +16,7 @@ from chg_tlens.core import checks
 from chg_tlens.core.data import GateData
 from chg_tlens.core.forward import gated_logits, on_device
 from chg_tlens.core.gates import HeadGates
-from chg_tlens.core.objectives import target_accuracy, target_logprobs
+from chg_tlens.core.objectives import target_accuracy, target_labels, target_logprobs, target_positions
 from chg_tlens.models import adapter
 
 
@@ -45,11 +45,12 @@ def task_accuracy(
     with adapter.frozen(model), torch.no_grad():
         for batch, tokens, target_mask in on_device(data, batch_size, device):
             logits = model(tokens) if gates is None else gated_logits(model, gates, tokens)
-            token_share = target_accuracy(logits, tokens, target_mask, n_masks)
+            targets = batch.targets_to(device)
+            token_share = target_accuracy(logits, tokens, target_mask, n_masks, targets)
             scores = {
                 "accuracy": (token_share == 1).float(),
                 "token_accuracy": token_share,
-                "logprob": target_logprobs(logits, tokens, target_mask, n_masks),
+                "logprob": target_logprobs(logits, tokens, target_mask, n_masks, targets),
             }
             if with_contrast:
                 scores.update(_answer_contrast(logits, batch, n_masks, device))
@@ -80,10 +81,12 @@ def _answer_contrast(
     assert batch.corrupt is not None  # guaranteed by has_single_answer_twin
     size = batch.tokens.shape[0]
     logits = logits.reshape(n_masks, size, *logits.shape[-2:])
-    example, position = torch.nonzero(batch.target_mask.to(device), as_tuple=True)
-    at_answer = logits[:, example, position - 1].float()  # [mask, batch, vocab]
-    clean_answer = batch.tokens.to(device)[example, position]
-    twin_answer = batch.corrupt.tokens.to(device)[example, position]
+    target_mask, targets = batch.target_mask.to(device), batch.targets_to(device)
+    example, position = target_positions(target_mask, targets)
+    at_answer = logits[:, example, position].float()  # [mask, batch, vocab]
+    clean_answer = target_labels(batch.tokens.to(device), target_mask, targets)
+    twin = batch.corrupt
+    twin_answer = target_labels(twin.tokens.to(device), twin.target_mask.to(device), twin.targets_to(device))
     clean_logit = at_answer.gather(-1, clean_answer.expand(n_masks, -1).unsqueeze(-1)).squeeze(-1)
     twin_logit = at_answer.gather(-1, twin_answer.expand(n_masks, -1).unsqueeze(-1)).squeeze(-1)
     difference = clean_logit - twin_logit

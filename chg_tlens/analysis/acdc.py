@@ -8,7 +8,7 @@ the nodes are attention heads: heads are visited from the last layer down (and f
 down within a layer); each head's ``hook_z`` is replaced by its value on the corrupt twin (or by zero),
 earlier removals staying in place, and the head stays removed if the distance of the output to the
 full model's output grows by less than ``tau``. The distance is the KL divergence of the full model's
-next-token distribution from the pruned model's at the target positions (the ACDC paper's metric), or
+output distribution from the pruned model's at the scored positions (the ACDC paper's metric), or
 the squared L2 distance of the logit vectors for models whose outputs are one-hot codes (tracr).
 
 Each head's recorded change (the distance added by removing it, at the moment it was visited) is its
@@ -94,7 +94,8 @@ class _Pruner:
         self.row_distance = _kl_rows if distance == "kl" else _l2_rows
         device = adapter.model_device(model)
         self.batches = list(on_device(data, batch_size, device))
-        self.rows = [target_positions(target_mask) for _, _, target_mask in self.batches]
+        self.rows = [target_positions(target_mask, batch.targets_to(device))
+                     for batch, _, target_mask in self.batches]
         self.reference = [self._output(i, {}) for i in range(len(self.batches))]
         self.replacement: list[dict[int, Tensor]] = []
         for batch, _, _ in self.batches:

@@ -111,7 +111,7 @@ def gradient_importance(
             gates = differentiable_gates(values)
             with model.hooks(fwd_hooks=gates.hooks()):
                 logits = model(tokens)  # mask m gates example m
-            logprob = target_logprobs(logits, tokens, target_mask)  # [1, batch]
+            logprob = target_logprobs(logits, tokens, target_mask, targets=batch.targets_to(device))
             (grad,) = torch.autograd.grad(logprob.sum(), values)
             total += (grad.abs() if absolute else grad).sum(dim=0).float().cpu()
     name = "hisp" if absolute else "gradient_signed"
@@ -295,7 +295,7 @@ def subnetwork_probing(model: Any, data: GateData, steps: int = 300, lr: float =
             tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
             with model.hooks(fwd_hooks=gates.hooks()):
                 logits = model(tokens)
-            nll = -target_logprobs(logits, tokens, target_mask).mean()
+            nll = -target_logprobs(logits, tokens, target_mask, targets=batch.targets_to(device)).mean()
             loss = nll + l0_weight * hard_concrete_p_open(log_alpha).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from chg_tlens.core import checks
 from chg_tlens.core.data import GateData
-from chg_tlens.core.objectives import target_logprobs
+from chg_tlens.core.objectives import target_logprobs, target_positions
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
 
@@ -30,7 +30,9 @@ def target_logprob_metric(data: GateData) -> Metric:
     tokens, target_mask = data.tokens, data.target_mask
 
     def mean_target_logprob(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
-        return target_logprobs(logits, tokens.to(logits.device), target_mask.to(logits.device)).mean()
+        device = logits.device
+        return target_logprobs(logits, tokens.to(device), target_mask.to(device),
+                               targets=data.targets_to(device)).mean()
 
     return mean_target_logprob
 
@@ -38,15 +40,15 @@ def target_logprob_metric(data: GateData) -> Metric:
 def logit_diff_metric(clean: GateData, corrupt: GateData) -> Metric:
     """Metric for patching: logit of the clean target minus logit of the corrupt target, averaged
     over target tokens of each example, then over examples. Needs both at the same positions."""
-    if clean.tokens.shape != corrupt.tokens.shape or not torch.equal(clean.target_mask,
-                                                                     corrupt.target_mask):
+    if (clean.tokens.shape != corrupt.tokens.shape or clean.per_position != corrupt.per_position
+            or not torch.equal(clean.target_mask, corrupt.target_mask)):
         raise InputError(
-            "logit_diff_metric: clean and corrupt must have the same shape and the same target "
-            f"positions (tokens {list(clean.tokens.shape)} vs {list(corrupt.tokens.shape)})."
+            "logit_diff_metric: clean and corrupt must have the same shape, the same target "
+            f"positions and the same scoring mode (tokens {list(clean.tokens.shape)} vs "
+            f"{list(corrupt.tokens.shape)})."
         )
-    example, position = torch.nonzero(clean.target_mask[:, 1:], as_tuple=True)
-    clean_answer = clean.tokens[example, position + 1]
-    corrupt_answer = corrupt.tokens[example, position + 1]
+    example, position = target_positions(clean.target_mask, clean.targets)
+    clean_answer, corrupt_answer = clean.labels(), corrupt.labels()
     counts = torch.bincount(example, minlength=len(clean)).clamp(min=1)
 
     def mean_logit_diff(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:

@@ -2,7 +2,12 @@
 
 ``target_mask[i, t]`` is True when token ``t`` of example ``i`` is a target, i.e. predicted from
 position ``t - 1``. Prompt tokens, BOS and padding are never targets, so right padding is safe for
-causal models: no target ever attends to a pad.
+causal models: no target ever attends to a pad (bidirectional models are refused padded data).
+
+Models that emit their answer at each position instead of predicting the next token (compiled RASP
+programs) carry per-position labels in ``targets``: then ``target_mask[i, t]`` says that the logit at
+position ``t`` is scored against ``targets[i, t]``. Every loss and metric reads both modes through
+``core.objectives`` (``target_positions`` / ``target_labels``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from chg_tlens.core.objectives import target_labels
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
 
@@ -31,6 +37,11 @@ class GateData:
     forget version of each item for contrastive CHG. ``meta`` holds free-form facts (task name,
     answers) carried into provenance. Equality is identity (``eq=False``): field-wise ``==`` on
     tensors is ambiguous; compare :meth:`fingerprint` to ask whether two datasets hold the same data.
+
+    ``targets`` switches to per-position labels (see the module docstring): ``None`` (the default)
+    scores next tokens; a tensor of ids, shaped like ``tokens``, scores the logit at each marked
+    position against ``targets`` there (values at unmarked positions are ignored). Twins use the
+    same mode as the data they belong to.
     """
 
     tokens: Int[Tensor, "example pos"]
@@ -40,9 +51,12 @@ class GateData:
     corrupt: GateData | None = None
     forget: GateData | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    targets: Int[Tensor, "example pos"] | None = None
 
     def __post_init__(self) -> None:
-        _check_tokens_and_mask(self.tokens, self.target_mask)
+        _check_tokens_and_mask(self.tokens, self.target_mask, self.per_position)
+        if self.targets is not None:
+            _check_targets(self.targets, self.target_mask)
         if self.lengths.shape != (self.tokens.shape[0],):
             raise InputError(
                 f"GateData: lengths must have shape [{self.tokens.shape[0]}], "
@@ -56,6 +70,12 @@ class GateData:
                 raise InputError(
                     f"GateData: {name} twin has {len(twin)} examples, this data has {len(self)}."
                 )
+            if twin is not None and twin.per_position != self.per_position:
+                raise InputError(
+                    f"GateData: the {name} twin {'has' if twin.per_position else 'has no'} per-position "
+                    f"targets but this data {'has' if self.per_position else 'has none'}; both must "
+                    "score the same way."
+                )
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -66,14 +86,22 @@ class GateData:
         pad_token_id: int = 0,
         lengths: Int[Tensor, " example"] | None = None,
         meta: dict[str, Any] | None = None,
+        targets: Int[Tensor, "example pos"] | Sequence[Sequence[int]] | None = None,
     ) -> GateData:
-        """Wrap token ids and a target mask you built yourself; everything is checked."""
+        """Wrap token ids and a target mask you built yourself; everything is checked.
+
+        With ``targets`` (ids shaped like ``tokens``) the logit at each marked position is scored
+        against ``targets`` there, for models that answer at every position rather than predicting the
+        next token.
+        """
         tokens = _as_token_tensor(tokens)
         target_mask = _as_mask_tensor(target_mask, tokens.shape)
         if lengths is None:
             lengths = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long)
+        if targets is not None:
+            targets = _as_targets_tensor(targets, tokens.shape)
         return cls(tokens, target_mask, torch.as_tensor(lengths, dtype=torch.long),
-                   int(pad_token_id), meta=dict(meta or {}))
+                   int(pad_token_id), meta=dict(meta or {}), targets=targets)
 
     @classmethod
     def from_sequences(
@@ -226,9 +254,8 @@ class GateData:
                 f"GateData.contrastive: {len(retain)} retain items but {len(forget)} forget items; "
                 "each item needs both versions."
             )
-        for i in range(len(retain)):
-            a = retain.tokens[i][retain.target_mask[i]]
-            b = forget.tokens[i][forget.target_mask[i]]
+        per_item = [side.labels().split(side.target_mask.sum(dim=1).tolist()) for side in (retain, forget)]
+        for i, (a, b) in enumerate(zip(*per_item, strict=True)):
             if not torch.equal(a, b):
                 raise InputError(
                     f"GateData.contrastive: item {i} has different answers on the two sides "
@@ -242,6 +269,10 @@ class GateData:
         """Several datasets as one batch, right-padded to the widest (twins are dropped)."""
         width = max(p.tokens.shape[1] for p in parts)
         pad = parts[0].pad_token_id
+        modes = {p.per_position for p in parts}
+        if len(modes) > 1:
+            raise InputError("GateData.stack_padded: some parts have per-position targets and some "
+                             "do not; they would be scored differently.")
 
         def widen(x: Tensor, fill: int | bool) -> Tensor:
             return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=fill)
@@ -252,6 +283,7 @@ class GateData:
             lengths=torch.cat([p.lengths for p in parts]),
             pad_token_id=pad,
             meta=dict(parts[0].meta),
+            targets=torch.cat([widen(p.targets, pad) for p in parts]) if modes == {True} else None,
         )
 
     @classmethod
@@ -278,6 +310,20 @@ class GateData:
     def n_targets(self) -> int:
         return int(self.target_mask.sum())
 
+    @property
+    def per_position(self) -> bool:
+        """True when the logit at each marked position is scored against ``targets`` there."""
+        return self.targets is not None
+
+    def targets_to(self, device: torch.device | str) -> Int[Tensor, "example pos"] | None:
+        """``targets`` on ``device`` (``None`` for next-token data): the last argument of every scoring
+        function in ``core.objectives``."""
+        return None if self.targets is None else self.targets.to(device)
+
+    def labels(self) -> Int[Tensor, " target"]:
+        """Every scored id, example by example: the answers, whichever way the data scores them."""
+        return target_labels(self.tokens, self.target_mask, self.targets)
+
     def checked_for(self, model: Any, argument: str = "data") -> GateData:
         """Fail early if a sequence exceeds the model's context or a token is outside its vocabulary."""
         layout = adapter.require_model(model)
@@ -293,6 +339,17 @@ class GateData:
             raise InputError(
                 f"{argument}: token ids must lie in [0, {layout.d_vocab}) for this model, "
                 f"found {int(self.tokens.min())}..{biggest}."
+            )
+        if self.targets is not None and int(self.labels().max()) >= layout.d_vocab_out:
+            raise InputError(
+                f"{argument}: targets must lie in [0, {layout.d_vocab_out}) (the model's output "
+                f"vocabulary), found {int(self.labels().max())}."
+            )
+        if not adapter.is_causal(model) and bool((self.lengths < self.tokens.shape[1]).any()):
+            raise InputError(
+                f"{argument}: the model attends in both directions, so right padding would change "
+                f"what every position sees; give examples of one length (found lengths "
+                f"{sorted(set(self.lengths.tolist()))})."
             )
         for name, twin in (("corrupt", self.corrupt), ("forget", self.forget)):
             if twin is not None:
@@ -312,6 +369,7 @@ class GateData:
             lengths=self.lengths[index],
             corrupt=None if self.corrupt is None else self.corrupt.subset(index),
             forget=None if self.forget is None else self.forget.subset(index),
+            targets=None if self.targets is None else self.targets[index, :width],
         )
 
     def with_corrupt(self, corrupt: GateData) -> GateData:
@@ -358,7 +416,8 @@ class GateData:
             step += 1
 
     def fingerprint(self) -> str:
-        """A short hash of everything a fit reads: tokens, target mask, lengths, pad id and both twins.
+        """A short hash of everything a fit reads: tokens, target mask, lengths, pad id, per-position
+        targets (when set; next-token data hashes as it always did) and both twins.
 
         Recorded with every result and checked on resume, so a run cannot silently continue on other
         data (other forget items included). ``meta`` is left out: it is description, not data.
@@ -371,6 +430,10 @@ class GateData:
                              ("lengths", self.lengths.long())):
             array = tensor.detach().cpu().contiguous().numpy()
             digest.update(f"{name}{list(array.shape)};".encode())  # shape: same bytes, other layout
+            digest.update(array.tobytes())
+        if self.targets is not None:
+            array = self.targets.long().detach().cpu().contiguous().numpy()
+            digest.update(f"targets{list(array.shape)};".encode())
             digest.update(array.tobytes())
         for name, twin in (("corrupt", self.corrupt), ("forget", self.forget)):
             digest.update(f"{name}={'none' if twin is None else twin._sha256()};".encode())
@@ -455,8 +518,30 @@ def _as_mask_tensor(mask: Any, shape: torch.Size) -> Tensor:
     return mask.cpu()
 
 
-def _check_tokens_and_mask(tokens: Tensor, mask: Tensor) -> None:
-    if mask[:, 0].any():
+def _as_targets_tensor(targets: Any, shape: torch.Size) -> Tensor:
+    targets = torch.as_tensor(targets)
+    if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
+        raise InputError(f"GateData: targets must be integer ids, got dtype {targets.dtype}.")
+    if tuple(targets.shape) != tuple(shape):
+        raise InputError(
+            f"GateData: targets shape {list(targets.shape)} does not match tokens shape {list(shape)}."
+        )
+    return targets.long().cpu()
+
+
+def _check_targets(targets: Tensor, mask: Tensor) -> None:
+    if targets.shape != mask.shape or targets.dtype != torch.long:
+        raise InputError(
+            f"GateData: targets must be long ids shaped like tokens {list(mask.shape)}, got "
+            f"{targets.dtype} {list(targets.shape)} (GateData.from_tokens converts them)."
+        )
+    if bool((targets[mask] < 0).any()):
+        raise InputError(f"GateData: targets at marked positions must be ids >= 0, found "
+                         f"{int(targets[mask].min())}.")
+
+
+def _check_tokens_and_mask(tokens: Tensor, mask: Tensor, per_position: bool = False) -> None:
+    if mask[:, 0].any() and not per_position:
         raise InputError(
             "GateData: target_mask marks position 0, which no earlier position can predict."
         )

@@ -84,8 +84,9 @@ def chg_objective(lams: list[float], config: GateFitConfig) -> Objective:
     def objective(model: Any, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
         device = gates.theta.device
         tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
-        picked = gated_target_logits(model, gates, tokens, target_mask)
-        nll = -picked_logprobs(picked, tokens, target_mask).mean(dim=1)
+        targets = batch.targets_to(device)
+        picked = gated_target_logits(model, gates, tokens, target_mask, targets)
+        nll = -picked_logprobs(picked, tokens, target_mask, targets).mean(dim=1)
         groups = zip(nll.chunk(len(lams)), gates.theta.chunk(len(lams)), lams, strict=True)
         loss = torch.cat([chg_loss(part, theta, lam, config.clamp, config.clamp_mode)
                           for part, theta, lam in groups])
@@ -145,7 +146,9 @@ def contrastive_objective(config: ContrastiveConfig) -> Objective:
         device = gates.theta.device
         both = GateData.stack_padded([batch, batch.forget])
         tokens, target_mask = both.tokens.to(device), both.target_mask.to(device)
-        logprob = picked_logprobs(gated_target_logits(model, gates, tokens, target_mask), tokens, target_mask)
+        targets = both.targets_to(device)
+        picked = gated_target_logits(model, gates, tokens, target_mask, targets)
+        logprob = picked_logprobs(picked, tokens, target_mask, targets)
         retain, forget = logprob[:, : len(batch)], logprob[:, len(batch) :]
         loss = contrastive_loss(retain, forget, gates.theta, config.lam, config.clamp,
                                 config.logprob_clamp, config.clamp_mode)
@@ -224,7 +227,8 @@ def run_stages(
     with adapter.frozen(model):
         first = data.subset(slice(0, config.batch_size))
         check_target_logits(model, HeadGates.fixed(torch.sigmoid(init_theta[:1])).to(device),
-                            first.tokens.to(device), first.target_mask.to(device), force=True)
+                            first.tokens.to(device), first.target_mask.to(device), force=True,
+                            targets=first.targets_to(device))
         for stage in stages:
             if all(name in state["finished"] for name in stage.outputs):
                 continue

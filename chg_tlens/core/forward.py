@@ -1,9 +1,10 @@
 """Running a model under gates: the one batched primitive fitting, scoring and analysis share.
 
     for batch, tokens, target_mask in on_device(data, batch_size, device):   # the one batch loop
-        picked = gated_target_logits(model, gates, tokens, target_mask)      # [mask, target, vocab]
+        targets = batch.targets_to(device)                                   # None: next-token data
+        picked = gated_target_logits(model, gates, tokens, target_mask, targets)  # [mask, target, vocab]
 
-Only the logits that predict targets are computed: the forward stops at the unembedding's input and
+Only the logits that are scored are computed: the forward stops at the unembedding's input and
 just those rows are unembedded (with a 49k-128k vocabulary the unembedding dominates a small model).
 Because a model could scale or cap its logits after the unembedding in ways we do not see, the first
 batch a model meets is checked once against its full logits (:func:`check_target_logits`).
@@ -49,10 +50,15 @@ def gated_logits(
 
 
 def gated_target_logits(
-    model: Any, gates: HeadGates, tokens: Int[Tensor, "batch pos"], target_mask: Bool[Tensor, "batch pos"]
+    model: Any,
+    gates: HeadGates,
+    tokens: Int[Tensor, "batch pos"],
+    target_mask: Bool[Tensor, "batch pos"],
+    targets: Int[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "mask target vocab"]:
-    """Only the logits that predict target tokens, per mask: the loss needs nothing else."""
-    example, position = target_positions(target_mask)
+    """Only the logits that are scored, per mask: the loss needs nothing else. ``targets`` (per-position
+    data, ``GateData.targets``) only says which positions those are."""
+    example, position = target_positions(target_mask, targets)
     replica = torch.arange(gates.n_masks, device=tokens.device)[:, None] * tokens.shape[0]
     rows = (replica + example[None, :]).flatten()
     logits = logits_at(model, gates.repeat_batch(tokens), rows, position.repeat(gates.n_masks), gates.hooks())
@@ -66,11 +72,12 @@ def score_gates(
     """Mean target log-prob and top-1 accuracy of every example under each mask's gates."""
     device = gates.theta.device
     logprobs, accuracies = [], []
-    for _, tokens, target_mask in on_device(data, batch_size, device):
-        check_target_logits(model, gates, tokens, target_mask)
-        picked = gated_target_logits(model, gates, tokens, target_mask)
-        logprobs.append(picked_logprobs(picked, tokens, target_mask).cpu())
-        accuracies.append(picked_accuracy(picked, tokens, target_mask).cpu())
+    for batch, tokens, target_mask in on_device(data, batch_size, device):
+        targets = batch.targets_to(device)
+        check_target_logits(model, gates, tokens, target_mask, targets=targets)
+        picked = gated_target_logits(model, gates, tokens, target_mask, targets)
+        logprobs.append(picked_logprobs(picked, tokens, target_mask, targets).cpu())
+        accuracies.append(picked_accuracy(picked, tokens, target_mask, targets).cpu())
     return torch.cat(logprobs, dim=1), torch.cat(accuracies, dim=1)
 
 
@@ -115,6 +122,7 @@ def check_target_logits(
     tokens: Int[Tensor, "batch pos"],
     target_mask: Bool[Tensor, "batch pos"],
     force: bool = False,
+    targets: Int[Tensor, "batch pos"] | None = None,
 ) -> None:
     """Compare target-only logits with the model's full logits on a few examples, once per model.
 
@@ -128,7 +136,7 @@ def check_target_logits(
     few = slice(0, min(4, tokens.shape[0]))
     tokens, target_mask = tokens[few], target_mask[few]
     one = HeadGates.fixed(gates.values()[:1].detach())
-    example, position = target_positions(target_mask)
+    example, position = target_positions(target_mask, None if targets is None else targets[few])
     if len(example) == 0:
         return
     short = logits_at(model, tokens, example, position, one.hooks()).float()

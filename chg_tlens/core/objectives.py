@@ -6,6 +6,9 @@ Eq. 1 of Nam et al. (2025), one gate set:
 
 ``lambda > 0`` rewards open gates (G+, retention), ``lambda < 0`` rewards closed gates (G-, removal).
 Every function keeps a leading ``mask`` axis: mask ``m`` owns replica ``m`` of the repeated batch.
+The scoring functions take an optional ``targets``: ``None`` scores next tokens (the logit at ``t - 1``
+against ``tokens[:, t]``), a tensor scores per position (the logit at ``t`` against ``targets[:, t]``),
+for models that emit their answer at each position (compiled RASP programs).
 """
 
 from __future__ import annotations
@@ -23,19 +26,38 @@ ClampMode = Literal["one_sided", "two_sided"]
 
 def target_positions(
     target_mask: Bool[Tensor, "batch pos"],
+    targets: Int[Tensor, "batch pos"] | None = None,
 ) -> tuple[Int[Tensor, " target"], Int[Tensor, " target"]]:
-    """(example, position) of every logit that predicts a target: token ``t`` is predicted at ``t - 1``."""
-    return torch.nonzero(target_mask[:, 1:], as_tuple=True)
+    """(example, position) of every logit that is scored.
+
+    Next-token data (``targets is None``): token ``t`` is predicted at ``t - 1``. Per-position data
+    (``targets`` given, see ``GateData.targets``): the logit at ``t`` is scored where the mask is set.
+    """
+    if targets is None:
+        return torch.nonzero(target_mask[:, 1:], as_tuple=True)
+    return torch.nonzero(target_mask, as_tuple=True)
+
+
+def target_labels(
+    tokens: Int[Tensor, "batch pos"],
+    target_mask: Bool[Tensor, "batch pos"],
+    targets: Int[Tensor, "batch pos"] | None = None,
+) -> Int[Tensor, " target"]:
+    """The id each scored logit is scored against, in :func:`target_positions` order: the next token,
+    or ``targets`` at the same position."""
+    example, position = target_positions(target_mask, targets)
+    return tokens[example, position + 1] if targets is None else targets[example, position]
 
 
 def pick_target_logits(
     logits: Float[Tensor, "mask_batch pos vocab"],
     target_mask: Bool[Tensor, "batch pos"],
     n_masks: int = 1,
+    targets: Int[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "mask target vocab"]:
-    """The logits that predict targets, per mask, from full logits."""
+    """The logits that are scored, per mask, from full logits."""
     batch = target_mask.shape[0]
-    example, position = target_positions(target_mask)
+    example, position = target_positions(target_mask, targets)
     return logits.reshape(n_masks, batch, logits.shape[-2], logits.shape[-1])[:, example, position]
 
 
@@ -43,13 +65,14 @@ def picked_logprobs(
     picked: Float[Tensor, "mask target vocab"],
     tokens: Int[Tensor, "batch pos"],
     target_mask: Bool[Tensor, "batch pos"],
+    targets: Int[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "mask batch"]:
-    """Mean log-probability of each example's target tokens, from the target logits only.
+    """Mean log-probability of each example's targets, from the scored logits only.
 
-    Only target positions go through the softmax: with a 49k-128k vocabulary that is most of the cost.
+    Only scored positions go through the softmax: with a 49k-128k vocabulary that is most of the cost.
     """
-    example, position = target_positions(target_mask)
-    answer = tokens[example, position + 1]
+    example, _ = target_positions(target_mask, targets)
+    answer = target_labels(tokens, target_mask, targets)
     logprob = picked.float().log_softmax(dim=-1)
     token_logprob = logprob.gather(-1, answer.expand(picked.shape[0], -1).unsqueeze(-1)).squeeze(-1)
     return _mean_per_example(token_logprob, example, tokens.shape[0])
@@ -59,23 +82,28 @@ def picked_accuracy(
     picked: Float[Tensor, "mask target vocab"],
     tokens: Int[Tensor, "batch pos"],
     target_mask: Bool[Tensor, "batch pos"],
+    targets: Int[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "mask batch"]:
-    """Share of each example's target tokens that are the top-1 prediction, per mask."""
-    example, position = target_positions(target_mask)
-    correct = (picked.argmax(dim=-1) == tokens[example, position + 1]).float()
+    """Share of each example's targets that are the top-1 prediction, per mask."""
+    example, _ = target_positions(target_mask, targets)
+    correct = (picked.argmax(dim=-1) == target_labels(tokens, target_mask, targets)).float()
     return _mean_per_example(correct, example, tokens.shape[0])
 
 
 def target_logprobs(logits: Float[Tensor, "mask_batch pos vocab"], tokens: Int[Tensor, "batch pos"],
-                    target_mask: Bool[Tensor, "batch pos"], n_masks: int = 1) -> Float[Tensor, "mask batch"]:
-    """Mean log-probability of each example's target tokens, per mask, from full logits."""
-    return picked_logprobs(pick_target_logits(logits, target_mask, n_masks), tokens, target_mask)
+                    target_mask: Bool[Tensor, "batch pos"], n_masks: int = 1,
+                    targets: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "mask batch"]:
+    """Mean log-probability of each example's targets, per mask, from full logits."""
+    picked = pick_target_logits(logits, target_mask, n_masks, targets)
+    return picked_logprobs(picked, tokens, target_mask, targets)
 
 
 def target_accuracy(logits: Float[Tensor, "mask_batch pos vocab"], tokens: Int[Tensor, "batch pos"],
-                    target_mask: Bool[Tensor, "batch pos"], n_masks: int = 1) -> Float[Tensor, "mask batch"]:
-    """Share of each example's target tokens that are the top-1 prediction, per mask, from full logits."""
-    return picked_accuracy(pick_target_logits(logits, target_mask, n_masks), tokens, target_mask)
+                    target_mask: Bool[Tensor, "batch pos"], n_masks: int = 1,
+                    targets: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "mask batch"]:
+    """Share of each example's targets that are the top-1 prediction, per mask, from full logits."""
+    picked = pick_target_logits(logits, target_mask, n_masks, targets)
+    return picked_accuracy(picked, tokens, target_mask, targets)
 
 
 def _mean_per_example(
@@ -91,9 +119,10 @@ def target_nll(
     tokens: Int[Tensor, "batch pos"],
     target_mask: Bool[Tensor, "batch pos"],
     n_masks: int = 1,
+    targets: Int[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, " mask"]:
     """Per-token mean NLL over each example's targets, then mean over the batch, per mask."""
-    return -target_logprobs(logits, tokens, target_mask, n_masks).mean(dim=1)
+    return -target_logprobs(logits, tokens, target_mask, n_masks, targets).mean(dim=1)
 
 
 def gate_reward(

@@ -74,6 +74,10 @@ class HeadLayout:
     d_head: int
     n_ctx: int
     d_vocab: int
+    """Input vocabulary: the token ids the model embeds."""
+    d_vocab_out: int = -1
+    """Output vocabulary: the width of the logits (``d_vocab`` unless the model unembeds to another
+    set, as compiled RASP programs do); ``-1`` when not known."""
 
 
 def require_model(model: Any, argument: str = "model") -> HeadLayout:
@@ -107,9 +111,14 @@ def require_model(model: Any, argument: str = "model") -> HeadLayout:
         n_heads=n_heads,
         d_head=int(cfg.d_head),
         n_ctx=int(cfg.n_ctx),
-        d_vocab=int(getattr(cfg, "d_vocab_out", -1) if getattr(cfg, "d_vocab_out", -1) > 0
-                    else cfg.d_vocab),
+        d_vocab=int(cfg.d_vocab),
+        d_vocab_out=int(cfg.d_vocab_out if (getattr(cfg, "d_vocab_out", -1) or -1) > 0 else cfg.d_vocab),
     )
+
+
+def is_causal(model: Any) -> bool:
+    """Whether each position attends only to itself and earlier ones (GPT-style; the default)."""
+    return getattr(model.cfg, "attention_dir", "causal") != "bidirectional"
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -273,3 +282,62 @@ def head_weights(model: nn.Module, layer: int, head: int) -> dict[str, Tensor]:
                 "W_O": attn.o.weight[:, rows].T}
     attn = model.blocks[layer].attn
     return {"W_Q": attn.W_Q[head], "W_K": attn.W_K[head], "W_V": attn.W_V[head], "W_O": attn.W_O[head]}
+
+
+@torch.no_grad()
+def load_native_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """Write weights given in ``TransformerBridge.boot_native``'s layout (``layers.0.attn.q.weight``,
+    ``head.weight``, ...) into a model from :func:`build_native_model`, on either TransformerLens.
+
+    That layout is what converters such as ``transformer_lens.utilities.tracr`` emit; TL 3.9's
+    ``HookedTransformer`` gets the same weights under its own names. Every parameter must be written:
+    one left at its random initialisation would silently change the model, so all are set to NaN first
+    and any still NaN afterwards is named.
+    """
+    if not is_bridge(model):
+        state_dict = _native_to_hooked(state_dict, int(model.cfg.n_heads))
+    for parameter in model.parameters():
+        parameter.fill_(float("nan"))
+    unexpected = model.load_state_dict(state_dict, strict=False).unexpected_keys
+    if unexpected:
+        raise InputError(f"state_dict: keys {unexpected[:4]} have no place in {type(model).__name__}.")
+    unwritten = [name for name, parameter in model.named_parameters() if torch.isnan(parameter).any()]
+    if unwritten:
+        raise InputError(
+            f"state_dict: gives no (or NaN) values for {unwritten[:4]} of {type(model).__name__}.")
+
+
+_HOOKED_NAMES = {
+    "tok_embed.weight": "embed.W_E", "pos.weight": "pos_embed.W_pos",
+    "head.weight": "unembed.W_U", "head.bias": "unembed.b_U",
+    "attn.q.weight": "attn.W_Q", "attn.k.weight": "attn.W_K", "attn.v.weight": "attn.W_V",
+    "attn.q.bias": "attn.b_Q", "attn.k.bias": "attn.b_K", "attn.v.bias": "attn.b_V",
+    "attn.o.weight": "attn.W_O", "attn.o.bias": "attn.b_O",
+    "mlp.fc_in.weight": "mlp.W_in", "mlp.fc_in.bias": "mlp.b_in",
+    "mlp.fc_out.weight": "mlp.W_out", "mlp.fc_out.bias": "mlp.b_out",
+}
+"""``boot_native`` parameter names (within a layer where they have one) -> HookedTransformer names."""
+
+
+def _native_to_hooked(state_dict: dict[str, Tensor], n_heads: int) -> dict[str, Tensor]:
+    """``boot_native`` names and ``nn.Linear`` layouts -> HookedTransformer names and per-head layouts."""
+    from einops import rearrange
+
+    converted = {}
+    for key, value in state_dict.items():
+        layer, rest = "", key
+        if key.startswith("layers."):
+            index, _, rest = key.removeprefix("layers.").partition(".")
+            layer = f"blocks.{index}."
+        if rest not in _HOOKED_NAMES:
+            raise InputError(f"state_dict: key {key!r} has no HookedTransformer counterpart.")
+        if rest in ("attn.q.weight", "attn.k.weight", "attn.v.weight"):
+            value = rearrange(value, "(h d) m -> h m d", h=n_heads)
+        elif rest in ("attn.q.bias", "attn.k.bias", "attn.v.bias"):
+            value = rearrange(value, "(h d) -> h d", h=n_heads)
+        elif rest == "attn.o.weight":
+            value = rearrange(value, "m (h d) -> h d m", h=n_heads)
+        elif rest.endswith(".weight") and rest not in ("tok_embed.weight", "pos.weight"):
+            value = value.T  # nn.Linear keeps [out, in]; TransformerLens keeps [in, out]
+        converted[layer + _HOOKED_NAMES[rest]] = value
+    return converted
