@@ -74,6 +74,8 @@ def test_validate_confirms_the_planted_circuit_on_held_out_data(planted_run):
     assert necessity["circuit"]["logprob"] < necessity["full model"]["logprob"] - 1.0
     ablation = summary["ablation"]
     assert ablation["facilitating"]["delta_logprob_at_k"] < ablation["irrelevant"]["delta_logprob_at_k"] - 1.0
+    assert ablation["interfering"]["start"] == "ones" and ablation["interfering"]["delta_logprob_at_k"] > 0
+    assert ablation["facilitating"]["delta_logprob_at_k"] <= ablation["facilitating"]["random_min_at_k"]
     assert "skipped" in summary["activation_patching"]  # the repeat task has no corrupt twin
     page = (planted_run / "report.html").read_text()
     assert 'data-plot="validation_ablation"' in page and "circuit_at_least_as_strong_share" in page

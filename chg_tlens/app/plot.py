@@ -38,6 +38,8 @@ ROLE_COLORS = {
     UNCLASSIFIED: "#c7c7c7",
 }
 """One colour per role, the same in every picture (score heatmaps use the matching single-hue map)."""
+RANDOM_BAND_COLORS = {"g_plus": "#999999", "ones": "#e0b080"}
+"""Random-order bands of ``ablation_curves``, by start: from G+ grey, from the full model sand."""
 ROLE_ABBREVIATIONS = {
     "facilitating": "fac", "interfering": "int", "irrelevant": "irr", UNCLASSIFIED: "\u2013",
 }
@@ -367,7 +369,14 @@ def save_all(
 
 def ablation_curves(frame: Any, ax: Axes | None = None, metric: str = "delta_logprob",
                     title: str | None = None) -> Figure:
-    """One line per (score, value) of a ``validate.ablation_curve`` frame: the paper's targeted ablation."""
+    """The paper's targeted ablation: one line per curve of a ``validate.targeted_ablation`` (or
+    ``validate.ablation_curve``) frame, random head orders as a shaded band.
+
+    A curve is a (score, start, value): role curves take the role's colour (facilitating should fall,
+    irrelevant stay flat, interfering rise when removed from the full model), solid when heads are set
+    to 0 and dashed when set to 1. Rows with score ``"random"`` are drawn, per start and value, as the
+    band from their lowest to their highest value at each number of heads changed.
+    """
     needed = {"score", "value", "n_changed", metric}
     missing = needed - set(getattr(frame, "columns", ()))
     if missing:
@@ -376,17 +385,29 @@ def ablation_curves(frame: Any, ax: Axes | None = None, metric: str = "delta_log
             f"missing {sorted(missing)}."
         )
     fig, ax = _figure_and_axes(ax, (6, 4))
-    for (name, value), group in frame.groupby(["score", "value"], sort=False):
+    frame = frame if "start" in frame.columns else frame.assign(start="g_plus")
+    random = frame["score"] == "random"
+    for (start, value), group in frame[random].groupby(["start", "value"], sort=False):
+        band = group.groupby("n_changed")[metric].agg(["min", "max"])
+        ax.fill_between(band.index.to_numpy(), band["min"].to_numpy(), band["max"].to_numpy(),
+                        color=RANDOM_BAND_COLORS.get(start, "#bbbbbb"), alpha=0.35, linewidth=0,
+                        label=f"random orders -> {value:g}{_start_suffix(start)}")
+    for (name, start, value), group in frame[~random].groupby(["score", "start", "value"], sort=False):
         group = group.sort_values("n_changed")
-        ax.plot(group["n_changed"], group[metric], marker=".", label=f"{name} -> {value:g}")
+        ax.plot(group["n_changed"], group[metric], marker=".", color=ROLE_COLORS.get(name),
+                linestyle="--" if value == 1.0 else "-", label=f"{name} -> {value:g}{_start_suffix(start)}")
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xlabel("heads changed (in order of score)")
     ax.set_ylabel({"delta_logprob": "change in mean target log-prob",
                    "delta_accuracy": "change in accuracy"}.get(metric, metric))
     if title:
         ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize="small")
     return fig
+
+
+def _start_suffix(start: str) -> str:
+    return " (from full model)" if start == "ones" else ""
 
 
 def figure_png(fig: Figure, dpi: int = 110) -> bytes:

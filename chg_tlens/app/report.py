@@ -52,8 +52,9 @@ FIGURE_CAPTIONS = {
     "gate_scatter": "G+ against G\u2212 for every head and seed, coloured by that seed's role; dashed "
                     "lines are where a role's score equals the threshold.",
     "role_shares": "Share of heads in each role, per seed.",
-    "validation_ablation": "Targeted ablation from G+ on held-out data: heads set to 0 (or 1) cumulatively "
-                           "in order of their role score; facilitating should fall, irrelevant stay flat.",
+    "validation_ablation": "Targeted ablation on held-out data: heads set to 0 cumulatively in order of "
+                           "their role score; from G+ facilitating should fall and irrelevant stay flat, "
+                           "from the full model interfering should rise; shaded: random head orders.",
     "loss_curves": "Loss per update in each stage: each seed thin, the mean thick, mean target NLL dashed.",
     "role_trace": "Role of every head (rows, layer by layer) at each snapshot of the G+/G\u2212 fit "
                   "(columns, by update), per seed: straight bands = settled roles; changes near the right "

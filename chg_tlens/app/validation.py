@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pandas as pd
 import torch
 
-from chg_tlens.analysis.ablation import ablation_curve, necessity, sufficiency
+from chg_tlens.analysis.ablation import (
+    PAPER_DIRECTIONS,
+    ablation_summary,
+    necessity,
+    sufficiency,
+    targeted_ablation,
+)
 from chg_tlens.analysis.mediation import mediation_test
 from chg_tlens.analysis.patching import patching_scores
 from chg_tlens.core import checks
@@ -15,16 +22,22 @@ from chg_tlens.core.data import GateData
 from chg_tlens.core.result import CHGResult
 from chg_tlens.models import adapter
 
+ROLE_DIRECTIONS = tuple(d for d in PAPER_DIRECTIONS if d.value == 0.0)
+"""One targeted-ablation curve per role, each removing heads: facilitating and irrelevant from G+,
+interfering from the full model (in G+ they are already closed)."""
+
 
 def validate_run(model: Any, data: GateData, result: CHGResult, seed: int = 0, threshold: float = 0.5,
                  max_heads: int = 20, n_random: int = 10, top_k: int = 10, patching: bool = True,
-                 batch_size: int = 16) -> tuple[dict[str, Any], pd.DataFrame]:
+                 batch_size: int = 16, random_orders: int = 3) -> tuple[dict[str, Any], pd.DataFrame]:
     """Sufficiency, necessity, targeted ablation and (with a corrupt twin) activation patching vs CHG.
 
     ``data`` should be held out from the fit. Returns a JSON-ready summary (one block per check) and
     the ablation-curve frame. Random head sets give the reference for sufficiency and necessity: the
-    circuit should match or beat nearly all of them. The ablation summary reads both curves at k = the
-    circuit's size: removing k facilitating heads should cost far more than removing k irrelevant ones.
+    circuit should match or beat nearly all of them. The ablation summary reads every role's curve at
+    k = the circuit's size: removing k facilitating heads should cost far more than removing k
+    irrelevant ones, and removing k interfering heads from the full model should help; each curve is
+    set against ``random_orders`` random head orders from the same start.
     ``patching`` needs ``data.corrupt``; without it the block says so.
     """
     layout = adapter.require_model(model)
@@ -40,17 +53,20 @@ def validate_run(model: Any, data: GateData, result: CHGResult, seed: int = 0, t
             continue
         frame = test(model, data, heads=circuit, n_random=n_random, batch_size=batch_size)
         summary[name] = _circuit_summary(frame)
-    ablation = ablation_curve(model, data, result, ["facilitating", "irrelevant"], seed=seed, values=(0.0,),
-                              max_heads=max_heads, batch_size=batch_size)
+    ablation = targeted_ablation(model, data, result, seed, ROLE_DIRECTIONS, max_heads, random_orders,
+                                 threshold=threshold, batch_size=batch_size)
     k = max(1, min(len(circuit), int(ablation["n_changed"].max())))
     summary["ablation"] = {}
-    for score, group in ablation.groupby("score", sort=False):
-        group = group.set_index("n_changed")
-        summary["ablation"][score] = {
-            "k": k, "delta_logprob_at_k": float(group.loc[k, "delta_logprob"]),
-            "delta_accuracy_at_k": float(group.loc[k, "delta_accuracy"]),
-            "heads_changed": int(group.index.max()),
-            "delta_logprob_at_end": float(group["delta_logprob"].iloc[-1]),
+    for row in ablation_summary(ablation, k).itertuples():
+        curve = ablation[(ablation["score"] == row.score) & (ablation["start"] == row.start)]
+        summary["ablation"][row.score] = {
+            "k": k, "start": row.start, "value": row.value, "expected": row.expected,
+            "delta_logprob_at_k": row.delta_logprob, "delta_accuracy_at_k": row.delta_accuracy,
+            "random_min_at_k": _number_or_none(row.random_min),
+            "random_max_at_k": _number_or_none(row.random_max),
+            "as_expected": None if pd.isna(row.as_expected) else bool(row.as_expected),
+            "heads_changed": int(curve["n_changed"].max()),
+            "delta_logprob_at_end": float(curve.sort_values("n_changed")["delta_logprob"].iloc[-1]),
         }
     if not patching:
         summary["activation_patching"] = {"skipped": "patching=False"}
@@ -82,3 +98,8 @@ def _circuit_summary(frame: pd.DataFrame) -> dict[str, Any]:
                               "accuracy": float(random["accuracy"].mean()), "n_draws": len(random)}
         out["circuit_at_least_as_strong_share"] = float(as_good.mean())
     return out
+
+
+def _number_or_none(value: float) -> float | None:
+    """JSON has no NaN: an undefined number (no random orders drawn) is written as null."""
+    return None if math.isnan(value) else float(value)

@@ -10,6 +10,13 @@ answers (50%, 83%).
 ``function_views`` returns both views of the same items in the same order, the matched pair that
 contrastive CHG needs (retain one view, forget the other). Items are split into train and test by a
 hash of the query word, so a held-out query never appears in another split, whatever the seed.
+
+``corrupt="shuffled_labels"`` attaches to the in-context view the twin that function-vector patching
+(Todd et al., 2024) runs on: the same demonstrations and query, the demonstration labels permuted so no
+input keeps its own label, and the same answer. Only the input -> label mapping is broken.
+
+    clean:    "cat -> cats\ndog -> dogs\nhouse ->"   -> " houses"
+    shuffled: "cat -> dogs\ndog -> cats\nhouse ->"   -> " houses"
 """
 
 from __future__ import annotations
@@ -54,6 +61,10 @@ FUNCTIONS: dict[str, FunctionSpec] = {
 
 VIEWS = ("in_context", "instruction")
 SPLITS = ("train", "test", "all")
+CORRUPTIONS = ("shuffled_labels",)
+"""Twins of the in-context view: ``shuffled_labels`` permutes the demonstration labels (a derangement)."""
+SHUFFLE_TRIES = 1000
+"""Permutations drawn per prompt before giving up on one that moves every label (labels may repeat)."""
 
 
 class FunctionViews(NamedTuple):
@@ -71,12 +82,14 @@ class FunctionViews(NamedTuple):
 
 
 def function_views(model: Any, n: int = 64, seed: int = 0, *, function: str = "plural", n_shots: int = 5,
-                   split: str = "train", test_fraction: float = 0.3) -> FunctionViews:
+                   split: str = "train", test_fraction: float = 0.3,
+                   corrupt: str | None = None) -> FunctionViews:
     """Both views of ``n`` items of ``function``: matched pairs for contrastive CHG.
 
     Queries come from ``split`` (``train``/``test``: items whose query-word hash falls in or out of the
     held-out ``test_fraction``; ``all``: every item). In-context examples always come from the train
-    items, never the query itself.
+    items, never the query itself. ``corrupt="shuffled_labels"`` gives the in-context view its
+    shuffled-label twin (``.corrupt``); the items themselves are the same with or without it.
     """
     task = "function"
     require_tokenizer(model, task)
@@ -85,6 +98,11 @@ def function_views(model: Any, n: int = 64, seed: int = 0, *, function: str = "p
     require_count(task, "n_shots", n_shots, 1)
     require_choice(task, "function", function, list(FUNCTIONS))
     require_choice(task, "split", split, SPLITS)
+    if corrupt is not None:
+        require_choice(task, "corrupt", corrupt, CORRUPTIONS)
+        if n_shots < 2:
+            raise InputError(f"{task}: corrupt='shuffled_labels' needs n_shots >= 2 to permute labels, "
+                             f"got n_shots={n_shots}.")
     if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise InputError(f"{task}: test_fraction must lie strictly between 0 and 1, got {test_fraction!r}.")
     spec = FUNCTIONS[function]
@@ -98,17 +116,41 @@ def function_views(model: Any, n: int = 64, seed: int = 0, *, function: str = "p
             f"'{function}' has {len(train)}."
         )
     rng = random.Random(seed)
+    shuffle_rng = random.Random(f"shuffled_labels/{seed}")  # its own stream: the items do not change
     in_context, posed = [], []
     for _ in range(n):
         query, answer = rng.choice(queries)
         shots = rng.sample([p for p in train if p[0] != query], n_shots)
-        lines = [f"{x.strip()} ->{y}" for x, y in shots]
-        in_context.append(TextExample("\n".join([*lines, f"{query.strip()} ->"]), answer))
+        twin = None
+        if corrupt is not None:
+            twin = in_context_prompt(shuffled_labels(shots, shuffle_rng), query)
+        in_context.append(TextExample(in_context_prompt(shots, query), answer, twin,
+                                      None if twin is None else answer))
         posed.append(TextExample(spec.instruction_prompt(query), answer))
     options = {"function": function, "n_shots": n_shots, "split": split, "test_fraction": test_fraction}
     return FunctionViews(
-        in_context=examples_to_data(model, task, in_context, seed, {**options, "view": "in_context"}),
+        in_context=examples_to_data(model, task, in_context, seed, {**options, "view": "in_context"},
+                                    corruption=corrupt),
         instruction=examples_to_data(model, task, posed, seed, {**options, "view": "instruction"}),
+    )
+
+
+def in_context_prompt(shots: list[tuple[str, str]], query: str) -> str:
+    """One demonstration per line, ``input -> label``, then the query waiting for its label."""
+    lines = [f"{x.strip()} ->{y}" for x, y in shots]
+    return "\n".join([*lines, f"{query.strip()} ->"])
+
+
+def shuffled_labels(shots: list[tuple[str, str]], rng: random.Random) -> list[tuple[str, str]]:
+    """The same inputs with their labels permuted so that no input keeps a label equal to its own."""
+    labels = [y for _, y in shots]
+    for _ in range(SHUFFLE_TRIES):
+        order = rng.sample(range(len(shots)), len(shots))
+        if all(labels[j] != labels[i] for i, j in enumerate(order)):
+            return [(x, labels[j]) for (x, _), j in zip(shots, order, strict=True)]
+    raise InputError(
+        f"function: no permutation of the labels {labels} moves every label off its input (too many "
+        "repeated labels); use more shots (n_shots) or another function."
     )
 
 
@@ -122,11 +164,19 @@ def function(
     n_shots: int = 5,
     split: str = "train",
     test_fraction: float = 0.3,
+    corrupt: str | None = None,
 ) -> GateData:
-    """One view (``in_context`` or ``instruction``) of a function task; see ``function_views``."""
+    """One view (``in_context`` or ``instruction``) of a function task; see ``function_views``.
+
+    ``corrupt="shuffled_labels"`` (in-context view only) attaches the shuffled-label twin that
+    ``validate.function_vector_heads`` patches into.
+    """
     require_choice("function", "view", view, VIEWS)
+    if corrupt is not None and view != "in_context":
+        raise InputError(f"function: corrupt={corrupt!r} shuffles demonstration labels, so it needs "
+                         f"view='in_context'; the {view!r} view has no demonstrations.")
     views = function_views(model, n, seed, function=function, n_shots=n_shots, split=split,
-                           test_fraction=test_fraction)
+                           test_fraction=test_fraction, corrupt=corrupt)
     return getattr(views, view)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
 from chg_tlens.testbeds import surgery
 from chg_tlens.testbeds.planted import (
-    PlantedCircuit,
+    GroundTruthCircuit,
     PlantedHead,
     _Subspaces,
     build_planted_model,
@@ -45,23 +45,6 @@ from chg_tlens.testbeds.planted import (
 
 SHARPNESS = 60.0
 """Query scale of hand-set attention, the same as ``build_planted_model``'s default."""
-
-
-@dataclass
-class GroundTruthCircuit(PlantedCircuit):
-    """A :class:`PlantedCircuit` whose roles are given per head instead of read off the heads' signs.
-
-    Needed where a head's role comes from composition (a previous-token head writes to scratch, yet
-    the task needs it) or from measurement (a trained model).
-    """
-
-    roles: np.ndarray | None = None
-    diagnostics: dict[str, Any] = field(default_factory=dict)
-
-    def true_roles(self) -> np.ndarray:
-        if self.roles is None:
-            return super().true_roles()
-        return self.roles.copy()
 
 
 def all_benchmarks(include_trained: bool = True, train_seed: int = 0) -> list[GroundTruthCircuit]:

@@ -12,9 +12,10 @@ the heads' contributions add linearly, so the right answer to "what does each he
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -71,6 +72,23 @@ class PlantedCircuit:
         return [(int(a), int(b)) for a, b in zip(*np.nonzero(roles == role), strict=True)]
 
 
+@dataclass
+class GroundTruthCircuit(PlantedCircuit):
+    """A :class:`PlantedCircuit` whose roles are given per head instead of read off the heads' signs.
+
+    Needed where a head's role comes from composition (a previous-token head writes to scratch, yet
+    the task needs it) or from measurement (a trained model).
+    """
+
+    roles: np.ndarray | None = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def true_roles(self) -> np.ndarray:
+        if self.roles is None:
+            return super().true_roles()
+        return self.roles.copy()
+
+
 def planted_roles(n_layers: int, n_heads: int, heads: list[PlantedHead]) -> np.ndarray:
     """``[layer, head]`` array of the planted heads' role names, "irrelevant" everywhere else."""
     roles = np.full((n_layers, n_heads), "irrelevant", dtype=object)
@@ -87,10 +105,16 @@ def build_planted_model(
     n_ctx: int = 16,
     sharpness: float = 60.0,
     name: str = "planted",
+    n_extra: int = 0,
+    d_head: int | None = None,
 ) -> nn.Module:
-    """An attention-only model without norms whose planted heads do what ``heads`` says."""
-    spaces = _Subspaces(vocab, n_ctx)
-    d_head = max(vocab, n_ctx)
+    """An attention-only model without norms whose planted heads do what ``heads`` says.
+
+    ``n_extra`` adds residual dimensions after scratch for hand-written heads to talk through;
+    ``d_head`` (default ``max(vocab, n_ctx)``) can be raised for heads that need more room.
+    """
+    spaces = _Subspaces(vocab, n_ctx, n_extra)
+    d_head = max(vocab, n_ctx) if d_head is None else d_head
     model = adapter.build_native_model(
         model_name=name, d_model=spaces.d_model, d_head=d_head, n_layers=n_layers, n_ctx=n_ctx,
         n_heads=n_heads, d_vocab=vocab, attn_only=True, normalization_type=None,
@@ -211,16 +235,139 @@ def contrastive_circuit(vocab: int = 10, seq_len: int = 8, alpha: float = 3.0) -
                           extra={"retain_head": (0, 0), "forget_head": (0, 1)})
 
 
-class _Subspaces:
-    """Index ranges of the residual stream's named parts."""
+def function_vector_circuit(n_inputs: int = 6, n_shots: int = 4, strength: float = 8.0, copy: float = 1.5,
+                            shift: int = 1) -> GroundTruthCircuit:
+    """In-context learning with a head that carries the task as a function vector (Todd et al., 2024).
 
-    def __init__(self, vocab: int, n_ctx: int) -> None:
+    Tokens: BOS 0, inputs ``1..m``, labels ``m+1..2m``; the function maps input ``x`` to label
+    ``f(x) = m + 1 + (x - 1 + shift) mod m``. A prompt is ``BOS x1 f(x1) ... xk f(xk) q`` and the target
+    is ``f(q)``. Three heads compute it, each needing the one before (an AND chain):
+
+    - 0.0 checks each demonstration: from a label position it attends to the previous position only
+      when that input maps to this label (otherwise to BOS, which carries nothing) and writes a
+      *consistent* flag;
+    - 1.0, the function-vector head: from every position it attends to the label positions and writes
+      their mean flag as a *task* signal, the same vector for every clean prompt;
+    - 2.0 applies the function: it attends to its own position (the query) and writes ``f(q)`` into the
+      answer, but only when the task signal is present, otherwise a BOS sink wins its attention.
+
+    1.1 copies the current token into the answer (at the query: never the answer, so interfering); 0.1
+    writes scratch and 2.1 is empty (irrelevant). The corrupt twin keeps the demonstrations and the
+    query but deranges the labels: every flag is off, the task signal is gone, and patching 1.0's mean
+    clean output at the last position restores the answer, which no other head can do.
+    """
+    m, k = n_inputs, n_shots
+    if k < 2 or m < k + 1:
+        raise InputError(
+            f"function_vector_circuit: needs n_shots >= 2 and n_inputs >= n_shots + 1 (distinct inputs "
+            f"and a new query), got n_inputs={m}, n_shots={k}."
+        )
+    vocab, n_ctx = 1 + 2 * m, max(16, 2 * k + 3)
+    labels = {x: m + 1 + (x - 1 + shift) % m for x in range(1, m + 1)}
+    heads = [PlantedHead(0, 1, ("offset", 0), 0, 3.0), PlantedHead(1, 1, ("offset", 0), +1, copy)]
+    spaces = _Subspaces(vocab, n_ctx, n_extra=2)
+    d_head = n_ctx + vocab + 2
+    model = build_planted_model(3, 2, heads, vocab=vocab, n_ctx=n_ctx, name="planted-function-vector",
+                                n_extra=2, d_head=d_head)
+    flag, task = spaces.extra.start, spaces.extra.start + 1
+    sharp = 20.0 * math.sqrt(d_head)  # attention logits are divided by sqrt(d_head)
+    surgery.write_head_weights(model, 0, 0, *_consistency_head(spaces, d_head, labels, sharp, flag))
+    surgery.write_head_weights(model, 1, 0, *_task_head(spaces, d_head, labels, sharp, flag, task))
+    surgery.write_head_weights(model, 2, 0, *_apply_head(spaces, d_head, labels, sharp, task, strength))
+
+    def make(n: int, seed: int) -> GateData:
+        rng = np.random.default_rng(seed)
+        clean, shuffled = [], []
+        for _ in range(n):
+            xs = rng.permutation(np.arange(1, m + 1))[: k + 1]
+            shots, query = [int(x) for x in xs[:k]], int(xs[k])
+            order = rng.permutation(k)
+            while (order == np.arange(k)).any():  # a derangement: no demonstration keeps its label
+                order = rng.permutation(k)
+            for side, ys in ((clean, shots), (shuffled, [shots[j] for j in order])):
+                side.append([0, *[t for x, y in zip(shots, ys, strict=True) for t in (x, labels[y])],
+                             query, labels[query]])
+        mask = torch.zeros(n, 2 * k + 3, dtype=torch.bool)
+        mask[:, -1] = True
+        data = GateData.from_tokens(torch.tensor(clean), mask, meta={"task": "planted-function-vector"})
+        twin = GateData.from_tokens(torch.tensor(shuffled), mask.clone(),
+                                    meta={"task": "planted-function-vector", "twin": "shuffled_labels"})
+        return data.with_corrupt(twin)
+
+    roles = np.full((3, 2), "irrelevant", dtype=object)
+    roles[0, 0] = roles[1, 0] = roles[2, 0] = "facilitating"
+    roles[1, 1] = "interfering"
+    return GroundTruthCircuit("function-vector", model, heads, make,
+                              "in-context function; 0.0 checks demonstrations -> 1.0 task vector -> 2.0 "
+                              "applies it", extra={"function_vector_head": (1, 0)}, roles=roles)
+
+
+def _consistency_head(spaces: _Subspaces, d_head: int, labels: dict[int, int], sharp: float, flag: int
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """0.0 of :func:`function_vector_circuit`: the previous position scores ``sharp`` for being previous
+    and ``sharp`` for holding the input this label belongs to; BOS scores ``1.5 sharp``, so only a
+    consistent pair beats the sink. Values: 1 for an input token, so the head writes the flag."""
+    w_q, w_k, w_v = (torch.zeros(spaces.d_model, d_head) for _ in range(3))
+    w_o = torch.zeros(d_head, spaces.d_model)
+    n_ctx, match, sink = spaces.n_ctx, spaces.n_ctx, spaces.n_ctx + spaces.vocab
+    for position in range(1, n_ctx):
+        w_q[spaces.position.start + position, position - 1] = sharp
+    w_k[spaces.position, :n_ctx] = torch.eye(n_ctx)
+    for x, y in labels.items():
+        w_q[spaces.token.start + y, match + x] = sharp
+        w_k[spaces.token.start + x, match + x] = 1.0
+        w_v[spaces.token.start + x, 0] = 1.0
+    w_q[spaces.constant, sink] = 1.5 * sharp
+    w_k[spaces.token.start, sink] = 1.0
+    w_o[0, flag] = 1.0
+    return w_q, w_k, w_v, w_o
+
+
+def _task_head(spaces: _Subspaces, d_head: int, labels: dict[int, int], sharp: float, flag: int, task: int
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """1.0 of :func:`function_vector_circuit`: attends evenly to label positions, writes their mean
+    consistency flag as the task signal."""
+    w_q, w_k, w_v = (torch.zeros(spaces.d_model, d_head) for _ in range(3))
+    w_o = torch.zeros(d_head, spaces.d_model)
+    w_q[spaces.constant, 0] = sharp
+    for y in labels.values():
+        w_k[spaces.token.start + y, 0] = 1.0
+    w_v[flag, 0] = 1.0
+    w_o[0, task] = 1.0
+    return w_q, w_k, w_v, w_o
+
+
+def _apply_head(spaces: _Subspaces, d_head: int, labels: dict[int, int], sharp: float, task: int,
+                strength: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """2.0 of :func:`function_vector_circuit`: its own position scores ``sharp``; BOS scores
+    ``1.5 sharp - sharp * task``, so with the task signal (about 1) it reads the query and writes
+    ``f(query)``, without it the BOS sink (no value) takes the attention."""
+    w_q, w_k, w_v = (torch.zeros(spaces.d_model, d_head) for _ in range(3))
+    w_o = torch.zeros(d_head, spaces.d_model)
+    n_ctx = spaces.n_ctx
+    w_q[spaces.position, :n_ctx] = sharp * torch.eye(n_ctx)
+    w_k[spaces.position, :n_ctx] = torch.eye(n_ctx)
+    w_q[spaces.constant, n_ctx] = 1.5 * sharp
+    w_q[task, n_ctx + 1] = sharp
+    w_k[spaces.token.start, n_ctx] = 1.0
+    w_k[spaces.token.start, n_ctx + 1] = -1.0
+    for x, y in labels.items():
+        w_v[spaces.token.start + x, x] = 1.0
+        w_o[x, spaces.answer.start + y] = strength
+    return w_q, w_k, w_v, w_o
+
+
+class _Subspaces:
+    """Index ranges of the residual stream's named parts (``extra``: dimensions for hand-written heads)."""
+
+    def __init__(self, vocab: int, n_ctx: int, n_extra: int = 0) -> None:
         self.token = slice(0, vocab)
         self.position = slice(vocab, vocab + n_ctx)
         self.constant = vocab + n_ctx
         self.answer = slice(self.constant + 1, self.constant + 1 + vocab)
         self.scratch = slice(self.answer.stop, self.answer.stop + vocab)
-        self.d_model = self.scratch.stop
+        self.extra = slice(self.scratch.stop, self.scratch.stop + n_extra)
+        self.d_model = self.extra.stop
         self.n_ctx = n_ctx
         self.vocab = vocab
 
