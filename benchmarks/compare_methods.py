@@ -32,6 +32,7 @@ from chg_tlens.analysis.compare import (  # noqa: E402
     compare_methods,
     known_role_benchmarks,
     task_benchmark,
+    tracr_benchmarks,
 )
 from chg_tlens.app.markdown import comparison_markdown  # noqa: E402
 from chg_tlens.app.runs import jsonable, write_json  # noqa: E402
@@ -57,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("out_dir", help="folder for results.json and results.md")
     parser.add_argument("--skip-real", action="store_true", help="skip the SmolLM2-135M tasks")
     parser.add_argument("--skip-trained", action="store_true", help="skip the model trained here")
+    parser.add_argument("--skip-tracr", action="store_true", help="skip the compiled RASP programs")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--n", type=int, default=64, help="examples per benchmark-model data draw")
     parser.add_argument("--real-n", type=int, default=8, help="examples per SmolLM2 task")
@@ -70,6 +72,8 @@ def parse_args() -> argparse.Namespace:
 def suite(args: argparse.Namespace) -> Iterator[Benchmark]:
     """Benchmark models first (known roles), then the real model's tasks."""
     yield from known_role_benchmarks(args.n, include_trained=not args.skip_trained)
+    if not args.skip_tracr:
+        yield from tracr_benchmarks(args.n)
     if args.skip_real:
         return
     from chg_tlens.models.load import load_model

@@ -56,7 +56,7 @@ def test_distractors_are_loud_but_unread(circuit):
     for layer, head in [*composite.DISTRACTORS, composite.MAIN]:
         z = cache[f"blocks.{layer}.attn.hook_z"][:, -2, head]  # at the predicting position
         w_o = model.model.blocks[layer].attn.W_O[head]
-        norms[(layer, head)] = float((z @ w_o).norm(dim=-1).mean())
+        norms[(layer, head)] = float((z @ w_o.detach()).norm(dim=-1).mean())
     assert all(norms[head] > 3 * norms[composite.MAIN] for head in composite.DISTRACTORS)
 
 

@@ -248,6 +248,22 @@ def known_role_benchmarks(n: int = 64, include_trained: bool = True) -> list[Ben
     return suite
 
 
+def tracr_benchmarks(n: int = 64) -> list[Benchmark]:
+    """Every compiled RASP program of :mod:`chg_tlens.testbeds.tracr_models`: heads the compiler wrote
+    are facilitating, its zero padding irrelevant. ACDC runs as its paper ran it on tracr (zero ablation,
+    L2 on the outputs). Needs the ``tracr`` extra."""
+    from chg_tlens.testbeds import tracr_models
+
+    suite = []
+    for name in sorted(tracr_models.RECIPES):
+        program = tracr_models.load_program(name)
+        roles = program.true_roles()
+        settings = MethodSettings(acdc_ablation="zero", acdc_distance="l2")
+        suite.append(Benchmark(f"tracr/{name}", program.model, program.data(n, 0), program.data(n, 1), roles,
+                               int((roles == "facilitating").sum()), settings, program.description))
+    return suite
+
+
 def task_benchmark(model: Any, model_name: str, task: str, n: int = 8, steps: int = 20,
                    n_seeds: int = 2, seed: int = 0) -> Benchmark:
     """A built-in task on a real model; only ``induction`` gets reference roles (attention patterns)."""

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated subset of the methods (default: all); see --list-methods")
     compare.add_argument("--list-methods", action="store_true", help="print the method names and stop")
     compare.add_argument("--no-known", action="store_true", help="skip the known-role benchmark models")
+    compare.add_argument("--tracr", action="store_true",
+                         help="also score compiled RASP programs (needs the tracr extra)")
     compare.add_argument("--no-trained", action="store_true",
                          help="skip the benchmark model trained on the spot (saves ~1 min)")
     compare.add_argument("--n", type=int, default=64, help="examples per benchmark-model draw (default 64)")
@@ -401,8 +403,13 @@ def _print_validation(summary: dict[str, Any]) -> None:
                      f"stronger than {block['circuit_at_least_as_strong_share']:.0%} of them)")
         print(line)
     for score, block in summary["ablation"].items():
-        print(f"  ablation from G+ of the top {block['k']} {score} heads: "
-              f"change in log-prob {block['delta_logprob_at_k']:+.3f}")
+        where = "the full model" if block.get("start") == "ones" else "G+"
+        line = (f"  ablation from {where} of the top {block['k']} {score} heads: "
+                f"change in log-prob {block['delta_logprob_at_k']:+.3f}")
+        if block.get("random_min_at_k") is not None:
+            line += (f" (random orders {block['random_min_at_k']:+.3f} to {block['random_max_at_k']:+.3f}; "
+                     f"expected: {block['expected']})")
+        print(line)
     patching = summary["activation_patching"]
     if "skipped" in patching:
         print(f"  activation patching: skipped ({patching['skipped']})")
@@ -420,6 +427,7 @@ def run_compare(args: argparse.Namespace) -> int:
         compare_methods,
         known_role_benchmarks,
         task_benchmark,
+        tracr_benchmarks,
     )
     from chg_tlens.analysis.patching import silent_patching_progress
     from chg_tlens.app.markdown import comparison_markdown
@@ -441,6 +449,8 @@ def run_compare(args: argparse.Namespace) -> int:
     def suite() -> Any:
         if not args.no_known:
             yield from known_role_benchmarks(args.n, include_trained=not args.no_trained)
+        if args.tracr:
+            yield from tracr_benchmarks(args.n)
         if args.task:
             from chg_tlens.models.load import load_model
 
