@@ -12,6 +12,7 @@ import socket
 import pytest
 import torch
 
+from chg_tlens.testbeds.benchmark_models import recall_benchmark
 from chg_tlens.testbeds.planted import recall_circuit, repeat_circuit
 
 # One intra-op thread: the toy models are too small to gain from two, and a second thread makes every
@@ -64,6 +65,13 @@ def no_network():
 def recall():
     """One layer, four heads: 0.0 facilitating, 0.1 interfering, 0.2 and 0.3 irrelevant."""
     return recall_circuit()
+
+
+@pytest.fixture(scope="session")
+def recall_with_twin():
+    """The recall circuit with a corrupt twin (position 1 changed), and 48 examples of its data."""
+    circuit = recall_benchmark()
+    return circuit, circuit.data(48, 0)
 
 
 @pytest.fixture(scope="session")

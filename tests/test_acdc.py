@@ -14,14 +14,8 @@ from chg_tlens.errors import InputError
 from chg_tlens.testbeds.benchmark_models import induction_circuit, recall_benchmark
 
 
-@pytest.fixture(scope="module")
-def recall():
-    circuit = recall_benchmark()
-    return circuit, circuit.data(32, 0)
-
-
-def test_acdc_keeps_the_heads_the_output_needs_and_prunes_heads_that_write_nowhere(recall):
-    circuit, data = recall
+def test_acdc_keeps_the_heads_the_output_needs_and_prunes_heads_that_write_nowhere(recall_with_twin):
+    circuit, data = recall_with_twin
     result = acdc(circuit.model, data, tau=0.01)
     kept = result.details["kept"]
     facilitating = circuit.heads_with_role("facilitating")[0]
@@ -44,8 +38,8 @@ def test_acdc_composition_keeps_both_heads_of_an_and_with_corrupt_and_with_zero_
         assert np.array_equal(result.details["kept"], needed), ablation
 
 
-def test_acdc_sweep_gives_nested_extremes_and_a_perfect_roc_on_the_planted_model(recall):
-    circuit, data = recall
+def test_acdc_sweep_gives_nested_extremes_and_a_perfect_roc_on_the_planted_model(recall_with_twin):
+    circuit, data = recall_with_twin
     result = acdc(circuit.model, data, tau=0.01, taus=[0.0, 1e-3, 0.1, 1e3])
     sweep = result.details["sweep"]
     assert [point["tau"] for point in sweep] == [0.0, 1e-3, 0.1, 1e3]
@@ -83,8 +77,8 @@ def test_sweep_roc_by_hand():
         sweep_roc([positives], np.zeros((1, 4), dtype=bool))
 
 
-def test_acdc_refuses_bad_input(recall):
-    circuit, data = recall
+def test_acdc_refuses_bad_input(recall_with_twin):
+    circuit, data = recall_with_twin
     with pytest.raises(InputError, match="tau"):
         acdc(circuit.model, data, tau=-1)
     with pytest.raises(InputError, match="taus"):

@@ -12,14 +12,7 @@ from chg_tlens.core.data import GateData
 from chg_tlens.core.objectives import target_logprobs
 from chg_tlens.errors import InputError
 from chg_tlens.models.adapter import legacy_model_class
-from chg_tlens.testbeds.benchmark_models import induction_circuit, interfering_circuit, recall_benchmark
-
-
-@pytest.fixture(scope="module")
-def recall():
-    """One layer: 0.0 facilitating, 0.1 interfering, 0.2 and 0.3 irrelevant; data with a corrupt twin."""
-    circuit = recall_benchmark()
-    return circuit, circuit.data(48, 0)
+from chg_tlens.testbeds.benchmark_models import induction_circuit, interfering_circuit
 
 
 def _run(name: str, model, data) -> baselines.HeadScores:
@@ -43,8 +36,8 @@ SIGNED = ["gradient_signed", "ablation_zero", "ablation_mean", "patching_denoise
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_each_baseline_ranks_the_planted_facilitating_head_first(recall, name):
-    circuit, data = recall
+def test_each_baseline_ranks_the_planted_facilitating_head_first(recall_with_twin, name):
+    circuit, data = recall_with_twin
     result = _run(name, circuit.model, data)
     assert result.scores.shape == (1, 4)
     assert torch.isfinite(result.scores).all()
@@ -53,8 +46,8 @@ def test_each_baseline_ranks_the_planted_facilitating_head_first(recall, name):
 
 
 @pytest.mark.parametrize("name", SIGNED)
-def test_signed_methods_give_the_interfering_head_a_negative_score_and_irrelevant_heads_zero(recall, name):
-    circuit, data = recall
+def test_signed_methods_score_the_interfering_head_negative_and_irrelevant_heads_zero(recall_with_twin, name):
+    circuit, data = recall_with_twin
     result = _run(name, circuit.model, data)
     assert result.signed
     assert result.scores[0, 1] < -0.1  # 0.1 pushes against the answer
@@ -97,8 +90,8 @@ def test_gradient_importance_is_the_gate_value_derivative_per_example():
     assert result.forward_passes == 6 and result.backward_passes == 6
 
 
-def test_denoising_patching_equals_patching_one_head_by_hand(recall):
-    circuit, data = recall
+def test_denoising_patching_equals_patching_one_head_by_hand(recall_with_twin):
+    circuit, data = recall_with_twin
     model = circuit.model
     result = baselines.activation_patching(model, data, "denoise")
     metric = baselines.target_logprob_metric(data)
@@ -143,8 +136,8 @@ def test_attribution_patching_hooks_match_transformer_lens_on_a_model_with_mlps(
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
 
 
-def test_attribution_patching_falls_back_to_hooks_on_an_attention_only_model(recall):
-    circuit, data = recall
+def test_attribution_patching_falls_back_to_hooks_on_an_attention_only_model(recall_with_twin):
+    circuit, data = recall_with_twin
     available, why = baselines.transformer_lens_attribution_available(circuit.model)
     assert not available and ("TransformerLens 4" if legacy_model_class() else "hook_mlp_out") in why
     result = baselines.attribution_patching(circuit.model, data)
@@ -168,8 +161,8 @@ def test_mean_activations_skip_padding():
     assert torch.allclose(means[1][0], z[:, 0].mean(dim=0), atol=1e-5)
 
 
-def test_mean_and_zero_ablation_differ_where_a_head_has_a_constant_part(recall):
-    circuit, data = recall
+def test_mean_and_zero_ablation_differ_where_a_head_has_a_constant_part(recall_with_twin):
+    circuit, data = recall_with_twin
     zero = baselines.ablation_scores(circuit.model, data, "zero")
     mean = baselines.ablation_scores(circuit.model, data, "mean")
     # 0.0 copies a random token: its mean output still carries some of every token, zero carries none.
@@ -210,8 +203,8 @@ def test_hard_concrete_open_probability_matches_samples():
     assert torch.allclose(empirical, baselines.hard_concrete_p_open(log_alpha), atol=0.02)
 
 
-def test_subnetwork_probing_keeps_the_needed_head_and_closes_the_rest(recall):
-    circuit, data = recall
+def test_subnetwork_probing_keeps_the_needed_head_and_closes_the_rest(recall_with_twin):
+    circuit, data = recall_with_twin
     result = baselines.subnetwork_probing(circuit.model, data, steps=100, batch_size=16, seed=1)
     p_open = result.details["p_open"]
     assert p_open[0, 0] > 0.9
@@ -222,15 +215,15 @@ def test_subnetwork_probing_keeps_the_needed_head_and_closes_the_rest(recall):
     assert torch.equal(short.scores, again.scores)
 
 
-def test_random_scores_are_seeded(recall):
-    circuit, _ = recall
+def test_random_scores_are_seeded(recall_with_twin):
+    circuit, _ = recall_with_twin
     a, b = baselines.random_scores(circuit.model, 3), baselines.random_scores(circuit.model, 3)
     c = baselines.random_scores(circuit.model, 4)
     assert torch.equal(a.scores, b.scores) and not torch.equal(a.scores, c.scores)
 
 
-def test_methods_leave_the_model_as_they_found_it(recall):
-    circuit, data = recall
+def test_methods_leave_the_model_as_they_found_it(recall_with_twin):
+    circuit, data = recall_with_twin
     model = circuit.model
     flags = [p.requires_grad for p in model.parameters()]
     before = [p.detach().clone() for p in model.parameters()]
@@ -242,8 +235,8 @@ def test_methods_leave_the_model_as_they_found_it(recall):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_bad_input_fails_early_naming_the_argument(recall):
-    circuit, data = recall
+def test_bad_input_fails_early_naming_the_argument(recall_with_twin):
+    circuit, data = recall_with_twin
     clean_only = GateData.from_tokens(data.tokens, data.target_mask)
     with pytest.raises(ValueError, match="corrupt twin"):
         baselines.activation_patching(circuit.model, clean_only)
@@ -314,12 +307,12 @@ def test_eap_ig_averages_gradients_along_the_interpolated_embeddings():
     torch.testing.assert_close(result.scores, expected, atol=1e-5, rtol=0)
 
 
-def test_eap_ig_finds_the_planted_heads_of_a_composition(recall):
+def test_eap_ig_finds_the_planted_heads_of_a_composition(recall_with_twin):
     circuit = induction_circuit()
     data = circuit.data(24, 0)
     result = baselines.eap_ig(circuit.model, data, steps=8)
     assert divmod(int(result.scores.argmax()), result.scores.shape[1]) == (1, 1)  # the induction head
-    recall_circuit, recall_data = recall
+    recall_circuit, recall_data = recall_with_twin
     on_recall = baselines.eap_ig(recall_circuit.model, recall_data, steps=4)
     assert divmod(int(on_recall.scores.argmax()), 4) == recall_circuit.heads_with_role("facilitating")[0]
     assert on_recall.scores[0, 1] < 0  # the interfering head

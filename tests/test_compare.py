@@ -16,7 +16,6 @@ from chg_tlens.errors import InputError
 from chg_tlens.testbeds.benchmark_models import (
     induction_circuit,
     interfering_circuit,
-    recall_benchmark,
     redundant_circuit,
     trained_induction,
 )
@@ -87,14 +86,8 @@ def test_truth_metrics_and_agreement_table():
 
 
 # ------------------------------------------------------------------------------ faithfulness and CHG
-@pytest.fixture(scope="module")
-def recall():
-    circuit = recall_benchmark()
-    return circuit, circuit.data(48, 0)
-
-
-def test_faithfulness_curve_on_a_planted_model(recall):
-    circuit, data = recall
+def test_faithfulness_curve_on_a_planted_model(recall_with_twin):
+    circuit, data = recall_with_twin
     truth_order = torch.tensor([[3.0, 0.0, 2.0, 1.0]])  # facilitating first, interfering last
     curve = compare.faithfulness_curve(circuit.model, data, truth_order)
     assert curve["k"].tolist() == [0, 1, 2, 3, 4]
@@ -108,8 +101,8 @@ def test_faithfulness_curve_on_a_planted_model(recall):
         compare.faithfulness_curve(circuit.model, data, torch.zeros(1, 3))
 
 
-def test_chg_adapter_scores_facilitation_and_counts_its_cost(recall):
-    circuit, data = recall
+def test_chg_adapter_scores_facilitation_and_counts_its_cost(recall_with_twin):
+    circuit, data = recall_with_twin
     config = CHGConfig(n_seeds=2, steps=60, batch_size=16, progress=False)
     (by_max, by_mean), result = compare.run_chg(circuit.model, data, config)
     assert by_max.method == "chg_max" and by_mean.method == "chg_mean"
@@ -121,8 +114,8 @@ def test_chg_adapter_scores_facilitation_and_counts_its_cost(recall):
         compare.chg_head_scores(result, "median")
 
 
-def test_run_methods_skips_patching_without_a_corrupt_twin(recall):
-    circuit, data = recall
+def test_run_methods_skips_patching_without_a_corrupt_twin(recall_with_twin):
+    circuit, data = recall_with_twin
     clean_only = GateData.from_tokens(data.tokens, data.target_mask)
     names = ["gradient_importance", "activation_patching_denoise", "attribution_patching", "eap_ig", "acdc",
              "random"]  # gradient_importance: the old name of hisp
@@ -192,8 +185,8 @@ def test_induction_circuit_needs_both_heads_and_no_fixed_offset_solves_it():
     assert on_twin < float(full) - 1.0  # the twin's first block no longer predicts the repeat
 
 
-def test_recall_benchmark_twin_changes_the_answer(recall):
-    circuit, data = recall
+def test_recall_benchmark_twin_changes_the_answer(recall_with_twin):
+    circuit, data = recall_with_twin
     assert (data.corrupt.tokens[:, 1] != data.tokens[:, 1]).all()
     assert torch.equal(data.corrupt.tokens[:, -1], data.corrupt.tokens[:, 1])
     assert (circuit.true_roles() == np.array([["facilitating", "interfering", "irrelevant",

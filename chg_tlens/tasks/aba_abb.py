@@ -56,22 +56,15 @@ def aba_abb(model: Any, n: int = 64, seed: int = 0, *, rule: str = "aba", n_shot
     to those that are. The twin applies the other rule to the same words.
     """
     task = "aba_abb"
-    require_tokenizer(model, task)
-    require_count(task, "n", n)
-    require_count(task, "seed", seed, 0)
-    require_count(task, "n_shots", n_shots, 1)
     require_choice(task, "rule", rule, RULES)
-    needed = 2 * (n_shots + 1)
-    pool = single_token_words(model, PATTERN_WORDS if words is None else words, task, "word",
-                              minimum=needed, strict=words is not None)
+    pool = _word_pool(model, n, seed, n_shots, words)
     rng = random.Random(seed)
     examples = []
     rules = []
     for _ in range(n):
         example_rule = rng.choice(("aba", "abb")) if rule == "mixed" else rule
         other_rule = "abb" if example_rule == "aba" else "aba"
-        drawn = rng.sample(pool, needed)
-        pairs = [(drawn[2 * i], drawn[2 * i + 1]) for i in range(n_shots + 1)]
+        pairs = _draw_pairs(rng, pool, n_shots)
         query_a, query_b = pairs[-1]
         answer, other = (query_a, query_b) if example_rule == "aba" else (query_b, query_a)
         examples.append(TextExample(
@@ -173,15 +166,9 @@ def paired_contexts(model: Any, n: int = 32, seed: int = 0, *, kind: str = "abst
     A pair whose two contexts tokenize to different layouts is drawn again.
     """
     task = "aba_abb"
-    require_tokenizer(model, task)
-    require_count(task, "n", n)
-    require_count(task, "seed", seed, 0)
-    require_count(task, "n_shots", n_shots, 1)
     require_choice(task, "kind", kind, PAIR_KINDS)
     require_choice(task, "rule", rule, PAIR_RULES)
-    needed = 2 * (n_shots + 1)
-    pool = single_token_words(model, PATTERN_WORDS if words is None else words, task, "word",
-                              minimum=needed, strict=words is not None)
+    pool = _word_pool(model, n, seed, n_shots, words)
     bos = adapter.prepends_bos(model)
     rng = random.Random(seed)
     sources: list[TextExample] = []
@@ -192,8 +179,7 @@ def paired_contexts(model: Any, n: int = 32, seed: int = 0, *, kind: str = "abst
         if len(sources) == n:
             break
         source_rule = ("aba", "abb")[len(sources) % 2] if rule == "both" else rule
-        drawn = rng.sample(pool, needed)
-        pairs = [(drawn[2 * i], drawn[2 * i + 1]) for i in range(n_shots + 1)]
+        pairs = _draw_pairs(rng, pool, n_shots)
         if kind == "abstract":
             target_pairs, target_rule = [(b, a) for a, b in pairs], _other(source_rule)
         else:
@@ -249,3 +235,20 @@ def _third_word_positions(model: Any, pairs: list[tuple[str, str]], rule: str, b
             return None
         positions.append(at)
     return positions
+
+
+def _word_pool(model: Any, n: int, seed: int, n_shots: int, words: Sequence[str] | None) -> list:
+    """The checked counts and the single-token words both prompt builders draw from (two per line)."""
+    task = "aba_abb"
+    require_tokenizer(model, task)
+    require_count(task, "n", n)
+    require_count(task, "seed", seed, 0)
+    require_count(task, "n_shots", n_shots, 1)
+    return single_token_words(model, PATTERN_WORDS if words is None else words, task, "word",
+                              minimum=2 * (n_shots + 1), strict=words is not None)
+
+
+def _draw_pairs(rng: Any, pool: list, n_shots: int) -> list[tuple[str, str]]:
+    """``n_shots + 1`` (A, B) word pairs, all words distinct: the example lines, then the query."""
+    drawn = rng.sample(pool, 2 * (n_shots + 1))
+    return [(drawn[2 * i], drawn[2 * i + 1]) for i in range(n_shots + 1)]
