@@ -185,8 +185,10 @@ def paired_contexts(model: Any, n: int = 32, seed: int = 0, *, kind: str = "abst
         else:
             target_pairs, target_rule = [*pairs[:-1], pairs[-1][::-1]], source_rule
         where = _third_word_positions(model, pairs, source_rule, bos)
-        if where is None or where != _third_word_positions(model, target_pairs, target_rule, bos):
-            continue
+        if (where is None or where != _third_word_positions(model, target_pairs, target_rule, bos)
+                or _prompt_length(model, pairs, source_rule, bos)
+                != _prompt_length(model, target_pairs, target_rule, bos)):
+            continue  # e.g. a query word that is one token after a space but two at a line start
         sources.append(_with_other_answer(pairs, source_rule))
         targets.append(_with_other_answer(target_pairs, target_rule))
         items.append(where)
@@ -219,6 +221,11 @@ def _with_other_answer(pairs: list[tuple[str, str]], rule: str) -> TextExample:
     prompt = _prompt(pairs, rule)
     return TextExample(prompt=prompt, answer=answer, corrupt_prompt=prompt, corrupt_answer=other,
                        distractor=other)
+
+
+def _prompt_length(model: Any, pairs: list[tuple[str, str]], rule: str, bos: bool) -> int:
+    """Tokens in ``_prompt(pairs, rule)``: source and target must put the answer at the same position."""
+    return len(adapter.encode(model, _prompt(pairs, rule), prepend_bos=bos))
 
 
 def _third_word_positions(model: Any, pairs: list[tuple[str, str]], rule: str, bos: bool) -> list[int] | None:
