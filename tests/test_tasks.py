@@ -188,3 +188,16 @@ def test_smollm2_does_the_tasks_well_above_chance(smollm2):
     assert scores["arithmetic"]["accuracy"] >= 0.12
     assert scores["plural_icl"]["accuracy"] >= 0.8
     assert scores["capital_instruction"]["accuracy"] >= 0.6
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("kind", ["abstract", "token"])
+def test_symbol_pairs_on_smollm2_share_their_layout(smollm2, kind):
+    """SmolLM2 splits some words in two at a line start but not after a space: pairs whose two contexts
+    would put the answer at different positions must be redrawn, not built (they used to raise)."""
+    from chg_tlens.tasks.aba_abb import paired_contexts
+
+    pairs = paired_contexts(smollm2, n=12, seed=0, kind=kind)
+    assert torch.equal(pairs.source.lengths, pairs.target.lengths)
+    assert torch.equal(pairs.source.target_mask, pairs.target.target_mask)
+    assert (pairs.item_positions.sum(dim=1) == 4).all()  # the third word of each of the 4 example lines
