@@ -9,7 +9,8 @@ STAMP_TL39 := $(VENV_TL39)/.chg_tlens_installed
 TL39_TESTS := tests/test_gates.py tests/test_objectives.py tests/test_data.py tests/test_fit.py \
 	tests/test_result.py tests/test_contrastive.py tests/test_reliability.py tests/test_models.py \
 	tests/test_forward.py tests/test_validate.py tests/test_baselines.py tests/test_compare.py \
-	tests/test_convergence.py tests/test_paper_validations.py tests/test_tracr.py
+	tests/test_convergence.py tests/test_paper_validations.py tests/test_tracr.py tests/test_acdc.py \
+	tests/test_composite.py tests/test_symbols.py
 
 .PHONY: setup setup-tl39 browser demo test lint pytest notebooks pytest-tl39 bench clean
 
