@@ -96,12 +96,8 @@ def run_fit(model: Any, data: Any, folder: Path, setting: dict[str, Any], n_seed
     if record_file.is_file():
         return json.loads(record_file.read_text())
     config = CHGConfig(n_seeds=n_seeds, progress=False, checkpoint_every=25, **setting)
-    checkpoint = folder / "checkpoint"
-    resume = (checkpoint / CHECKPOINT_FILE).is_file()
-    checkpoint.mkdir(parents=True, exist_ok=True)
     began = time.time()
-    result = fit_chg(model, data, config, run_dir=checkpoint, resume=resume)
-    result.save(folder / "result")
+    result = resumable_fit(model, data, folder, config)
     record = {
         "setting": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()},
         "updates": {stage: int(curves["loss"].shape[0]) for stage, curves in result.losses.items()},
@@ -111,6 +107,17 @@ def run_fit(model: Any, data: Any, folder: Path, setting: dict[str, Any], n_seed
     }
     record_file.write_text(json.dumps(record, indent=2))
     return record
+
+
+def resumable_fit(model: Any, data: Any, folder: Path, config: CHGConfig) -> CHGResult:
+    """Fit into ``folder/result``, checkpointing under ``folder/checkpoint`` and resuming from it when a
+    killed run left one there."""
+    checkpoint = folder / "checkpoint"
+    resume = (checkpoint / CHECKPOINT_FILE).is_file()
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    result = fit_chg(model, data, config, run_dir=checkpoint, resume=resume)
+    result.save(folder / "result")
+    return result
 
 
 def cached_records(out: Path, settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from convergence_study import resumable_fit  # benchmarks/ runs as scripts: this folder is on the path
 
-from chg_tlens import CHGConfig, CHGResult, fit_chg, load_model, validate
+from chg_tlens import CHGConfig, CHGResult, load_model, validate
 from chg_tlens.app.markdown import markdown_table
-from chg_tlens.core.checkpoint import CHECKPOINT_FILE
 from chg_tlens.errors import InputError
 from chg_tlens.tasks import make_task
 
@@ -80,11 +80,7 @@ def chg_fit(model: Any, data: Any, task: str, args: argparse.Namespace, out: Pat
         return result, _budget(result)
     config = CHGConfig(n_seeds=args.seeds, steps=args.steps, batch_size=args.batch, progress=False,
                        checkpoint_every=25)
-    checkpoint = folder / "checkpoint"
-    resume = (checkpoint / CHECKPOINT_FILE).is_file()
-    checkpoint.mkdir(parents=True, exist_ok=True)
-    result = fit_chg(model, data, config, run_dir=checkpoint, resume=resume)
-    result.save(folder / "result")
+    result = resumable_fit(model, data, folder, config)
     return result, _budget(result)
 
 
