@@ -1,7 +1,7 @@
 """Every head-scoring method on every benchmark model: who finds the heads that matter, at what cost.
 
     python benchmarks/compare_methods.py OUT_DIR [--skip-real] [--skip-trained] [--methods a,b]
-                                                 [--n 64] [--real-n 8] [--real-tasks induction,ioi]
+                                                 [--n 64] [--real-n 64] [--real-tasks induction,ioi]
 
 Benchmarks with known roles (``chg_tlens.benchmark_models``): planted circuits and a 2-layer model
 trained here whose roles come from its attention patterns. Then, unless ``--skip-real``, the embedded
@@ -36,6 +36,7 @@ from chg_tlens.analysis.compare import (  # noqa: E402
 )
 from chg_tlens.app.markdown import comparison_markdown  # noqa: E402
 from chg_tlens.app.runs import jsonable, write_json  # noqa: E402
+from chg_tlens.app.settings import DEMO_SETTINGS  # noqa: E402
 
 
 def main() -> None:
@@ -61,9 +62,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-tracr", action="store_true", help="skip the compiled RASP programs")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--n", type=int, default=64, help="examples per benchmark-model data draw")
-    parser.add_argument("--real-n", type=int, default=8, help="examples per SmolLM2 task")
-    parser.add_argument("--real-steps", type=int, default=20,
-                        help="updates per CHG stage and of subnetwork probing on SmolLM2")
+    parser.add_argument("--real-n", type=int, default=DEMO_SETTINGS["n_examples"],
+                        help="examples per SmolLM2 task")
+    parser.add_argument("--real-steps", type=int, default=DEMO_SETTINGS["steps"],
+                        help="updates per CHG stage and of subnetwork probing on SmolLM2 (the demo's)")
     parser.add_argument("--real-tasks", default="induction,ioi", help="comma-separated task names")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     return parser.parse_args()
@@ -80,7 +82,8 @@ def suite(args: argparse.Namespace) -> Iterator[Benchmark]:
 
     model = load_model("smollm2-135m", device="cpu")
     for task in args.real_tasks.split(","):
-        yield task_benchmark(model, "smollm2", task, n=args.real_n, steps=args.real_steps)
+        yield task_benchmark(model, "smollm2", task, n=args.real_n, steps=args.real_steps,
+                             n_seeds=DEMO_SETTINGS["n_seeds"], chg_batch=DEMO_SETTINGS["batch_size"])
 
 
 if __name__ == "__main__":

@@ -184,6 +184,9 @@ def test_compare_scores_the_known_role_benchmarks(tmp_path):
     (["validate", "{tmp}"], ["run.json", "not found"]),
     (["compare", "--out", "{tmp}/c", "--methods", "chg,telepathy"], ["unknown", "telepathy"]),
     (["compare", "--out", "{tmp}/c", "--no-known"], ["nothing to compare"]),
+    (["compare", "--out", "{tmp}/c", "--task", "ioi", "--chg-fit", "ioi"], ["--chg-fit", "TASK=RESULT_DIR"]),
+    (["compare", "--out", "{tmp}/c", "--task", "ioi", "--chg-fit", "sva={tmp}"], ["'sva'", "--task"]),
+    (["compare", "--out", "{tmp}/c", "--task", "ioi", "--chg-fit", "ioi={tmp}/nofit"], ["nofit"]),
     (["report", "{tmp}/nowhere"], ["nowhere"]),
 ])
 def test_bad_input_exits_2_with_one_line_naming_the_problem(argv, words, tmp_path, capsys):

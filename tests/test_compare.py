@@ -12,6 +12,7 @@ from chg_tlens.analysis.baselines import HeadScores, one_head_off
 from chg_tlens.analysis.validate import evaluate_gates, target_logprob_metric
 from chg_tlens.core.config import CHGConfig
 from chg_tlens.core.data import GateData
+from chg_tlens.core.result import CHGResult
 from chg_tlens.errors import InputError
 from chg_tlens.testbeds.benchmark_models import (
     induction_circuit,
@@ -112,6 +113,25 @@ def test_chg_adapter_scores_facilitation_and_counts_its_cost(recall_with_twin):
     assert by_max.forward_passes == 3 * 60 * 16 * 2
     with pytest.raises(ValueError, match="reduce"):
         compare.chg_head_scores(result, "median")
+
+
+def test_saved_chg_fits_are_scored_as_fitted_and_refused_on_other_data(recall_with_twin, tmp_path):
+    circuit, data = recall_with_twin
+    short = CHGConfig(n_seeds=1, steps=5, batch_size=8, progress=False)
+    (fresh, _), result = compare.run_chg(circuit.model, data, CHGConfig(n_seeds=2, steps=60, batch_size=16,
+                                                                        progress=False))
+    _, other = compare.run_chg(circuit.model, data, short)
+    saved = CHGResult.load(result.save(tmp_path / "fit"))
+    settings = compare.MethodSettings(chg_fits=(saved,))
+    (by_max, by_mean), _ = compare.run_methods(circuit.model, data, ["chg"], settings)
+    assert by_max.method == "chg_max" and torch.equal(by_max.scores, fresh.scores)
+    assert by_max.forward_passes == fresh.forward_passes and by_mean.method == "chg_mean"
+    two = compare.MethodSettings(chg_fits=(saved, other))
+    names = [item.method for item in compare.run_methods(circuit.model, data, ["chg"], two)[0]]
+    assert names == ["chg_max (60 x 16, 2 seeds)", "chg_mean (60 x 16, 2 seeds)",
+                     "chg_max (5 x 8, 1 seed)", "chg_mean (5 x 8, 1 seed)"]
+    with pytest.raises(ValueError, match="made on other data"):
+        compare.run_methods(circuit.model, circuit.data(48, 1), ["chg"], settings)
 
 
 def test_run_methods_skips_patching_without_a_corrupt_twin(recall_with_twin):

@@ -108,6 +108,34 @@ def chg_head_scores(result: CHGResult, reduce: SeedReduce = "max") -> HeadScores
                                "role_labels": result.role_labels()})
 
 
+def chg_budget_label(result: CHGResult) -> str:
+    """The fit's budget in the words the tables use: ``updates x batch, seeds``."""
+    seeds = f"{result.n_seeds} seed" + ("s" if result.n_seeds != 1 else "")
+    return f"{result.config.get('steps')} x {result.config.get('batch_size')}, {seeds}"
+
+
+def fitted_chg_scores(results: Sequence[CHGResult], data: GateData) -> list[HeadScores]:
+    """CHG read from fits already made on ``data`` (e.g. a long reference fit), max and mean over
+    seeds, each named by its budget; the cost is what each fit recorded.
+
+    A fit made on other data is refused: its roles would be scored against the wrong prompts.
+    """
+    scored = []
+    fingerprint = data.fingerprint()
+    for result in results:
+        made_on = result.provenance.get("data_fingerprint")
+        if made_on != fingerprint:
+            raise InputError(
+                f"a CHG fit ({chg_budget_label(result)}) was made on other data (fingerprint {made_on}) "
+                f"than this benchmark's ({fingerprint}): fit it on the same task, n and seed."
+            )
+        for reduce in ("max", "mean"):
+            item = chg_head_scores(result, reduce)
+            item.method = f"{item.method} ({chg_budget_label(result)})" if len(results) > 1 else item.method
+            scored.append(item)
+    return scored
+
+
 def run_chg(
     model: Any, data: GateData, config: CHGConfig | None = None
 ) -> tuple[list[HeadScores], CHGResult]:
@@ -138,6 +166,8 @@ class MethodSettings:
     acdc_distance: acdc.AcdcDistance = "kl"
     chg: CHGConfig = field(default_factory=lambda: CHGConfig(n_seeds=4, steps=150, batch_size=32,
                                                              progress=False))
+    chg_fits: tuple[CHGResult, ...] = ()
+    """Fits already made on the benchmark's fit data: when given, CHG reads these instead of fitting."""
     random_seed: int = 0
 
 
@@ -152,7 +182,8 @@ def _single(fn: Callable[..., HeadScores], **kwargs: Any) -> MethodFn:
 
 
 METHODS: dict[str, tuple[MethodFn, bool | Callable[[MethodSettings], bool]]] = {
-    "chg": (lambda model, data, settings: run_chg(model, data, settings.chg)[0], False),
+    "chg": (lambda model, data, settings: fitted_chg_scores(settings.chg_fits, data) if settings.chg_fits
+            else run_chg(model, data, settings.chg)[0], False),
     "hisp": (_single(baselines.gradient_importance), False),
     "ablation_zero": (_single(baselines.ablation_scores, kind="zero"), False),
     "ablation_mean": (_single(baselines.ablation_scores, kind="mean"), False),
@@ -265,13 +296,19 @@ def tracr_benchmarks(n: int = 64) -> list[Benchmark]:
 
 
 def task_benchmark(model: Any, model_name: str, task: str, n: int = 8, steps: int = 20,
-                   n_seeds: int = 2, seed: int = 0) -> Benchmark:
-    """A built-in task on a real model; only ``induction`` gets reference roles (attention patterns)."""
+                   n_seeds: int = 2, seed: int = 0, chg_batch: int | None = None,
+                   chg_fits: Sequence[CHGResult] = ()) -> Benchmark:
+    """A built-in task on a real model; only ``induction`` gets reference roles (attention patterns).
+
+    CHG fits ``n_seeds`` x ``steps`` updates per stage of ``chg_batch`` examples (default: all ``n``),
+    or, with ``chg_fits``, reads fits already made on this task's data (same ``n`` and ``seed``).
+    """
     from chg_tlens.tasks import make_task
 
     layout = adapter.require_model(model)
-    settings = MethodSettings(batch_size=n, subnetwork_steps=steps,
-                              chg=CHGConfig(n_seeds=n_seeds, steps=steps, batch_size=n, progress=False))
+    settings = MethodSettings(batch_size=n, subnetwork_steps=steps, chg_fits=tuple(chg_fits),
+                              chg=CHGConfig(n_seeds=n_seeds, steps=steps, batch_size=chg_batch or n,
+                                            progress=False))
     options = {"seq_len": 8} if task == "induction" else {}
     fit_data = make_task(task, model, n=n, seed=seed, **options)
     eval_data = make_task(task, model, n=n, seed=seed + 1, **options)
@@ -321,7 +358,7 @@ def compare_methods(
 
 def evaluate_benchmark(benchmark: Benchmark, scored: list[HeadScores]) -> list[dict[str, Any]]:
     """One row per method: truth metrics, faithfulness at k, agreement with CHG, cost."""
-    reference = next((s for s in scored if s.method == "chg_max"), None)
+    reference = next((s for s in scored if s.method.startswith("chg_max")), None)
     rows = []
     for item in scored:
         curve = faithfulness_curve(benchmark.model, benchmark.eval_data, item, ks=[benchmark.k])
@@ -342,7 +379,7 @@ def evaluate_benchmark(benchmark: Benchmark, scored: list[HeadScores]) -> list[d
                 kept = [item.details["kept"], *(point["kept"] for point in item.details["sweep"])]
                 row["auc_sweep"] = sweep_roc(kept, roles == "facilitating")[2]
         labels = item.details.get("role_labels")
-        if item.method == "chg_max" and labels is not None and roles is not None:
+        if item.method.startswith("chg_max") and labels is not None and roles is not None:
             row["chg_role_accuracy"] = float(np.mean(labels == roles[None]))
             needed = roles == "facilitating"
             row["chg_facilitating_found_every_seed"] = float(np.mean(

@@ -106,9 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--model", default="smollm2-135m", help="model for --task (default smollm2-135m)")
     compare.add_argument("--task", action="append", default=[],
                          help="built-in task to compare on the real model (repeatable)")
-    compare.add_argument("--task-n", type=int, default=8, help="examples per real-model task (default 8)")
-    compare.add_argument("--steps", type=int, default=20,
-                         help="CHG updates per stage (and probing steps) on the real model (default 20)")
+    compare.add_argument("--task-n", type=int, default=DEMO_SETTINGS["n_examples"],
+                         help=f"examples per real-model task (default {DEMO_SETTINGS['n_examples']})")
+    compare.add_argument("--steps", type=int, default=DEMO_SETTINGS["steps"],
+                         help="CHG updates per stage (and probing steps) on the real model "
+                              f"(default {DEMO_SETTINGS['steps']}, the demo's budget)")
+    compare.add_argument("--chg-seeds", type=int, default=DEMO_SETTINGS["n_seeds"],
+                         help=f"CHG seeds on the real model (default {DEMO_SETTINGS['n_seeds']})")
+    compare.add_argument("--chg-batch", type=int, default=DEMO_SETTINGS["batch_size"],
+                         help=f"CHG batch on the real model (default {DEMO_SETTINGS['batch_size']})")
+    compare.add_argument("--chg-fit", action="append", default=[], metavar="TASK=RESULT_DIR",
+                         help="score CHG from a saved fit of TASK (same --task-n, seed 0) instead of "
+                              "fitting; repeatable, several fits of one task are all scored")
     _finish(compare, run_compare, device="torch device for the --task model (default: the model's)")
 
     report = commands.add_parser("report", help="write report.html for a run folder")
@@ -420,6 +429,21 @@ def _print_validation(summary: dict[str, Any]) -> None:
               f"{patching['spearman_rho']:.2f}")
 
 
+def _saved_fits(specs: Sequence[str], tasks: Sequence[str]) -> dict[str, list[Any]]:
+    """``TASK=RESULT_DIR`` options -> saved CHG fits per task, read before any model is loaded."""
+    from chg_tlens.core.result import CHGResult
+
+    fits: dict[str, list[Any]] = {}
+    for spec in specs:
+        task, sep, folder = spec.partition("=")
+        if not sep or not task or not folder:
+            raise UsageError(f"--chg-fit: expected TASK=RESULT_DIR, got {spec!r}.")
+        if task not in tasks:
+            raise UsageError(f"--chg-fit {spec!r}: {task!r} is not one of the --task values {list(tasks)}.")
+        fits.setdefault(task, []).append(CHGResult.load(folder))
+    return fits
+
+
 def run_compare(args: argparse.Namespace) -> int:
     from chg_tlens.analysis.compare import (
         METHOD_ALIASES,
@@ -442,9 +466,10 @@ def run_compare(args: argparse.Namespace) -> int:
         raise UsageError(f"--methods: unknown {unknown}; choose from {list(METHODS)}.")
     if args.no_known and not args.task:
         raise UsageError("nothing to compare: --no-known without any --task.")
-    for name in ("n", "task_n", "steps"):
+    for name in ("n", "task_n", "steps", "chg_seeds", "chg_batch"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    chg_fits = _saved_fits(args.chg_fit, args.task)
 
     def suite() -> Any:
         if not args.no_known:
@@ -456,7 +481,9 @@ def run_compare(args: argparse.Namespace) -> int:
 
             model = load_model(args.model, device=args.device)
             for task in args.task:
-                yield task_benchmark(model, args.model, task, n=args.task_n, steps=args.steps)
+                yield task_benchmark(model, args.model, task, n=args.task_n, steps=args.steps,
+                                     n_seeds=args.chg_seeds, chg_batch=args.chg_batch,
+                                     chg_fits=chg_fits.get(task, ()))
 
     log = None if args.quiet else (lambda line: print(line, flush=True))
     with silent_patching_progress():  # TransformerLens' patching draws a bar per call: always too many
