@@ -51,6 +51,20 @@ def test_acdc_sweep_gives_nested_extremes_and_a_perfect_roc_on_the_planted_model
     assert auc == pytest.approx(1.0) and fpr[0] == 0 and tpr[-1] == 1
 
 
+def test_sweep_runs_reuse_the_removed_sets_an_earlier_threshold_measured(recall_with_twin):
+    """Equal thresholds are free, and a sweep costs less than one pass per head per threshold while
+    keeping exactly what separate runs keep."""
+    circuit, data = recall_with_twin
+    references = 2 * len(data)
+    repeated = acdc(circuit.model, data, tau=0.01, taus=[0.01, 0.01])
+    assert repeated.forward_passes == references + 4 * len(data)
+    sweep = acdc(circuit.model, data, tau=0.01, taus=[0.0, 1e-3, 0.1, 1e3])
+    assert sweep.forward_passes < references + 5 * 4 * len(data)
+    for point in sweep.details["sweep"]:
+        alone = acdc(circuit.model, data, tau=point["tau"])
+        assert np.array_equal(alone.details["kept"], np.asarray(point["kept"])), point["tau"]
+
+
 def test_recorded_change_is_the_distance_acdc_measured():
     """With one head kept from the last layer, the change of the next head is KL of the output with both."""
     circuit, data = recall_benchmark(), None

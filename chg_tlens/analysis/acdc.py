@@ -57,7 +57,8 @@ def acdc(
     ``details`` holds ``kept`` (``[layer, head]`` bools at ``tau``), the final distance, and with
     ``taus`` a ``sweep`` list of ``{"tau", "kept", "n_kept", "distance"}``. ``ablation="corrupt"``
     needs ``data.corrupt``; ``"zero"`` sets the head's output to 0 (the ACDC paper's tracr setting).
-    Cost: one forward of every example per head visited, per threshold, plus the reference runs.
+    Cost: one forward of every example per head visited, per threshold, plus the reference runs; a
+    removed set that an earlier threshold's run already measured is not run again.
     """
     layout = adapter.require_model(model)
     data = checks.gate_data(data, model)
@@ -107,7 +108,10 @@ class _Pruner:
             self.replacement.append({layer: cache[adapter.hook_z_name(layer)]
                                      for layer in range(layout.n_layers)})
         self.evaluations = 0
-        """Full passes over the data made while pruning (one per head visited per threshold)."""
+        """Full passes over the data made while pruning (one per head visited per threshold, less the
+        removed sets an earlier threshold's run already measured)."""
+        self.measured: dict[bytes, float] = {}
+        """Distance per removed set: runs at different thresholds share their first steps exactly."""
 
     def prune(self, tau: float) -> dict[str, Any]:
         removed = torch.zeros(self.layout.n_layers, self.layout.n_heads, dtype=torch.bool)
@@ -125,13 +129,16 @@ class _Pruner:
         return {"change": change, "kept": (~removed).numpy(), "distance": current}
 
     def _distance(self, removed: Bool[Tensor, "layer head"]) -> float:
-        self.evaluations += 1
-        total, count = 0.0, 0
-        for index in range(len(self.batches)):
-            output = self._output(index, self._hooks(index, removed))
-            total += float(self.row_distance(self.reference[index], output).sum())
-            count += output.shape[0]
-        return total / max(count, 1)
+        key = removed.numpy().tobytes()
+        if key not in self.measured:
+            self.evaluations += 1
+            total, count = 0.0, 0
+            for index in range(len(self.batches)):
+                output = self._output(index, self._hooks(index, removed))
+                total += float(self.row_distance(self.reference[index], output).sum())
+                count += output.shape[0]
+            self.measured[key] = total / max(count, 1)
+        return self.measured[key]
 
     def _output(self, index: int, hooks: dict[int, Callable[..., Tensor]]) -> Float[Tensor, "row vocab"]:
         _, tokens, _ = self.batches[index]
