@@ -46,7 +46,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = list(METHODS) if args.methods is None else args.methods.split(",")
-    frame, details = compare_methods(suite(args), methods, log=lambda line: print(line, flush=True))
+    frame, details = compare_methods(suite(args), methods, log=lambda line: print(line, flush=True),
+                                     cache_dir=out / "cache")  # a stopped run continues
     write_json(jsonable({"rows": frame.to_dict("records"), "benchmarks": details}), out / "results.json")
     markdown = comparison_markdown(frame, details)
     (out / "results.md").write_text(markdown)

@@ -9,7 +9,8 @@ same initial gates (same seeds). For each: example passes (updates x batch x mas
 and wall time; per-head role agreement and Spearman of each score with the reference fit of the same
 seed; role agreement between seeds; the share of stage x seed rows the fit itself reports converged;
 and, on induction, the mediation test (heads with a TransformerLens-style induction score > 0.4 vs the
-rest, max facilitation over seeds, Welch t and p).
+rest, max facilitation over seeds, Welch t and p) and what zeroing each of those heads does on held-out
+prompts, beside the role the reference fit gives it.
 
 Every fit is saved under OUT/fits/<task>/<variant>/ as it finishes (a fit that is interrupted resumes
 from its checkpoint), so a killed or budget-limited run continues where it stopped when called again.
@@ -82,12 +83,45 @@ def main() -> None:
             records[task][name] = run_fit(model, data, folder, settings[name], args.seeds)
             print(f"{task} / {name}: {records[task][name]['seconds']:.0f} s", flush=True)
         if task == "induction":
-            heads = induction_reference(model, data).tolist()
-            (out / "fits" / task / "induction_heads.json").write_text(json.dumps(heads))
+            heads = induction_reference(model, data)
+            (out / "fits" / task / "induction_heads.json").write_text(json.dumps(heads.tolist()))
+            reference = out / "fits" / task / _slug("reference") / "result"
+            if reference.exists():
+                knockouts = induction_knockouts(model, heads == "facilitating", CHGResult.load(reference),
+                                                args.n)
+                (out / "fits" / task / "induction_knockouts.json").write_text(json.dumps(knockouts, indent=2))
     table = summarise(out, cached_records(out, settings))
-    write_tables(out, table, args, time.time() - started)
+    knockouts_file = out / "fits" / "induction" / "induction_knockouts.json"
+    knockouts = json.loads(knockouts_file.read_text()) if knockouts_file.is_file() else []
+    write_tables(out, table, args, time.time() - started, knockouts)
     if args.docs:
-        write_tables(Path("docs/results"), table, args, time.time() - started)
+        write_tables(Path("docs/results"), table, args, time.time() - started, knockouts)
+
+
+def induction_knockouts(model: Any, flagged: np.ndarray, reference: CHGResult, n: int
+                        ) -> list[dict[str, Any]]:
+    """Each attention-pattern induction head zeroed alone (and all of them), on held-out prompts: does the
+    head the pattern flags carry the task, as the mediation test assumes, and does CHG's role say so?"""
+    held_out = make_task("induction", model, n=n, seed=1, **TASK_OPTIONS["induction"])
+    heads = [tuple(int(i) for i in head) for head in np.argwhere(flagged)]
+    sets = [[head] for head in heads] + [heads]
+    gates = torch.ones(1 + len(sets), *flagged.shape)
+    for row, chosen in enumerate(sets, start=1):
+        for layer, head in chosen:
+            gates[row, layer, head] = 0.0
+    logprob, accuracy = validate.evaluate_gates(model, held_out, gates)
+    labels = reference.role_labels()
+    rows = []
+    for row, chosen in enumerate(sets, start=1):
+        roles = sorted({str(labels[seed, layer, head]) for seed in range(reference.n_seeds)
+                        for layer, head in chosen})
+        rows.append({"heads": " + ".join(f"{layer}.{head}" for layer, head in chosen),
+                     "reference_roles": "/".join(roles) if len(chosen) == 1 else "",
+                     "facilitation_max": float(max(reference.facilitating[:, layer, head].max()
+                                                   for layer, head in chosen)) if len(chosen) == 1 else None,
+                     "delta_logprob": float(logprob[row] - logprob[0]),
+                     "accuracy": float(accuracy[row]), "accuracy_full": float(accuracy[0])})
+    return rows
 
 
 def run_fit(model: Any, data: Any, folder: Path, setting: dict[str, Any], n_seeds: int) -> dict[str, Any]:
@@ -187,7 +221,8 @@ def _seed_agreement(labels: np.ndarray) -> float:
     return float(np.mean([(labels[a] == labels[b]).mean() for a, b in pairs])) if pairs else float("nan")
 
 
-def write_tables(folder: Path, rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
+def write_tables(folder: Path, rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float,
+                 knockouts: list[dict[str, Any]]) -> None:
     import pandas as pd
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -195,7 +230,8 @@ def write_tables(folder: Path, rows: list[dict[str, Any]], args: argparse.Namesp
                 "threads": args.threads, "tasks": args.tasks,
                 "variants": variants(args.ref_steps, args.ref_batch)}
     (folder / "convergence_study.json").write_text(json.dumps(
-        {"settings": settings, "rows": rows, "seconds_this_call": round(seconds, 1)}, indent=2, default=str))
+        {"settings": settings, "rows": rows, "induction_knockouts": knockouts,
+         "seconds_this_call": round(seconds, 1)}, indent=2, default=str))
     frame = pd.DataFrame(rows)
     columns = ["task", "variant", "passes_vs_reference", "seconds", "role_agreement",
                "role_agreement_min_seed", "spearman_facilitating", "spearman_interfering",
@@ -215,6 +251,12 @@ def write_tables(folder: Path, rows: list[dict[str, Any]], args: argparse.Namesp
             "agreement_where_confident: the same for the fit's own confidence (what "
             f"`roles(min_confidence={CONFIDENT})` would report, and how often the reference agrees).",
             "", body, ""]
+    if knockouts:
+        text += ["## The attention-pattern induction heads, zeroed", "",
+                 "Heads with a TransformerLens-style induction score > 0.4 (the mediation test's flagged "
+                 "set), each zeroed alone and all together in the full model, on held-out prompts (seed 1): "
+                 "change of the mean target log-prob and the accuracy, beside the reference fit's role(s) "
+                 "over its seeds and its max facilitation.", "", markdown_table(pd.DataFrame(knockouts)), ""]
     (folder / "convergence_study.md").write_text("\n".join(text))
 
 

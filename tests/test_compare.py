@@ -134,6 +134,30 @@ def test_saved_chg_fits_are_scored_as_fitted_and_refused_on_other_data(recall_wi
         compare.run_methods(circuit.model, circuit.data(48, 1), ["chg"], settings)
 
 
+def test_a_stopped_comparison_continues_from_its_cache(tmp_path, monkeypatch):
+    circuit = redundant_circuit()
+    benchmark = compare.Benchmark("redundant", circuit.model, circuit.data(32, 0), circuit.data(32, 1),
+                                  circuit.true_roles(), 2, compare.MethodSettings())
+    methods = ["hisp", "ablation_zero", "random"]
+    first, _ = compare.compare_methods([benchmark], methods, cache_dir=tmp_path)
+    assert len(list(tmp_path.rglob("*.pt"))) == 3
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached method ran again")
+
+    monkeypatch.setitem(compare.METHODS, "hisp", (refuse, False))
+    monkeypatch.setitem(compare.METHODS, "ablation_zero", (refuse, False))
+    again, _ = compare.compare_methods([benchmark], methods, cache_dir=tmp_path)
+    columns = ["method", "auc", "faithfulness_at_k", "forward_passes"]
+    assert again[columns].equals(first[columns])
+    other = compare.Benchmark("redundant", circuit.model, circuit.data(32, 0), circuit.data(32, 1),
+                              circuit.true_roles(), 2, compare.MethodSettings(random_seed=1))
+    compare.compare_methods([other], ["random"], cache_dir=tmp_path)  # other settings: a new entry
+    assert len(list(tmp_path.rglob("random-*.pt"))) == 2
+    with pytest.raises(AssertionError, match="ran again"):
+        compare.compare_methods([benchmark], ["hisp"], cache_dir=tmp_path / "elsewhere")
+
+
 def test_run_methods_skips_patching_without_a_corrupt_twin(recall_with_twin):
     circuit, data = recall_with_twin
     clean_only = GateData.from_tokens(data.tokens, data.target_mask)

@@ -13,9 +13,12 @@ dependency beyond numpy and are checked on hand-made examples in the tests.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -335,15 +338,35 @@ def induction_reference(model: Any, data: GateData) -> np.ndarray:
 
 def compare_methods(
     suite: Iterable[Benchmark], methods: Sequence[str] | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, cache_dir: str | Path | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Every named method on every benchmark: one row per (benchmark, method), plus per-benchmark details
-    (note, k, skipped methods, raw scores, seconds)."""
+    (note, k, skipped methods, raw scores, seconds).
+
+    With ``cache_dir`` each method's scores are saved as soon as they exist and read back by a later
+    call with the same benchmark, data and settings, so a long comparison that was stopped continues
+    where it stopped (methods on a real model take minutes to an hour each on a CPU).
+    """
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
+    names = list(METHODS) if methods is None else [METHOD_ALIASES.get(name, name) for name in methods]
     for benchmark in suite:
         started = time.time()
-        scored, skipped = run_methods(benchmark.model, benchmark.fit_data, methods, benchmark.settings)
+        scored, skipped = [], {}
+        for name in names:
+            cached = None if cache_dir is None else _cache_file(Path(cache_dir), benchmark, name)
+            if cached is not None and cached.is_file():
+                scored.extend(torch.load(cached, weights_only=False))
+                continue
+            new, missed = run_methods(benchmark.model, benchmark.fit_data, [name], benchmark.settings)
+            scored.extend(new)
+            skipped.update(missed)
+            if cached is not None and new:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(new, cached.with_suffix(".partial"))
+                cached.with_suffix(".partial").replace(cached)  # never a half-written cache file
+            if log is not None and new:
+                log(f"[{benchmark.name}] {name}: {sum(item.seconds for item in new):.1f} s")
         rows.extend(evaluate_benchmark(benchmark, scored))
         details[benchmark.name] = {
             "note": benchmark.note, "k": benchmark.k, "skipped": skipped,
@@ -354,6 +377,20 @@ def compare_methods(
         if log is not None:
             log(f"[{benchmark.name}] {len(scored)} scores in {time.time() - started:.1f} s")
     return pd.DataFrame(rows), details
+
+
+def _cache_file(folder: Path, benchmark: Benchmark, method: str) -> Path:
+    """Where one method's scores on one benchmark are kept: named by everything they depend on (the
+    benchmark, its fit data, the method's settings, any saved CHG fits it reads)."""
+    settings = {item.name: getattr(benchmark.settings, item.name) for item in fields(benchmark.settings)
+                if item.name != "chg_fits"}  # values by their repr: dataclasses and tuples alike
+    fits = [(fit.provenance.get("data_fingerprint"), fit.config, fit.provenance.get("seconds"))
+            for fit in benchmark.settings.chg_fits]
+    key = json.dumps([benchmark.name, benchmark.fit_data.fingerprint(), method, settings, fits],
+                     sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    slug = "".join(c if c.isalnum() else "_" for c in benchmark.name)
+    return folder / slug / f"{method}-{digest}.pt"
 
 
 def evaluate_benchmark(benchmark: Benchmark, scored: list[HeadScores]) -> list[dict[str, Any]]:

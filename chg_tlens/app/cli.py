@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score heads with every method (or --methods) on benchmark models whose roles are "
         "known (planted circuits and a model trained on the spot) and, with --task, on a real model. "
         "Writes results.json and results.md (ROC AUC, precision and faithfulness at k, cost).")
-    compare.add_argument("--out", type=Path, required=True, help="folder for results.json and results.md")
+    compare.add_argument("--out", type=Path, required=True,
+                         help="folder for results.json and results.md; each method's scores are cached "
+                              "under OUT/cache as they finish, so the same command continues a stopped run")
     compare.add_argument("--methods", default=None,
                          help="comma-separated subset of the methods (default: all); see --list-methods")
     compare.add_argument("--list-methods", action="store_true", help="print the method names and stop")
@@ -487,7 +489,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     log = None if args.quiet else (lambda line: print(line, flush=True))
     with silent_patching_progress():  # TransformerLens' patching draws a bar per call: always too many
-        frame, details = compare_methods(suite(), methods, log=log)
+        frame, details = compare_methods(suite(), methods, log=log, cache_dir=args.out / "cache")
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(jsonable({"rows": frame.to_dict("records"), "benchmarks": details}), args.out / "results.json")
     markdown = comparison_markdown(frame, details)
