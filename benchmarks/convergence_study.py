@@ -113,14 +113,15 @@ def induction_knockouts(model: Any, flagged: np.ndarray, reference: CHGResult, n
     labels = reference.role_labels()
     rows = []
     for row, chosen in enumerate(sets, start=1):
-        roles = sorted({str(labels[seed, layer, head]) for seed in range(reference.n_seeds)
-                        for layer, head in chosen})
-        rows.append({"heads": " + ".join(f"{layer}.{head}" for layer, head in chosen),
-                     "reference_roles": "/".join(roles) if len(chosen) == 1 else "",
-                     "facilitation_max": float(max(reference.facilitating[:, layer, head].max()
-                                                   for layer, head in chosen)) if len(chosen) == 1 else None,
-                     "delta_logprob": float(logprob[row] - logprob[0]),
-                     "accuracy": float(accuracy[row]), "accuracy_full": float(accuracy[0])})
+        record = {"heads": " + ".join(f"{layer}.{head}" for layer, head in chosen),
+                  "reference_roles": "", "facilitation_max": None,
+                  "delta_logprob": float(logprob[row] - logprob[0]),
+                  "accuracy": float(accuracy[row]), "accuracy_full": float(accuracy[0])}
+        if len(chosen) == 1:  # roles and facilitation are per head
+            (layer, head), = chosen
+            record.update(reference_roles="/".join(sorted(set(labels[:, layer, head]))),
+                          facilitation_max=float(reference.facilitating[:, layer, head].max()))
+        rows.append(record)
     return rows
 
 

@@ -156,6 +156,9 @@ def test_a_stopped_comparison_continues_from_its_cache(tmp_path, monkeypatch):
     assert len(list(tmp_path.rglob("random-*.pt"))) == 2
     with pytest.raises(AssertionError, match="ran again"):
         compare.compare_methods([benchmark], ["hisp"], cache_dir=tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="telepathy"):  # refused before the methods ahead of it run
+        compare.compare_methods([benchmark], ["random", "telepathy"], cache_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_run_methods_skips_patching_without_a_corrupt_twin(recall_with_twin):

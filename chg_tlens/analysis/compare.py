@@ -213,6 +213,16 @@ METHOD_ALIASES = {"gradient_importance": "hisp"}
 """Older names still accepted by :func:`run_methods`."""
 
 
+def method_names(names: Sequence[str] | None = None) -> list[str]:
+    """The methods to run (all by default), old names mapped to current ones; unknown names are refused
+    before anything runs."""
+    names = list(METHODS) if names is None else [METHOD_ALIASES.get(name, name) for name in names]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise InputError(f"run_methods: unknown method(s) {unknown}; choose from {list(METHODS)}.")
+    return names
+
+
 def run_methods(
     model: Any,
     data: GateData,
@@ -223,10 +233,7 @@ def run_methods(
 
     Returns the scores and, per skipped method, why.
     """
-    names = list(METHODS) if names is None else [METHOD_ALIASES.get(name, name) for name in names]
-    unknown = [name for name in names if name not in METHODS]
-    if unknown:
-        raise InputError(f"run_methods: unknown method(s) {unknown}; choose from {list(METHODS)}.")
+    names = method_names(names)
     settings = settings or MethodSettings()
     scored: list[HeadScores] = []
     skipped: dict[str, str] = {}
@@ -349,12 +356,13 @@ def compare_methods(
     """
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
-    names = list(METHODS) if methods is None else [METHOD_ALIASES.get(name, name) for name in methods]
+    names = method_names(methods)  # a bad name fails now, not after hours of the methods before it
     for benchmark in suite:
         started = time.time()
         scored, skipped = [], {}
+        cache = None if cache_dir is None else _cache_folder(Path(cache_dir), benchmark)
         for name in names:
-            cached = None if cache_dir is None else _cache_file(Path(cache_dir), benchmark, name)
+            cached = None if cache is None else cache(name)
             if cached is not None and cached.is_file():
                 scored.extend(torch.load(cached, weights_only=False))
                 continue
@@ -380,18 +388,22 @@ def compare_methods(
     return pd.DataFrame(rows), details
 
 
-def _cache_file(folder: Path, benchmark: Benchmark, method: str) -> Path:
-    """Where one method's scores on one benchmark are kept: named by everything they depend on (the
+def _cache_folder(folder: Path, benchmark: Benchmark) -> Callable[[str], Path]:
+    """Where each method's scores on one benchmark are kept: named by everything they depend on (the
     benchmark, its fit data, the method's settings, any saved CHG fits it reads)."""
     settings = {item.name: getattr(benchmark.settings, item.name) for item in fields(benchmark.settings)
                 if item.name != "chg_fits"}  # values by their repr: dataclasses and tuples alike
     fits = [(fit.provenance.get("data_fingerprint"), fit.config, fit.provenance.get("seconds"))
             for fit in benchmark.settings.chg_fits]
-    key = json.dumps([benchmark.name, benchmark.fit_data.fingerprint(), method, settings, fits],
-                     sort_keys=True, default=str)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    fingerprint = benchmark.fit_data.fingerprint()  # once per benchmark, not once per method
     slug = "".join(c if c.isalnum() else "_" for c in benchmark.name)
-    return folder / slug / f"{method}-{digest}.pt"
+
+    def cache_file(method: str) -> Path:
+        key = json.dumps([benchmark.name, fingerprint, method, settings, fits], sort_keys=True, default=str)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return folder / slug / f"{method}-{digest}.pt"
+
+    return cache_file
 
 
 def evaluate_benchmark(benchmark: Benchmark, scored: list[HeadScores]) -> list[dict[str, Any]]:
