@@ -3,12 +3,16 @@ and its recorded changes are the distances it measured."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from chg_tlens.analysis import acdc as acdc_module
 from chg_tlens.analysis.acdc import acdc
 from chg_tlens.analysis.metrics import sweep_roc
+from chg_tlens.core.checkpoint import CheckpointError
 from chg_tlens.core.data import GateData
 from chg_tlens.errors import InputError
 from chg_tlens.testbeds.benchmark_models import induction_circuit, recall_benchmark
@@ -103,3 +107,61 @@ def test_acdc_refuses_bad_input(recall_with_twin):
         acdc(circuit.model, data, distance="js")
     with pytest.raises(InputError, match="corrupt twin"):
         acdc(circuit.model, GateData.from_tokens(data.tokens, data.target_mask))
+
+
+def _count_pruning_passes(monkeypatch, stop_after: int | None = None) -> list[int]:
+    """Count ACDC's pruning forwards (those with a head removed); raise KeyboardInterrupt past ``stop_after``."""
+    calls: list[int] = []
+    real = acdc_module._Pruner._output
+
+    def counted(self, index, hooks):
+        if hooks:
+            calls.append(index)
+            if stop_after is not None and len(calls) > stop_after:
+                raise KeyboardInterrupt
+        return real(self, index, hooks)
+
+    monkeypatch.setattr(acdc_module._Pruner, "_output", counted)
+    return calls
+
+
+def test_a_stopped_sweep_continues_from_its_checkpoint_and_ends_as_an_unbroken_one(
+        recall_with_twin, tmp_path, monkeypatch):
+    circuit, data = recall_with_twin
+    taus = [0.0, 1e-3, 0.1, 1e3]
+    unbroken = acdc(circuit.model, data, tau=0.01, taus=taus)
+    evaluations = unbroken.forward_passes // len(data) - 2
+    batches = 2  # 48 examples in batches of 32
+    path = tmp_path / "acdc.json"
+    with monkeypatch.context() as patch:
+        _count_pruning_passes(patch, stop_after=3 * batches)  # stopped inside the fourth removed set
+        with pytest.raises(KeyboardInterrupt):
+            acdc(circuit.model, data, tau=0.01, taus=taus, checkpoint=path)
+    assert len(json.loads(path.read_text())["measured"]) == 3  # each set written as soon as measured
+    with monkeypatch.context() as patch:
+        calls = _count_pruning_passes(patch)
+        resumed = acdc(circuit.model, data, tau=0.01, taus=taus, checkpoint=path)
+    assert len(calls) == (evaluations - 3) * batches  # only what the stopped run had not measured
+    assert torch.equal(resumed.scores, unbroken.scores)
+    assert resumed.details["sweep"] == unbroken.details["sweep"]
+    assert resumed.forward_passes == unbroken.forward_passes  # the cost of the whole sweep, both runs
+    with monkeypatch.context() as patch:
+        calls = _count_pruning_passes(patch)
+        again = acdc(circuit.model, data, tau=0.01, taus=taus, checkpoint=path)
+    assert not calls and torch.equal(again.scores, unbroken.scores)
+
+
+def test_a_checkpoint_of_other_settings_or_an_unreadable_one_is_refused_and_kept(recall_with_twin, tmp_path):
+    circuit, data = recall_with_twin
+    path = tmp_path / "acdc.json"
+    acdc(circuit.model, data, tau=0.01, checkpoint=path)
+    written = path.read_bytes()
+    with pytest.raises(CheckpointError, match="ablation"):
+        acdc(circuit.model, data, tau=0.01, ablation="zero", checkpoint=path)
+    with pytest.raises(CheckpointError, match="data_fingerprint"):
+        acdc(circuit.model, circuit.data(16, 3), tau=0.01, checkpoint=path)
+    assert path.read_bytes() == written
+    path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        acdc(circuit.model, data, tau=0.01, checkpoint=path)
+    assert path.read_text() == "{not json"

@@ -161,6 +161,20 @@ def test_a_stopped_comparison_continues_from_its_cache(tmp_path, monkeypatch):
     assert not (tmp_path / "bad").exists()
 
 
+def test_acdc_in_a_cached_comparison_keeps_its_checkpoint_beside_the_cache(recall_with_twin, tmp_path):
+    """A sweep stopped mid-way (hours on a real model) continues from the file its cache entry names."""
+    circuit, data = recall_with_twin
+    settings = compare.MethodSettings(acdc_taus=(0.1,))
+    benchmark = compare.Benchmark("recall", circuit.model, data, data, circuit.true_roles(), 1, settings)
+    compare.compare_methods([benchmark], ["acdc"], cache_dir=tmp_path)
+    (cached,) = tmp_path.rglob("acdc-*.pt")
+    checkpoint = cached.with_suffix(".checkpoint.json")
+    assert checkpoint.is_file() and checkpoint.read_text().count('"measured"') == 1
+    with_path = compare.MethodSettings(acdc_taus=(0.1,), acdc_checkpoint="anywhere.json")
+    elsewhere = compare.Benchmark("recall", circuit.model, data, data, circuit.true_roles(), 1, with_path)
+    assert compare._cache_folder(tmp_path, elsewhere)("acdc") == cached  # the path is not in the key
+
+
 def test_run_methods_skips_patching_without_a_corrupt_twin(recall_with_twin):
     circuit, data = recall_with_twin
     clean_only = GateData.from_tokens(data.tokens, data.target_mask)

@@ -15,12 +15,18 @@ Each head's recorded change (the distance added by removing it, at the moment it
 score; with ``taus`` every threshold's kept set is kept too, so ``metrics.sweep_roc`` can draw the
 ROC curve the ACDC paper reports. Corrupt values come from the corrupt run of the unpruned model, as
 in the paper: a removed head's replacement does not depend on what else was removed.
+
+A sweep on a real model is hours of forward passes on a CPU, so ``checkpoint=path`` keeps every
+measured removed set in a small JSON file as it is measured: a run that was stopped replays what it had
+measured for free and continues, and reports the passes and seconds of all its runs together.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +36,7 @@ from torch import Tensor
 
 from chg_tlens.analysis.baselines import HeadScores
 from chg_tlens.core import checks
+from chg_tlens.core.checkpoint import CheckpointError, atomic_write_bytes
 from chg_tlens.core.data import GateData
 from chg_tlens.core.forward import logits_at, on_device
 from chg_tlens.core.objectives import target_positions
@@ -51,6 +58,7 @@ def acdc(
     ablation: AcdcAblation = "corrupt",
     distance: AcdcDistance = "kl",
     batch_size: int = 32,
+    checkpoint: str | Path | None = None,
 ) -> HeadScores:
     """ACDC's greedy pruning over heads; score = the distance each head's removal added when visited.
 
@@ -58,7 +66,9 @@ def acdc(
     ``taus`` a ``sweep`` list of ``{"tau", "kept", "n_kept", "distance"}``. ``ablation="corrupt"``
     needs ``data.corrupt``; ``"zero"`` sets the head's output to 0 (the ACDC paper's tracr setting).
     Cost: one forward of every example per head visited, per threshold, plus the reference runs; a
-    removed set that an earlier threshold's run already measured is not run again.
+    removed set that an earlier threshold's run already measured is not run again. ``checkpoint``: a
+    JSON file of the removed sets measured so far, written as they are measured and read back first; one
+    made on other data, model or settings is refused, not overwritten.
     """
     layout = adapter.require_model(model)
     data = checks.gate_data(data, model)
@@ -71,16 +81,20 @@ def acdc(
     if ablation == "corrupt":
         checks.corrupt_twin(data, "acdc (ablation='corrupt')")
     started = time.time()
+    store = None if checkpoint is None else _Store(Path(checkpoint), {
+        "model_name": adapter.model_name(model), "heads": [layout.n_layers, layout.n_heads],
+        "data_fingerprint": data.fingerprint(), "ablation": ablation, "distance": distance})
     with torch.no_grad(), adapter.frozen(model):
-        pruner = _Pruner(model, data, layout, ablation, distance, batch_size)
+        pruner = _Pruner(model, data, layout, ablation, distance, batch_size, store)
         runs = [pruner.prune(value) for value in thresholds]
     first = runs[0]
     sweep = [{"tau": value, "kept": run["kept"].tolist(), "n_kept": int(run["kept"].sum()),
               "distance": run["distance"]} for value, run in zip(thresholds[1:], runs[1:], strict=True)]
     reference_passes = len(data) * (2 if ablation == "corrupt" else 1)
     forward = reference_passes + pruner.evaluations * len(data)
+    seconds = time.time() - started + (0.0 if store is None else store.earlier_seconds)
     return HeadScores(
-        first["change"], "acdc", forward, 0, time.time() - started, signed=False,
+        first["change"], "acdc", forward, 0, seconds, signed=False,
         details={"tau": thresholds[0], "kept": first["kept"], "distance": first["distance"],
                  "ablation": ablation, "metric": distance, "sweep": sweep},
     )
@@ -90,7 +104,8 @@ class _Pruner:
     """Holds the reference outputs and corrupt values once, then prunes at any threshold."""
 
     def __init__(self, model: Any, data: GateData, layout: adapter.HeadLayout, ablation: AcdcAblation,
-                 distance: AcdcDistance, batch_size: int) -> None:
+                 distance: AcdcDistance, batch_size: int, store: _Store | None = None) -> None:
+        self.started = time.time()
         self.model, self.layout, self.ablation = model, layout, ablation
         self.row_distance = _kl_rows if distance == "kl" else _l2_rows
         device = adapter.model_device(model)
@@ -107,11 +122,17 @@ class _Pruner:
                                             names_filter=adapter.is_hook_z)
             self.replacement.append({layer: cache[adapter.hook_z_name(layer)]
                                      for layer in range(layout.n_layers)})
-        self.evaluations = 0
+        self.store = store
+        self.measured: dict[bytes, float] = {} if store is None else store.load()
+        """Distance per removed set: runs at different thresholds share their first steps exactly (and a
+        resumed run replays what the stopped one measured)."""
+        self.used: set[bytes] = set()
+
+    @property
+    def evaluations(self) -> int:
         """Full passes over the data made while pruning (one per head visited per threshold, less the
-        removed sets an earlier threshold's run already measured)."""
-        self.measured: dict[bytes, float] = {}
-        """Distance per removed set: runs at different thresholds share their first steps exactly."""
+        removed sets an earlier threshold's run already measured), a resumed run's included."""
+        return len(self.used)
 
     def prune(self, tau: float) -> dict[str, Any]:
         removed = torch.zeros(self.layout.n_layers, self.layout.n_heads, dtype=torch.bool)
@@ -130,14 +151,16 @@ class _Pruner:
 
     def _distance(self, removed: Bool[Tensor, "layer head"]) -> float:
         key = removed.numpy().tobytes()
+        self.used.add(key)
         if key not in self.measured:
-            self.evaluations += 1
             total, count = 0.0, 0
             for index in range(len(self.batches)):
                 output = self._output(index, self._hooks(index, removed))
                 total += float(self.row_distance(self.reference[index], output).sum())
                 count += output.shape[0]
             self.measured[key] = total / max(count, 1)
+            if self.store is not None:
+                self.store.save(self.measured, time.time() - self.started)
         return self.measured[key]
 
     def _output(self, index: int, hooks: dict[int, Callable[..., Tensor]]) -> Float[Tensor, "row vocab"]:
@@ -153,6 +176,45 @@ class _Pruner:
             value = self.replacement[index].get(layer)
             hooks[layer] = _ablate_heads_hook(heads, value)
         return hooks
+
+
+class _Store:
+    """ACDC's measured removed sets on disk (JSON: each set as hex of its packed bits -> its distance),
+    tied to the model, data and settings they were measured with."""
+
+    def __init__(self, path: Path, signature: dict[str, Any]) -> None:
+        self.path, self.signature = path, signature
+        self.n_heads = int(np.prod(signature["heads"]))
+        self.earlier_seconds = 0.0
+
+    def load(self) -> dict[bytes, float]:
+        if not self.path.exists():
+            return {}
+        try:
+            saved = json.loads(self.path.read_text())
+            measured = {self._unpack(key): float(value) for key, value in saved["measured"].items()}
+            self.earlier_seconds = float(saved["seconds"])
+            signature = saved["signature"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"acdc: checkpoint {self.path} is unreadable ({error}); move it away to "
+                                  "start afresh.") from error
+        differs = {k: signature.get(k) for k in self.signature if signature.get(k) != self.signature[k]}
+        if differs:
+            raise CheckpointError(f"acdc: checkpoint {self.path} was made with other {', '.join(differs)} "
+                                  f"(there: {differs}); pass another path to keep it.")
+        return measured
+
+    def save(self, measured: dict[bytes, float], seconds: float) -> None:
+        state = {"signature": self.signature, "seconds": self.earlier_seconds + seconds,
+                 "measured": {np.packbits(np.frombuffer(key, dtype=np.uint8)).tobytes().hex(): value
+                              for key, value in measured.items()}}
+        atomic_write_bytes(self.path, lambda tmp: Path(tmp).write_text(json.dumps(state)))
+
+    def _unpack(self, key: str) -> bytes:
+        bits = np.unpackbits(np.frombuffer(bytes.fromhex(key), dtype=np.uint8))[: self.n_heads]
+        if bits.size != self.n_heads:
+            raise ValueError(f"a removed set of {bits.size} heads, not {self.n_heads}")
+        return bits.astype(bool).tobytes()
 
 
 def _ablate_heads_hook(heads: Bool[Tensor, " head"], value: Tensor | None) -> Callable[..., Tensor]:

@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,6 +167,9 @@ class MethodSettings:
     """Thresholds of ACDC's sweep (its ROC curve); the run at ``acdc_tau`` gives the per-head scores."""
     acdc_ablation: acdc.AcdcAblation = "corrupt"
     acdc_distance: acdc.AcdcDistance = "kl"
+    acdc_checkpoint: str | None = None
+    """File where ACDC keeps what it measured, so a stopped sweep continues (``compare_methods`` with a
+    ``cache_dir`` puts one beside the cache); not part of the cache key."""
     chg: CHGConfig = field(default_factory=lambda: CHGConfig(n_seeds=4, steps=150, batch_size=32,
                                                              progress=False))
     chg_fits: tuple[CHGResult, ...] = ()
@@ -197,7 +200,8 @@ METHODS: dict[str, tuple[MethodFn, bool | Callable[[MethodSettings], bool]]] = {
         model, data, steps=settings.eap_ig_steps, batch_size=settings.batch_size)], True),
     "acdc": (lambda model, data, settings: [acdc.acdc(
         model, data, tau=settings.acdc_tau, taus=settings.acdc_taus, ablation=settings.acdc_ablation,
-        distance=settings.acdc_distance, batch_size=settings.batch_size)],
+        distance=settings.acdc_distance, batch_size=settings.batch_size,
+        checkpoint=settings.acdc_checkpoint)],
         lambda settings: settings.acdc_ablation == "corrupt"),
     "subnetwork_probing": (
         lambda model, data, settings: [baselines.subnetwork_probing(
@@ -367,7 +371,9 @@ def compare_methods(
                 scored.extend(torch.load(cached, weights_only=False))
                 continue
             began = time.time()
-            new, missed = run_methods(benchmark.model, benchmark.fit_data, [name], benchmark.settings)
+            settings = benchmark.settings if cached is None else replace(
+                benchmark.settings, acdc_checkpoint=str(cached.with_suffix(".checkpoint.json")))
+            new, missed = run_methods(benchmark.model, benchmark.fit_data, [name], settings)
             scored.extend(new)
             skipped.update(missed)
             if cached is not None and new:
@@ -392,7 +398,7 @@ def _cache_folder(folder: Path, benchmark: Benchmark) -> Callable[[str], Path]:
     """Where each method's scores on one benchmark are kept: named by everything they depend on (the
     benchmark, its fit data, the method's settings, any saved CHG fits it reads)."""
     settings = {item.name: getattr(benchmark.settings, item.name) for item in fields(benchmark.settings)
-                if item.name != "chg_fits"}  # values by their repr: dataclasses and tuples alike
+                if item.name not in ("chg_fits", "acdc_checkpoint")}  # by repr: dataclasses and tuples alike
     fits = [(fit.provenance.get("data_fingerprint"), fit.config, fit.provenance.get("seconds"))
             for fit in benchmark.settings.chg_fits]
     fingerprint = benchmark.fit_data.fingerprint()  # once per benchmark, not once per method
