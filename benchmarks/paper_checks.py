@@ -135,7 +135,9 @@ def check_targeted_ablation(model: Any, args: argparse.Namespace, out: Path) -> 
             rows.append({"task": f"{task} / {record['score']} ({record['start']} -> {record['value']})",
                          "smollm2": f"{record['delta_logprob']:+.3f} nats at k = {record.get('k')}",
                          "holds": None if verdict is None or verdict != verdict else bool(verdict),
-                         "budget": budget, "details": record})
+                         "budget": f"{budget}; {args.max_heads} heads per curve, {args.random_orders} random "
+                                   "orders",
+                         "details": record})
     return rows
 
 
