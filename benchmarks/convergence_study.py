@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -146,12 +147,13 @@ def run_fit(model: Any, data: Any, folder: Path, setting: dict[str, Any], n_seed
 
 def resumable_fit(model: Any, data: Any, folder: Path, config: CHGConfig) -> CHGResult:
     """Fit into ``folder/result``, checkpointing under ``folder/checkpoint`` and resuming from it when a
-    killed run left one there."""
+    killed run left one there; once the result is saved the checkpoint goes (the result holds it all)."""
     checkpoint = folder / "checkpoint"
     resume = (checkpoint / CHECKPOINT_FILE).is_file()
     checkpoint.mkdir(parents=True, exist_ok=True)
     result = fit_chg(model, data, config, run_dir=checkpoint, resume=resume)
     result.save(folder / "result")
+    shutil.rmtree(checkpoint)
     return result
 
 
