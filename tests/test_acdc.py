@@ -110,7 +110,7 @@ def test_acdc_refuses_bad_input(recall_with_twin):
 
 
 def _count_pruning_passes(monkeypatch, stop_after: int | None = None) -> list[int]:
-    """Count ACDC's pruning forwards (those with a head removed); raise KeyboardInterrupt past ``stop_after``."""
+    """Count the forwards made with a head removed; stop (KeyboardInterrupt) past ``stop_after`` of them."""
     calls: list[int] = []
     real = acdc_module._Pruner._output
 
@@ -129,22 +129,27 @@ def test_a_stopped_sweep_continues_from_its_checkpoint_and_ends_as_an_unbroken_o
         recall_with_twin, tmp_path, monkeypatch):
     circuit, data = recall_with_twin
     taus = [0.0, 1e-3, 0.1, 1e3]
-    unbroken = acdc(circuit.model, data, tau=0.01, taus=taus)
-    evaluations = unbroken.forward_passes // len(data) - 2
     batches = 2  # 48 examples in batches of 32
+    with monkeypatch.context() as patch:
+        calls = _count_pruning_passes(patch)
+        unbroken = acdc(circuit.model, data, tau=0.01, taus=taus)
+    evaluations = len(calls) // batches
+    assert evaluations > 3 and unbroken.forward_passes == (2 + evaluations) * len(data)
     path = tmp_path / "acdc.json"
     with monkeypatch.context() as patch:
         _count_pruning_passes(patch, stop_after=3 * batches)  # stopped inside the fourth removed set
         with pytest.raises(KeyboardInterrupt):
             acdc(circuit.model, data, tau=0.01, taus=taus, checkpoint=path)
-    assert len(json.loads(path.read_text())["measured"]) == 3  # each set written as soon as measured
+    stopped = json.loads(path.read_text())
+    assert len(stopped["measured"]) == 3 and stopped["seconds"] > 0  # each set written once measured
     with monkeypatch.context() as patch:
         calls = _count_pruning_passes(patch)
         resumed = acdc(circuit.model, data, tau=0.01, taus=taus, checkpoint=path)
     assert len(calls) == (evaluations - 3) * batches  # only what the stopped run had not measured
     assert torch.equal(resumed.scores, unbroken.scores)
     assert resumed.details["sweep"] == unbroken.details["sweep"]
-    assert resumed.forward_passes == unbroken.forward_passes  # the cost of the whole sweep, both runs
+    assert resumed.forward_passes == unbroken.forward_passes  # what an unbroken sweep costs
+    assert resumed.seconds > stopped["seconds"]  # both runs' time
     with monkeypatch.context() as patch:
         calls = _count_pruning_passes(patch)
         again = acdc(circuit.model, data, tau=0.01, taus=taus, checkpoint=path)
@@ -160,8 +165,23 @@ def test_a_checkpoint_of_other_settings_or_an_unreadable_one_is_refused_and_kept
         acdc(circuit.model, data, tau=0.01, ablation="zero", checkpoint=path)
     with pytest.raises(CheckpointError, match="data_fingerprint"):
         acdc(circuit.model, circuit.data(16, 3), tau=0.01, checkpoint=path)
+    with pytest.raises(CheckpointError, match="batch_size"):
+        acdc(circuit.model, data, tau=0.01, batch_size=8, checkpoint=path)
+    other_model = induction_circuit()
+    with pytest.raises(CheckpointError, match="heads"):
+        acdc(other_model.model, other_model.data(16, 0), tau=0.01, ablation="zero", checkpoint=path)
     assert path.read_bytes() == written
     path.write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable"):
         acdc(circuit.model, data, tau=0.01, checkpoint=path)
     assert path.read_text() == "{not json"
+
+
+def test_checkpoint_keys_round_trip_for_head_counts_that_are_not_whole_bytes(tmp_path):
+    """SmolLM2 has 270 heads: packed keys carry padding bits that must not come back."""
+    store = acdc_module._Store(tmp_path / "acdc.json", {"heads": [3, 3], "model_name": "m"})
+    rng = np.random.default_rng(0)
+    masks = {rng.random(9).__lt__(0.5).tobytes(): float(i) / 7 for i in range(20)}
+    store.save(masks, seconds=2.5)
+    again = acdc_module._Store(tmp_path / "acdc.json", {"heads": [3, 3], "model_name": "m"})
+    assert again.load() == masks and again.earlier_seconds == 2.5

@@ -18,7 +18,8 @@ in the paper: a removed head's replacement does not depend on what else was remo
 
 A sweep on a real model is hours of forward passes on a CPU, so ``checkpoint=path`` keeps every
 measured removed set in a small JSON file as it is measured: a run that was stopped replays what it had
-measured for free and continues, and reports the passes and seconds of all its runs together.
+measured for free and continues. It reports the passes an unbroken run would have made, and the seconds
+of all its runs together.
 """
 
 from __future__ import annotations
@@ -83,9 +84,11 @@ def acdc(
     started = time.time()
     store = None if checkpoint is None else _Store(Path(checkpoint), {
         "model_name": adapter.model_name(model), "heads": [layout.n_layers, layout.n_heads],
+        "dtype": str(next(model.parameters()).dtype), "batch_size": batch_size,
         "data_fingerprint": data.fingerprint(), "ablation": ablation, "distance": distance})
+    measured = {} if store is None else store.load()  # a wrong file is refused before any forward pass
     with torch.no_grad(), adapter.frozen(model):
-        pruner = _Pruner(model, data, layout, ablation, distance, batch_size, store)
+        pruner = _Pruner(model, data, layout, ablation, distance, batch_size, store, measured)
         runs = [pruner.prune(value) for value in thresholds]
     first = runs[0]
     sweep = [{"tau": value, "kept": run["kept"].tolist(), "n_kept": int(run["kept"].sum()),
@@ -104,7 +107,8 @@ class _Pruner:
     """Holds the reference outputs and corrupt values once, then prunes at any threshold."""
 
     def __init__(self, model: Any, data: GateData, layout: adapter.HeadLayout, ablation: AcdcAblation,
-                 distance: AcdcDistance, batch_size: int, store: _Store | None = None) -> None:
+                 distance: AcdcDistance, batch_size: int, store: _Store | None = None,
+                 measured: dict[bytes, float] | None = None) -> None:
         self.started = time.time()
         self.model, self.layout, self.ablation = model, layout, ablation
         self.row_distance = _kl_rows if distance == "kl" else _l2_rows
@@ -123,7 +127,7 @@ class _Pruner:
             self.replacement.append({layer: cache[adapter.hook_z_name(layer)]
                                      for layer in range(layout.n_layers)})
         self.store = store
-        self.measured: dict[bytes, float] = {} if store is None else store.load()
+        self.measured: dict[bytes, float] = dict(measured or {})
         """Distance per removed set: runs at different thresholds share their first steps exactly (and a
         resumed run replays what the stopped one measured)."""
         self.used: set[bytes] = set()
@@ -184,36 +188,45 @@ class _Store:
 
     def __init__(self, path: Path, signature: dict[str, Any]) -> None:
         self.path, self.signature = path, signature
-        self.n_heads = int(np.prod(signature["heads"]))
+        self.n_total = int(np.prod(signature["heads"]))
         self.earlier_seconds = 0.0
 
     def load(self) -> dict[bytes, float]:
+        """What an earlier run measured (nothing when the file does not exist yet); a file made with
+        other settings is refused with what differs, an unreadable one as such; neither is touched."""
         if not self.path.exists():
             return {}
         try:
             saved = json.loads(self.path.read_text())
-            measured = {self._unpack(key): float(value) for key, value in saved["measured"].items()}
-            self.earlier_seconds = float(saved["seconds"])
             signature = saved["signature"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise CheckpointError(f"acdc: checkpoint {self.path} is unreadable ({error}); move it away to "
-                                  "start afresh.") from error
-        differs = {k: signature.get(k) for k in self.signature if signature.get(k) != self.signature[k]}
+            differs = {k: signature.get(k) for k in self.signature if signature.get(k) != self.signature[k]}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise self._unreadable(error) from error
         if differs:
             raise CheckpointError(f"acdc: checkpoint {self.path} was made with other {', '.join(differs)} "
                                   f"(there: {differs}); pass another path to keep it.")
+        try:
+            measured = {self._unpack(key): float(value) for key, value in saved["measured"].items()}
+            self.earlier_seconds = float(saved["seconds"])
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise self._unreadable(error) from error
         return measured
 
+    def _unreadable(self, error: Exception) -> CheckpointError:
+        return CheckpointError(f"acdc: checkpoint {self.path} is unreadable ({error!r}); move it away to "
+                               "start afresh.")
+
     def save(self, measured: dict[bytes, float], seconds: float) -> None:
+        """Everything measured so far, written atomically (a kill leaves the previous file whole)."""
         state = {"signature": self.signature, "seconds": self.earlier_seconds + seconds,
                  "measured": {np.packbits(np.frombuffer(key, dtype=np.uint8)).tobytes().hex(): value
                               for key, value in measured.items()}}
         atomic_write_bytes(self.path, lambda tmp: Path(tmp).write_text(json.dumps(state)))
 
     def _unpack(self, key: str) -> bytes:
-        bits = np.unpackbits(np.frombuffer(bytes.fromhex(key), dtype=np.uint8))[: self.n_heads]
-        if bits.size != self.n_heads:
-            raise ValueError(f"a removed set of {bits.size} heads, not {self.n_heads}")
+        bits = np.unpackbits(np.frombuffer(bytes.fromhex(key), dtype=np.uint8))[: self.n_total]
+        if bits.size != self.n_total:
+            raise ValueError(f"a removed set of {bits.size} heads, not {self.n_total}")
         return bits.astype(bool).tobytes()
 
 

@@ -371,8 +371,9 @@ def compare_methods(
                 scored.extend(torch.load(cached, weights_only=False))
                 continue
             began = time.time()
-            settings = benchmark.settings if cached is None else replace(
-                benchmark.settings, acdc_checkpoint=str(cached.with_suffix(".checkpoint.json")))
+            settings = benchmark.settings
+            if cached is not None and settings.acdc_checkpoint is None:
+                settings = replace(settings, acdc_checkpoint=str(cached.with_suffix(".checkpoint.json")))
             new, missed = run_methods(benchmark.model, benchmark.fit_data, [name], settings)
             scored.extend(new)
             skipped.update(missed)
