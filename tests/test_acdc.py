@@ -182,6 +182,7 @@ def test_checkpoint_keys_round_trip_for_head_counts_that_are_not_whole_bytes(tmp
     store = acdc_module._Store(tmp_path / "acdc.json", {"heads": [3, 3], "model_name": "m"})
     rng = np.random.default_rng(0)
     masks = {rng.random(9).__lt__(0.5).tobytes(): float(i) / 7 for i in range(20)}
-    store.save(masks, seconds=2.5)
+    for key, distance in masks.items():
+        store.add(key, distance, seconds=2.5)
     again = acdc_module._Store(tmp_path / "acdc.json", {"heads": [3, 3], "model_name": "m"})
     assert again.load() == masks and again.earlier_seconds == 2.5

@@ -164,7 +164,7 @@ class _Pruner:
                 count += output.shape[0]
             self.measured[key] = total / max(count, 1)
             if self.store is not None:
-                self.store.save(self.measured, time.time() - self.started)
+                self.store.add(key, self.measured[key], time.time() - self.started)
         return self.measured[key]
 
     def _output(self, index: int, hooks: dict[int, Callable[..., Tensor]]) -> Float[Tensor, "row vocab"]:
@@ -190,6 +190,8 @@ class _Store:
         self.path, self.signature = path, signature
         self.n_total = int(np.prod(signature["heads"]))
         self.earlier_seconds = 0.0
+        self.saved: dict[str, float] = {}
+        """Packed key -> distance, as on disk: each ``add`` packs one set, not all of them again."""
 
     def load(self) -> dict[bytes, float]:
         """What an earlier run measured (nothing when the file does not exist yet); a file made with
@@ -206,7 +208,8 @@ class _Store:
             raise CheckpointError(f"acdc: checkpoint {self.path} was made with other {', '.join(differs)} "
                                   f"(there: {differs}); pass another path to keep it.")
         try:
-            measured = {self._unpack(key): float(value) for key, value in saved["measured"].items()}
+            self.saved = {str(key): float(value) for key, value in saved["measured"].items()}
+            measured = {self._unpack(key): value for key, value in self.saved.items()}
             self.earlier_seconds = float(saved["seconds"])
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise self._unreadable(error) from error
@@ -216,11 +219,12 @@ class _Store:
         return CheckpointError(f"acdc: checkpoint {self.path} is unreadable ({error!r}); move it away to "
                                "start afresh.")
 
-    def save(self, measured: dict[bytes, float], seconds: float) -> None:
-        """Everything measured so far, written atomically (a kill leaves the previous file whole)."""
+    def add(self, key: bytes, distance: float, seconds: float) -> None:
+        """One more measured set, and the file rewritten with all of them atomically (a kill leaves the
+        previous file whole); ``seconds``: this run's time so far."""
+        self.saved[np.packbits(np.frombuffer(key, dtype=np.uint8)).tobytes().hex()] = distance
         state = {"signature": self.signature, "seconds": self.earlier_seconds + seconds,
-                 "measured": {np.packbits(np.frombuffer(key, dtype=np.uint8)).tobytes().hex(): value
-                              for key, value in measured.items()}}
+                 "measured": self.saved}
         atomic_write_bytes(self.path, lambda tmp: Path(tmp).write_text(json.dumps(state)))
 
     def _unpack(self, key: str) -> bytes:
