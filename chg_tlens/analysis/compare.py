@@ -35,6 +35,7 @@ from chg_tlens.analysis.metrics import (
     sweep_roc,
     truth_metrics,
 )
+from chg_tlens.analysis.movers import MOVER_ATTENTION, mover_roles
 from chg_tlens.core import checks
 from chg_tlens.core.config import CHGConfig
 from chg_tlens.core.data import GateData
@@ -312,7 +313,8 @@ def tracr_benchmarks(n: int = 64) -> list[Benchmark]:
 def task_benchmark(model: Any, model_name: str, task: str, n: int = 8, steps: int = 20,
                    n_seeds: int = 2, seed: int = 0, chg_batch: int | None = None,
                    chg_fits: Sequence[CHGResult] = ()) -> Benchmark:
-    """A built-in task on a real model; only ``induction`` gets reference roles (attention patterns).
+    """A built-in task on a real model; ``induction`` and ``ioi`` get reference roles from attention
+    patterns (induction heads; name movers, signed by their direct effect, :mod:`.movers`).
 
     CHG fits ``n_seeds`` x ``steps`` updates per stage of ``chg_batch`` examples (default: all ``n``),
     or, with ``chg_fits``, reads fits already made on this task's data (same ``n`` and ``seed``).
@@ -330,8 +332,13 @@ def task_benchmark(model: Any, model_name: str, task: str, n: int = 8, steps: in
     k = max(1, round(REAL_K_SHARE * layout.n_layers * layout.n_heads))
     if task == "induction":
         roles = induction_reference(model, fit_data)
-        k = max(1, int((roles == "facilitating").sum()))
         note = f"reference: attention-pattern induction score > {REAL_INDUCTION_THRESHOLD}"
+    elif task == "ioi":
+        roles, _ = mover_roles(model, fit_data, fit_data.corrupt.labels())
+        note = (f"reference: name movers, attention from the end to the indirect object > {MOVER_ATTENTION} "
+                "with a positive direct effect on logit(IO) - logit(S) (negative: interfering)")
+    if roles is not None:
+        k = max(1, int((roles == "facilitating").sum()))
     return Benchmark(f"{model_name}/{task}", model, fit_data, eval_data, roles, k, settings, note)
 
 

@@ -1,0 +1,103 @@
+"""Mover heads: attention on the answer and direct logit attribution, checked where the answer is known
+(the composite model's hand-set heads) and against the model's own logits (random models with a
+randomised final RMSNorm or LayerNorm, where frozen-scale attribution must add up exactly)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chg_tlens.analysis import movers
+from chg_tlens.core.data import GateData
+from chg_tlens.core.objectives import target_positions
+from chg_tlens.errors import InputError
+from chg_tlens.testbeds import composite
+from tests.models_for_tests import random_bridge, randomize_final_norm
+
+
+@pytest.fixture(scope="module")
+def circuit():
+    model = composite.composite_circuit()
+    data = model.data(32, 0)
+    return model.model, data, data.tokens[:, composite.DISTRACTOR_AT]
+
+
+def _logit_diff(model, data: GateData, contrast: torch.Tensor) -> torch.Tensor:
+    example, position = target_positions(data.target_mask)
+    with torch.no_grad():
+        logits = model(data.tokens)[example, position].float()
+    return (logits.gather(-1, data.labels()[:, None]) - logits.gather(-1, contrast[:, None])).squeeze(-1)
+
+
+def test_planted_movers_are_found_and_loud_distractors_are_not(circuit):
+    model, data, contrast = circuit
+    roles, measured = movers.mover_roles(model, data, contrast)
+    # the main mover and the induction head both attend to A and copy it; 2.1 attends to A and writes
+    # its opposite; the sink writer 0.1 attends to A too, with a large output the logits never read
+    def heads(role: str) -> set[tuple[int, int]]:
+        return {(int(layer), int(head)) for layer, head in np.argwhere(roles == role)}
+
+    assert heads("facilitating") == {composite.MAIN, composite.INDUCTION}
+    assert heads("interfering") == {composite.INTERFERING[1]}
+    assert measured["answer_attention"][composite.DISTRACTORS[0]] > 0.9
+    assert measured["direct_effect"][composite.DISTRACTORS[0]] == 0.0
+    assert measured["direct_effect"][composite.MAIN] == pytest.approx(3.0, abs=1e-3)
+    # 0.3 copies D, the contrast, into the answer space: a negative direct effect without attending to A
+    assert measured["direct_effect"][composite.INTERFERING[0]] < -1.0
+    assert measured["answer_attention"][composite.INTERFERING[0]] < 0.05
+
+
+def test_residual_readout_is_the_models_logit_difference(circuit):
+    model, data, contrast = circuit
+    torch.testing.assert_close(movers.residual_logit_attribution(model, data, contrast),
+                               _logit_diff(model, data, contrast), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("normalization", ["RMS", "LN"])
+def test_head_effects_add_up_through_a_real_final_norm(normalization):
+    model = random_bridge(n_layers=2, n_heads=4, normalization=normalization, seed=3)
+    weight, *bias = randomize_final_norm(model, seed=1)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 20, (6, 9), generator=generator)
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, -1] = True
+    data = GateData.from_tokens(tokens, mask)
+    contrast = (data.labels() + 1) % 20
+    unembed = model.W_U.detach()
+    direction = unembed[:, data.labels()].T - unembed[:, contrast].T
+    constant = (bias[0].detach() * direction).sum(-1) if bias else 0.0  # the norm's bias, not a component's
+    b_u = model.b_U.detach() if getattr(model, "b_U", None) is not None else torch.zeros(20)
+    expected = _logit_diff(model, data, contrast) - constant - (b_u[data.labels()] - b_u[contrast])
+    torch.testing.assert_close(movers.residual_logit_attribution(model, data, contrast), expected,
+                               atol=1e-4, rtol=1e-4)
+
+    # the heads of a layer add up to that layer's attention output (less b_O), read out the same way
+    effects = movers.direct_logit_attribution(model, data, contrast)
+    readout = movers.final_readout(model, tokens)
+    example, position = target_positions(mask)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_attn_out"))
+    for layer in range(2):
+        out = cache[f"blocks.{layer}.hook_attn_out"][example, position]
+        out = out - model.blocks[layer].attn.b_O.detach()
+        if normalization == "LN":
+            out = out - out.mean(-1, keepdim=True)
+        scale = readout["scale"][example, position][:, None]
+        folded = direction * weight.detach()
+        assert float(effects[layer].sum()) == pytest.approx(float((out / scale * folded).sum(-1).mean()),
+                                                             abs=1e-4)
+
+
+def test_bad_input_is_refused_by_name(circuit):
+    model, data, contrast = circuit
+    with pytest.raises(InputError, match="contrast must hold one id per scored logit"):
+        movers.direct_logit_attribution(model, data, contrast[:3])
+    per_position = GateData.from_tokens(data.tokens, data.target_mask, targets=data.tokens)
+    with pytest.raises(InputError, match="per-position targets"):
+        movers.answer_attention(model, per_position)
+    no_copy = data.tokens.clone()
+    answer = no_copy[:, -1:]
+    no_copy[:, 1:-1] = torch.where(answer == 1, 2, 1)  # the answer occurs nowhere before it
+    with pytest.raises(InputError, match="no answer token occurs earlier"):
+        movers.answer_attention(model, GateData.from_tokens(no_copy, data.target_mask))
