@@ -2,7 +2,8 @@
 
     python benchmarks/compare_methods.py OUT_DIR [--skip-real] [--skip-trained] [--skip-tracr]
                                                  [--methods a,b] [--n 64] [--real-n 64]
-                                                 [--real-tasks induction,ioi] [--threads 1]
+                                                 [--real-tasks induction,ioi] [--device cpu]
+                                                 [--threads 1]
 
 The full suite of ``chg-tlens compare`` (which this runs, so the two never drift apart): the known-role
 models (planted circuits, the 32-head composite model, a 2-layer model trained here), the compiled
@@ -36,8 +37,8 @@ def main() -> int:
 
 def compare_argv(args: argparse.Namespace) -> list[str]:
     """The ``chg-tlens compare`` command line this script's options stand for."""
-    argv = ["compare", "--out", args.out_dir, "--n", str(args.n)]
-    if args.methods:
+    argv = ["compare", "--out", args.out_dir, "--n", str(args.n), "--device", args.device]
+    if args.methods is not None:
         argv += ["--methods", args.methods]
     if args.skip_trained:
         argv.append("--no-trained")
@@ -65,6 +66,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--real-steps", type=int, default=DEMO_SETTINGS["steps"],
                         help="updates per CHG stage and of subnetwork probing on SmolLM2 (the demo's)")
     parser.add_argument("--real-tasks", default="induction,ioi", help="comma-separated task names")
+    parser.add_argument("--device", default="cpu", help="torch device for SmolLM2 (default cpu, as timed)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     return parser.parse_args()
 

@@ -15,13 +15,16 @@ WORDS = ["<bos>", "<pad>", "<unk>", "when", "mary", "and", "john", "went", "to",
 
 def random_bridge(n_layers: int = 2, n_heads: int = 4, d_head: int = 8, n_ctx: int = 16,
                   d_vocab: int = 20, attn_only: bool = False, normalization: str | None = "LN",
-                  seed: int = 0, model_name: str = "native") -> nn.Module:
-    """A randomly initialised TransformerLens model (a bridge on TL 4), deterministic by seed."""
+                  seed: int = 0, model_name: str = "native", n_key_value_heads: int | None = None
+                  ) -> nn.Module:
+    """A randomly initialised TransformerLens model (a bridge on TL 4), deterministic by seed;
+    ``n_key_value_heads`` makes its attention grouped-query, as in SmolLM2."""
+    grouped = {} if n_key_value_heads is None else {"n_key_value_heads": n_key_value_heads}
     return build_native_model(
         model_name=model_name, seed=seed, d_model=n_heads * d_head, d_head=d_head, n_layers=n_layers,
         n_ctx=n_ctx, n_heads=n_heads,
         d_vocab=d_vocab, attn_only=attn_only, normalization_type=normalization, act_fn="relu",
-        d_mlp=4 * n_heads * d_head,
+        d_mlp=4 * n_heads * d_head, **grouped,
     )
 
 

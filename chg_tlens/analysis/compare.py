@@ -35,7 +35,7 @@ from chg_tlens.analysis.metrics import (
     sweep_roc,
     truth_metrics,
 )
-from chg_tlens.analysis.movers import MOVER_ATTENTION, mover_roles
+from chg_tlens.analysis.movers import MOVER_ATTENTION, MOVER_EFFECT_SHARE, mover_roles
 from chg_tlens.core import checks
 from chg_tlens.core.config import CHGConfig
 from chg_tlens.core.data import GateData
@@ -334,12 +334,25 @@ def task_benchmark(model: Any, model_name: str, task: str, n: int = 8, steps: in
         roles = induction_reference(model, fit_data)
         note = f"reference: attention-pattern induction score > {REAL_INDUCTION_THRESHOLD}"
     elif task == "ioi":
-        roles, _ = mover_roles(model, fit_data, fit_data.corrupt.labels())
-        note = (f"reference: name movers, attention from the end to the indirect object > {MOVER_ATTENTION} "
-                "with a positive direct effect on logit(IO) - logit(S) (negative: interfering)")
+        roles, note = ioi_reference(model, fit_data)
     if roles is not None:
         k = max(1, int((roles == "facilitating").sum()))
     return Benchmark(f"{model_name}/{task}", model, fit_data, eval_data, roles, k, settings, note)
+
+
+def ioi_reference(model: Any, data: GateData) -> tuple[np.ndarray | None, str]:
+    """Name movers (:func:`.movers.mover_roles` against the subject, each prompt's distractor), and a
+    note that says how they were found; no roles when no head qualifies."""
+    names = data.meta["distractors"]  # one token each: ioi keeps only single-token names
+    subject = torch.tensor([adapter.encode(model, name, prepend_bos=False)[0] for name in names])
+    roles, _ = mover_roles(model, data, subject)
+    found = {role: int((roles == role).sum()) for role in ("facilitating", "interfering")}
+    rule = (f"attention from the end to the indirect object > {MOVER_ATTENTION} and a direct effect on "
+            f"logit(IO) - logit(S) of at least {MOVER_EFFECT_SHARE:.0%} of the whole residual's")
+    if found["facilitating"] == 0:
+        return None, f"no reference roles: no head is a name mover ({rule})"
+    return roles, (f"reference: {found['facilitating']} name movers ({rule}, positive); "
+                   f"{found['interfering']} negative name movers are interfering")
 
 
 def induction_reference(model: Any, data: GateData) -> np.ndarray:

@@ -2,21 +2,24 @@
 
 A *mover* head (Wang et al. 2022's name movers in IOI) attends from the scored position to an earlier
 occurrence of the answer token and writes that token's logit directly. Two measurements find them
-without any fit, so they give a reference on real models that nobody's attribution method defines:
+without any fit, so they give a reference on real models that no attribution method defines:
 
-- :func:`answer_attention`: mean attention from each scored position to the earlier copies of its
-  answer token;
+- :func:`answer_attention`: mean attention from each scored position to the positions (up to and
+  including it) that hold its answer token;
 - :func:`direct_logit_attribution`: each head's output at the scored position, sent straight through
   the final norm (its scale frozen at the clean run's, the usual convention) and the unembedding, on
   ``logit(answer) - logit(contrast)``. Frozen-scale attribution is linear, so the heads, the other
-  components and the embeddings add up to the model's own logit difference.
+  components and the embeddings add up to the model's own logit difference (less constant biases).
 
-:func:`mover_roles` combines them: heads that attend to the answer and push it are facilitating
-(name movers), heads that attend to it and push against it interfering (negative name movers).
+:func:`mover_roles` combines them: heads that attend to the answer and push it by a visible share of
+the logit difference are facilitating (name movers), those that push against it interfering
+(negative name movers).
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,169 +27,180 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from chg_tlens.core import checks
 from chg_tlens.core.data import GateData
+from chg_tlens.core.forward import on_device
 from chg_tlens.core.objectives import target_positions
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
 
 MOVER_ATTENTION = 0.4
-"""A head whose mean attention on the answer's earlier copies exceeds this is a mover candidate (the
-same bar as the attention-pattern induction reference)."""
+"""A mover's mean attention on its answer exceeds this (the bar of the attention-pattern induction
+reference)."""
+MOVER_EFFECT_SHARE = 0.02
+"""... and its direct effect is at least this share of the whole residual's mean logit difference, so
+a head that attends to the answer but writes next to nothing is not called a mover."""
 
 
-def answer_attention(model: Any, data: GateData, batch_size: int = 32) -> Float[Tensor, "layer head"]:
-    """Per head, mean (over scored answers) attention from the scored position to every earlier
-    position holding the answer token; answers with no earlier copy are left out.
+@dataclass(frozen=True)
+class FinalReadout:
+    """What one clean forward leaves for frozen-scale attribution."""
 
-    Only next-token data: per-position targets have no "answer copied from the context".
-    """
-    layout = adapter.require_model(model)
-    _require_next_token(data, "answer_attention")
-    example, position = target_positions(data.target_mask)
-    answer = data.labels()
-    tokens = data.tokens
-    earlier = torch.arange(tokens.shape[1])[None, :] <= position[:, None]
-    copies = (tokens[example] == answer[:, None]) & earlier  # [target, key]
-    has_copy = copies.any(dim=1)
-    if not has_copy.any():
-        raise InputError("answer_attention: no answer token occurs earlier in its prompt, so no head can "
-                         "copy it from the context; this reference needs a task like ioi.")
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(layout.n_layers)]
-    total = torch.zeros(layout.n_layers, layout.n_heads)
-    for start in range(0, len(data), batch_size):
-        rows = torch.nonzero((example >= start) & (example < start + batch_size) & has_copy).squeeze(1)
-        if len(rows) == 0:
-            continue
-        with torch.no_grad():
-            _, cache = model.run_with_cache(tokens[start:start + batch_size].to(adapter.model_device(model)),
-                                            names_filter=names)
-        for layer, name in enumerate(names):
-            pattern = cache[name].float().cpu()  # [batch, head, query, key]
-            picked = pattern[example[rows] - start, :, position[rows]]  # [row, head, key]
-            total[layer] += (picked * copies[rows, None, :]).sum(dim=(0, 2))
-    return total / int(has_copy.sum())
+    z: list[Float[Tensor, "batch pos head d_head"]]
+    """Every layer's ``hook_z``."""
+    residual: Float[Tensor, "batch pos d_model"]
+    """The final residual before the final norm."""
+    scale: Float[Tensor, "batch pos"]
+    """The final norm's scale (1 without a norm)."""
+    centres: bool
+    """Whether the norm subtracts the mean (LayerNorm) before scaling."""
+
+    def read(self, vectors: Float[Tensor, "... d_model"], scale: Float[Tensor, "..."]) -> Tensor:
+        """``vectors`` as the final norm sees them with its scale frozen (its weight comes later)."""
+        if self.centres:
+            vectors = vectors - vectors.mean(dim=-1, keepdim=True)
+        return vectors / scale[..., None]
 
 
-def direct_logit_attribution(
-    model: Any, data: GateData, contrast: Int[Tensor, " target"] | None = None, batch_size: int = 32,
-) -> Float[Tensor, "layer head"]:
-    """Per head, mean direct effect on ``logit(answer) - logit(contrast)`` at the scored positions.
-
-    ``contrast`` holds one id per scored logit (``data.corrupt.labels()`` for a counterfactual answer,
-    e.g. IOI's subject); without it the effect is on the answer's logit alone. The final norm's scale
-    is frozen at the clean run's and a LayerNorm's centring applied, so the effect of the whole final
-    residual is the model's logit difference less the unembedding bias (tested). Logit soft caps are
-    not applied (they are not linear).
-    """
-    layout = adapter.require_model(model)
-    _require_next_token(data, "direct_logit_attribution")
-    example, position = target_positions(data.target_mask)
-    answer = data.labels()
-    if contrast is not None and contrast.shape != answer.shape:
-        raise InputError(f"direct_logit_attribution: contrast must hold one id per scored logit "
-                         f"({answer.shape[0]}), got shape {list(contrast.shape)}.")
-    direction = _readout_directions(model, answer, contrast)  # [target, d_model]
-    total = torch.zeros(layout.n_layers, layout.n_heads)
-    for start in range(0, len(data), batch_size):
-        rows = torch.nonzero((example >= start) & (example < start + batch_size)).squeeze(1)
-        if len(rows) == 0:
-            continue
-        residual = final_readout(model, data.tokens[start:start + batch_size])
-        scale, centre = residual["scale"][example[rows] - start, position[rows]], residual["centre"]
-        for layer in range(layout.n_layers):
-            z = residual["z"][layer][example[rows] - start, position[rows]]  # [row, head, d_head]
-            out = torch.einsum("rhd,hdm->rhm", z, _w_o(model, layer))
-            if centre:
-                out = out - out.mean(dim=-1, keepdim=True)
-            total[layer] += torch.einsum("rhm,rm->h", out / scale[:, None, None], direction[rows])
-    return total / len(answer)
-
-
-def residual_logit_attribution(
-    model: Any, data: GateData, contrast: Int[Tensor, " target"] | None = None,
-) -> Float[Tensor, " target"]:
-    """The same frozen-scale readout applied to the whole final residual, per scored logit: what the
-    head effects are a share of (equal to the logit difference less the unembedding bias)."""
-    _require_next_token(data, "residual_logit_attribution")
-    example, position = target_positions(data.target_mask)
-    direction = _readout_directions(model, data.labels(), contrast)
-    residual = final_readout(model, data.tokens)
-    stream = residual["resid"][example, position]
-    if residual["centre"]:
-        stream = stream - stream.mean(dim=-1, keepdim=True)
-    return (stream / residual["scale"][example, position][:, None] * direction).sum(dim=-1)
-
-
-def mover_roles(
-    model: Any, data: GateData, contrast: Int[Tensor, " target"] | None = None,
-    threshold: float = MOVER_ATTENTION,
-) -> tuple[np.ndarray, dict[str, Float[Tensor, "layer head"]]]:
-    """``[layer, head]`` roles: attention on the answer above ``threshold`` with a positive direct
-    effect is facilitating (a mover), with a negative one interfering; the rest irrelevant. Also
-    returns both measurements."""
-    attention = answer_attention(model, data)
-    effect = direct_logit_attribution(model, data, contrast)
-    movers = attention > threshold
-    roles = np.full(tuple(attention.shape), "irrelevant", dtype=object)
-    roles[(movers & (effect > 0)).numpy()] = "facilitating"
-    roles[(movers & (effect < 0)).numpy()] = "interfering"
-    return roles, {"answer_attention": attention, "direct_effect": effect}
-
-
-# ------------------------------------------------------------------------------ pieces
-def final_readout(model: Any, tokens: Int[Tensor, "batch pos"]) -> dict[str, Any]:
-    """One clean forward: every layer's ``hook_z``, the final (pre-norm) residual, the final norm's
-    scale ``[batch, pos]`` (1 without a norm) and whether the norm centres (LayerNorm)."""
+def final_readout(model: Any, tokens: Int[Tensor, "batch pos"]) -> FinalReadout:
+    """One clean forward caching what :class:`FinalReadout` holds."""
     layout = adapter.require_model(model)
     last = f"blocks.{layout.n_layers - 1}.hook_resid_post"
     names = {adapter.hook_z_name(layer) for layer in range(layout.n_layers)} | {last}
-    norm = _final_norm_kind(model)
+    norm = adapter.final_norm_kind(model)
     if norm is not None:
         names.add("ln_final.hook_scale")
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens.to(adapter.model_device(model)),
                                         names_filter=lambda name: name in names)
-    resid = cache[last].float().cpu()
+    residual = cache[last].float().cpu()
     scale = (cache["ln_final.hook_scale"].float().cpu().squeeze(-1) if norm is not None
-             else torch.ones(resid.shape[:2]))
-    return {"z": [cache[adapter.hook_z_name(layer)].float().cpu() for layer in range(layout.n_layers)],
-            "resid": resid, "scale": scale, "centre": norm == "LN"}
+             else torch.ones(residual.shape[:2]))
+    return FinalReadout([cache[adapter.hook_z_name(layer)].float().cpu() for layer in range(layout.n_layers)],
+                        residual, scale, norm == "LN")
+
+
+def answer_attention(model: Any, data: GateData, batch_size: int = 32) -> Float[Tensor, "layer head"]:
+    """Per head, mean attention from the scored position to every position up to it holding the
+    answer token, over the scored answers that occur there (the others cannot be copied).
+
+    Only next-token data: per-position targets have no "answer copied from the context".
+    """
+    layout = adapter.require_model(model)
+    data = _checked(model, data, batch_size, "answer_attention")
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(layout.n_layers)]
+    total, copied = torch.zeros(layout.n_layers, layout.n_heads), 0
+    for batch, tokens, _ in on_device(data, batch_size, adapter.model_device(model)):
+        example, position = target_positions(batch.target_mask)
+        keys = torch.arange(batch.tokens.shape[1])[None, :]
+        copies = (batch.tokens[example] == batch.labels()[:, None]) & (keys <= position[:, None])
+        rows = copies.any(dim=1)
+        if not rows.any():
+            continue
+        copied += int(rows.sum())
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=names)
+        for layer, name in enumerate(names):
+            picked = cache[name].float().cpu()[example[rows], :, position[rows]]  # [row, head, key]
+            total[layer] += (picked * copies[rows, None, :]).sum(dim=(0, 2))
+    if copied == 0:
+        raise InputError("answer_attention: no answer token occurs in its prompt, so no head can copy it "
+                         "from the context; this reference needs a task like ioi.")
+    return total / copied
+
+
+def direct_logit_attribution(
+    model: Any, data: GateData, contrast: Int[Tensor, " target"] | None = None, batch_size: int = 32,
+) -> Float[Tensor, "layer head"]:
+    """Per head, mean direct effect on ``logit(answer) - logit(contrast)`` over the scored logits.
+
+    ``contrast`` holds one id per scored logit (in ``data.labels()`` order, e.g. IOI's subject); without
+    it the effect is on the answer's logit alone. The final norm's scale is frozen at the clean run's and
+    a LayerNorm's centring applied, so the heads' effects are shares of :func:`residual_logit_attribution`.
+    """
+    layout = adapter.require_model(model)
+    data = _checked(model, data, batch_size, "direct_logit_attribution")
+    direction = _readout_directions(model, data.labels(), contrast)  # [target, d_model]
+    total, offset = torch.zeros(layout.n_layers, layout.n_heads), 0
+    for batch, tokens, _ in on_device(data, batch_size, "cpu"):
+        example, position = target_positions(batch.target_mask)
+        rows = direction[offset:offset + len(example)]
+        offset += len(example)
+        readout = final_readout(model, tokens)
+        scale = readout.scale[example, position]
+        for layer in range(layout.n_layers):
+            z = readout.z[layer][example, position]  # [row, head, d_head]
+            out = torch.einsum("rhd,hdm->rhm", z, model.blocks[layer].attn.W_O.detach().float().cpu())
+            total[layer] += torch.einsum("rhm,rm->h", readout.read(out, scale[:, None]), rows)
+    return total / len(direction)
+
+
+def residual_logit_attribution(
+    model: Any, data: GateData, contrast: Int[Tensor, " target"] | None = None, batch_size: int = 32,
+) -> Float[Tensor, " target"]:
+    """The same readout of the whole final residual, per scored logit: what the head effects are shares
+    of. It equals the model's logit difference less the unembedding's and the final norm's biases
+    (tested), before any logit soft cap."""
+    data = _checked(model, data, batch_size, "residual_logit_attribution")
+    direction = _readout_directions(model, data.labels(), contrast)
+    parts = []
+    for batch, tokens, _ in on_device(data, batch_size, "cpu"):
+        example, position = target_positions(batch.target_mask)
+        readout = final_readout(model, tokens)
+        parts.append(readout.read(readout.residual[example, position], readout.scale[example, position]))
+    return (torch.cat(parts) * direction).sum(dim=-1)
+
+
+def mover_roles(
+    model: Any, data: GateData, contrast: Int[Tensor, " target"] | None = None,
+    attention: float = MOVER_ATTENTION, effect_share: float = MOVER_EFFECT_SHARE, batch_size: int = 32,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``[layer, head]`` roles: attention on the answer above ``attention`` and a direct effect of at
+    least ``effect_share`` of the residual's mean logit difference, positive: facilitating (a mover),
+    negative: interfering; the rest irrelevant. Also returns the measurements behind them."""
+    checks.unit_interval(attention, "attention")
+    checks.unit_interval(effect_share, "effect_share")
+    attended = answer_attention(model, data, batch_size)
+    effect = direct_logit_attribution(model, data, contrast, batch_size)
+    whole = float(residual_logit_attribution(model, data, contrast, batch_size).mean())
+    movers = (attended > attention) & (effect.abs() >= effect_share * abs(whole))
+    roles = np.full(tuple(attended.shape), "irrelevant", dtype=object)
+    roles[(movers & (effect > 0)).numpy()] = "facilitating"
+    roles[(movers & (effect < 0)).numpy()] = "interfering"
+    return roles, {"answer_attention": attended, "direct_effect": effect, "residual_effect": whole}
+
+
+# ------------------------------------------------------------------------------ pieces
+def _checked(model: Any, data: Any, batch_size: Any, caller: str) -> GateData:
+    data = checks.gate_data(data, model)
+    checks.positive_int(batch_size, "batch_size")
+    if data.per_position:
+        raise InputError(f"{caller}: the data scores per-position targets; this measures heads that copy a "
+                         "next-token answer from the context, so it needs next-token data.")
+    if float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0) > 0:
+        warnings.warn(f"{caller}: the model soft-caps its logits; direct effects are read before the cap, "
+                      "so they no longer add up to its logit differences.", stacklevel=3)
+    return data
 
 
 def _readout_directions(
-    model: Any, answer: Tensor, contrast: Tensor | None
+    model: Any, answer: Int[Tensor, " target"], contrast: Int[Tensor, " target"] | None
 ) -> Float[Tensor, "target d_model"]:
     """``W_U[:, answer] - W_U[:, contrast]``, times the final norm's weight when it has one."""
     unembed = model.W_U.detach().float().cpu()
     direction = unembed[:, answer].T
     if contrast is not None:
+        contrast = torch.as_tensor(contrast)
+        if contrast.shape != answer.shape:
+            raise InputError(f"contrast must hold one id per scored logit ({answer.shape[0]}), got shape "
+                             f"{list(contrast.shape)}.")
+        if contrast.numel() and not 0 <= int(contrast.min()) <= int(contrast.max()) < unembed.shape[1]:
+            raise InputError(f"contrast ids must be within the vocabulary [0, {unembed.shape[1]}), got "
+                             f"{int(contrast.min())}..{int(contrast.max())}.")
         direction = direction - unembed[:, contrast].T
-    if _final_norm_kind(model) is not None and hasattr(model.ln_final, "w"):
+    if adapter.final_norm_kind(model) is not None and hasattr(model.ln_final, "w"):
         weight = model.ln_final.w.detach().float().cpu()
         if getattr(model.ln_final, "uses_weight_offset", False):
             weight = 1.0 + weight
         direction = direction * weight
     return direction
-
-
-def _final_norm_kind(model: Any) -> str | None:
-    """``"RMS"``, ``"LN"`` (centring) or None for no final norm, from the model's config."""
-    kind = getattr(model.cfg, "normalization_type", None)
-    if kind is None or getattr(model, "ln_final", None) is None:
-        return None
-    if str(kind).startswith("RMS"):
-        return "RMS"
-    if str(kind).startswith("LN"):
-        return "LN"
-    raise InputError(f"direct logit attribution does not know the final norm {kind!r}; it handles RMSNorm "
-                     "and LayerNorm (and their folded 'Pre' forms).")
-
-
-def _w_o(model: Any, layer: int) -> Float[Tensor, "head d_head d_model"]:
-    return model.blocks[layer].attn.W_O.detach().float().cpu()
-
-
-def _require_next_token(data: GateData, caller: str) -> None:
-    if data.per_position:
-        raise InputError(f"{caller}: the data scores per-position targets; this measures heads that copy a "
-                         "next-token answer from the context, so it needs next-token data.")

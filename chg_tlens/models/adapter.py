@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -224,6 +224,24 @@ def final_residual(model: Any) -> FinalResidual:
 
 def _identity(x: Tensor) -> Tensor:
     return x
+
+
+def final_norm_kind(model: Any) -> Literal["RMS", "LN"] | None:
+    """What the final norm does to the residual, read from the module (not ``cfg``: TL 3.9 builds an
+    RMSNorm for ``normalization_type="LN"`` with ``final_rms``): ``"RMS"`` scales, ``"LN"`` centres
+    and scales, None for no norm (no ``ln_final.hook_scale``)."""
+    if "ln_final.hook_scale" not in model.hook_dict:
+        return None
+    norm = model.ln_final
+    if is_bridge(model):
+        return "RMS" if getattr(norm, "uses_rms_norm", False) else "LN"
+    kind = type(norm).__name__
+    if kind in ("RMSNorm", "RMSNormPre"):
+        return "RMS"
+    if kind in ("LayerNorm", "LayerNormPre"):
+        return "LN"
+    raise InputError(f"{kind} as the final norm is not known here; RMSNorm and LayerNorm (and their folded "
+                     "'Pre' forms) are.")
 
 
 # ----------------------------------------------------------------------------------- toy models
