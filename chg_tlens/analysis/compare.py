@@ -392,7 +392,7 @@ def compare_methods(
                 continue
             began = time.time()
             settings = benchmark.settings
-            if cached is not None and settings.acdc_checkpoint is None:
+            if cached is not None and name == "acdc" and settings.acdc_checkpoint is None:
                 settings = replace(settings, acdc_checkpoint=str(cached.with_suffix(".checkpoint.json")))
             new, missed = run_methods(benchmark.model, benchmark.fit_data, [name], settings)
             scored.extend(new)
