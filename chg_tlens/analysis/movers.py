@@ -118,21 +118,8 @@ def direct_logit_attribution(
     it the effect is on the answer's logit alone. The final norm's scale is frozen at the clean run's and
     a LayerNorm's centring applied, so the heads' effects are shares of :func:`residual_logit_attribution`.
     """
-    layout = adapter.require_model(model)
     data = _checked(model, data, batch_size, "direct_logit_attribution")
-    direction = _readout_directions(model, data.labels(), contrast)  # [target, d_model]
-    total, offset = torch.zeros(layout.n_layers, layout.n_heads), 0
-    for batch, tokens, _ in on_device(data, batch_size, "cpu"):
-        example, position = target_positions(batch.target_mask)
-        rows = direction[offset:offset + len(example)]
-        offset += len(example)
-        readout = final_readout(model, tokens)
-        scale = readout.scale[example, position]
-        for layer in range(layout.n_layers):
-            z = readout.z[layer][example, position]  # [row, head, d_head]
-            out = torch.einsum("rhd,hdm->rhm", z, model.blocks[layer].attn.W_O.detach().float().cpu())
-            total[layer] += torch.einsum("rhm,rm->h", readout.read(out, scale[:, None]), rows)
-    return total / len(direction)
+    return _readout_effects(model, data, contrast, batch_size)[0]
 
 
 def residual_logit_attribution(
@@ -142,13 +129,29 @@ def residual_logit_attribution(
     of. It equals the model's logit difference less the unembedding's and the final norm's biases
     (tested), before any logit soft cap."""
     data = _checked(model, data, batch_size, "residual_logit_attribution")
-    direction = _readout_directions(model, data.labels(), contrast)
-    parts = []
+    return _readout_effects(model, data, contrast, batch_size)[1]
+
+
+def _readout_effects(
+    model: Any, data: GateData, contrast: Int[Tensor, " target"] | None, batch_size: int,
+) -> tuple[Float[Tensor, "layer head"], Float[Tensor, " target"]]:
+    """Both readouts from one clean forward per batch: the heads' mean direct effects and the whole
+    residual's effect per scored logit."""
+    layout = adapter.require_model(model)
+    direction = _readout_directions(model, data.labels(), contrast)  # [target, d_model]
+    heads, residual, offset = torch.zeros(layout.n_layers, layout.n_heads), [], 0
     for batch, tokens, _ in on_device(data, batch_size, "cpu"):
         example, position = target_positions(batch.target_mask)
+        rows = direction[offset:offset + len(example)]
+        offset += len(example)
         readout = final_readout(model, tokens)
-        parts.append(readout.read(readout.residual[example, position], readout.scale[example, position]))
-    return (torch.cat(parts) * direction).sum(dim=-1)
+        scale = readout.scale[example, position]
+        residual.append((readout.read(readout.residual[example, position], scale) * rows).sum(dim=-1))
+        for layer in range(layout.n_layers):
+            z = readout.z[layer][example, position]  # [row, head, d_head]
+            out = torch.einsum("rhd,hdm->rhm", z, model.blocks[layer].attn.W_O.detach().float().cpu())
+            heads[layer] += torch.einsum("rhm,rm->h", readout.read(out, scale[:, None]), rows)
+    return heads / len(direction), torch.cat(residual)
 
 
 def mover_roles(
@@ -160,9 +163,9 @@ def mover_roles(
     negative: interfering; the rest irrelevant. Also returns the measurements behind them."""
     checks.unit_interval(attention, "attention")
     checks.unit_interval(effect_share, "effect_share")
-    attended = answer_attention(model, data, batch_size)
-    effect = direct_logit_attribution(model, data, contrast, batch_size)
-    whole = float(residual_logit_attribution(model, data, contrast, batch_size).mean())
+    attended = answer_attention(model, data, batch_size)  # checks data and batch_size
+    effect, per_logit = _readout_effects(model, data, contrast, batch_size)  # one forward for both
+    whole = float(per_logit.mean())
     movers = (attended > attention) & (effect.abs() >= effect_share * abs(whole))
     roles = np.full(tuple(attended.shape), "irrelevant", dtype=object)
     roles[(movers & (effect > 0)).numpy()] = "facilitating"
