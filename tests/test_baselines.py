@@ -321,3 +321,24 @@ def test_eap_ig_finds_the_planted_heads_of_a_composition(recall_with_twin):
     with pytest.raises(InputError, match="corrupt twin"):
         clean_only = GateData.from_tokens(recall_data.tokens, recall_data.target_mask)
         baselines.eap_ig(recall_circuit.model, clean_only)
+
+
+def test_eap_ig_sweep_reads_every_step_count_off_one_run_and_each_equals_its_own_run():
+    model = random_bridge()
+    data = _random_twins()
+    sweep = baselines.eap_ig_sweep(model, data, steps=(1, 2, 4), batch_size=3)
+    assert [item.details["steps"] for item in sweep] == [1, 2, 4]
+    for item in sweep:
+        alone = baselines.eap_ig(model, data, steps=item.details["steps"], batch_size=3)
+        torch.testing.assert_close(item.scores, alone.scores, atol=1e-6, rtol=0)
+        assert (item.forward_passes, item.backward_passes) == (alone.forward_passes, alone.backward_passes)
+        assert item.details["sweep"]["forward_passes"] == 5 * len(data)  # what the shared run cost
+    attribution = baselines.attribution_patching(model, data, backend="hooks", batch_size=3)
+    torch.testing.assert_close(sweep[0].scores, attribution.scores, atol=1e-6, rtol=0)
+    assert (sweep[2].scores - sweep[1].scores).abs().max() > 1e-4  # the counts are not one number
+    # seconds are split by points, not guessed: more points never cost less, all within the run's time
+    assert sweep[0].seconds <= sweep[1].seconds <= sweep[2].seconds <= sweep[2].details["sweep"]["seconds"]
+    with pytest.raises(InputError, match=r"divide the largest \(4\).*\[3\]"):
+        baselines.eap_ig_sweep(model, data, steps=(3, 4))
+    with pytest.raises(InputError, match="at least one"):
+        baselines.eap_ig_sweep(model, data, steps=())

@@ -9,6 +9,7 @@ each other (see ``chg_tlens.compare``):
     activation_patching   transformer_lens.patching on hook_z, clean <-> corrupt twin
     attribution_patching  (clean z - corrupt z) . d metric / d z, summed per head (Nanda; Syed et al.)
     eap_ig                the same with integrated gradients along the input embeddings (Hanna et al., 2024)
+    eap_ig_sweep          eap_ig at several step counts from one run of the largest
     subnetwork_probing    hard-concrete L0 masks trained on task NLL + sparsity (Cao et al., 2021)
     random_scores         seeded noise, the floor every method must beat
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +47,8 @@ AttributionBackend = Literal["auto", "transformer_lens", "hooks"]
 
 EAP_IG_STEPS = 5
 """Default integrated-gradient steps of :func:`eap_ig` (Hanna et al. find a handful already close)."""
+EAP_IG_STEP_SWEEP = (1, 2, 4, 8, 16, 32)
+"""Step counts :func:`eap_ig_sweep` reads off one run by default (each divides the largest)."""
 EMBEDDING_HOOK = "hook_embed"
 """Where EAP-IG interpolates inputs: the token embedding (positions are the same in both prompts)."""
 HARD_CONCRETE_BETA = 2.0 / 3.0
@@ -228,7 +231,7 @@ def attribution_patching(model: Any, data: GateData, backend: AttributionBackend
             scores = _attribution_transformer_lens(model, data, layout)
     else:
         with adapter.frozen(model):
-            scores = _attribution_hooks(model, data, layout, batch_size)
+            scores = _attribution_hooks(model, data, layout, batch_size)[0][0]
     return HeadScores(scores, "attribution_patching", 2 * len(data), len(data), time.time() - started,
                       signed=True,
                       details={"backend": "transformer_lens" if use_tl else "hooks",
@@ -247,18 +250,50 @@ def eap_ig(model: Any, data: GateData, steps: int = EAP_IG_STEPS, batch_size: in
     every method here. Needs ``data.corrupt``; costs ``1 + steps`` forwards and ``steps`` backwards
     per example.
     """
+    return eap_ig_sweep(model, data, (steps,), batch_size)[0]
+
+
+def eap_ig_sweep(model: Any, data: GateData, steps: Sequence[int] = EAP_IG_STEP_SWEEP,
+                 batch_size: int = 32) -> list[HeadScores]:
+    """:func:`eap_ig` at several step counts for the price of the largest: one :class:`HeadScores` each.
+
+    EAP-IG's left Riemann sum with ``m`` steps evaluates the gradient at alpha = k / m, a subset of
+    the points of any ``M`` that ``m`` divides, so every count is read off one run of ``M = max(steps)``
+    and equals a separate ``eap_ig(steps=m)`` (tested). Each entry carries the passes a separate run
+    would cost and the seconds its own points took; ``details["sweep"]`` the run's actual cost. Use it
+    to see how many steps a model and task need before the scores stop moving.
+    """
     layout = adapter.require_model(model)
     data = checks.gate_data(data, model)
     checks.corrupt_twin(data, "eap_ig")
-    checks.positive_int(steps, "steps")
+    steps = [steps] if isinstance(steps, int) else list(steps)
+    if not steps:
+        raise InputError("eap_ig: steps must name at least one step count, got none.")
+    for count in steps:
+        checks.positive_int(count, "steps")
+    most = max(steps)
+    uneven = [count for count in steps if most % count]
+    if uneven:
+        raise InputError(f"eap_ig_sweep: every step count must divide the largest ({most}) so their "
+                         f"interpolation points are shared; {uneven} do not.")
     checks.positive_int(batch_size, "batch_size")
     if EMBEDDING_HOOK not in model.hook_dict:
         raise InputError(f"eap_ig: the model has no {EMBEDDING_HOOK} hook to interpolate its inputs at.")
     started = time.time()
     with adapter.frozen(model):
-        scores = _attribution_hooks(model, data, layout, batch_size, steps=steps)
-    return HeadScores(scores, "eap_ig", (1 + steps) * len(data), steps * len(data), time.time() - started,
-                      signed=True, details={"steps": steps, "path": "input embeddings, corrupt -> clean"})
+        per_point, point_seconds, clean_seconds = _attribution_hooks(model, data, layout, batch_size,
+                                                                     steps=most)
+    sweep = {"steps": most, "forward_passes": (1 + most) * len(data), "backward_passes": most * len(data),
+             "seconds": round(time.time() - started, 3)}
+    scored = []
+    for count in steps:
+        points = slice(None, None, most // count)  # alpha = k / count is point k * (most / count)
+        seconds = clean_seconds + sum(point_seconds[points])
+        scored.append(HeadScores(per_point[points].mean(dim=0), "eap_ig", (1 + count) * len(data),
+                                 count * len(data), seconds, signed=True,
+                                 details={"steps": count, "path": "input embeddings, corrupt -> clean",
+                                          "sweep": sweep}))
+    return scored
 
 
 def subnetwork_probing(model: Any, data: GateData, steps: int = 300, lr: float = 0.1, l0_weight: float = 1.0,
@@ -400,27 +435,33 @@ def _attribution_transformer_lens(model: Any, data: GateData, layout: adapter.He
     return total / len(data)
 
 
-def _attribution_hooks(model: Any, data: GateData, layout: adapter.HeadLayout, batch_size: int,
-                       steps: int = 1) -> Tensor:
-    """``(clean z - corrupt z) . d metric / d z``, the gradient averaged over ``steps`` runs whose input
-    embeddings go from the corrupt prompt towards the clean one (alpha = 0, 1/steps, ...).
+def _attribution_hooks(
+    model: Any, data: GateData, layout: adapter.HeadLayout, batch_size: int, steps: int = 1
+) -> tuple[Float[Tensor, "step layer head"], list[float], float]:
+    """``(clean z - corrupt z) . d metric / d z`` per head at each of ``steps`` points whose input
+    embeddings go from the corrupt prompt towards the clean one (alpha = 0, 1/steps, ...), with the
+    seconds each point took and those of the clean runs.
 
-    One step is attribution patching (the gradient at the corrupt run); more steps are EAP-IG's
+    Point 0 is attribution patching (the gradient at the corrupt run); the mean over points is EAP-IG's
     integrated gradients, as a left Riemann sum. Each hook returns ``z + probe`` with a zero
     ``probe`` leaf, so ``d metric / d probe`` is the total derivative at ``hook_z`` on either
     TransformerLens (a bridge's hook sees a reshaped view whose own ``.grad`` never fills).
     """
     device = adapter.model_device(model)
-    total = torch.zeros(layout.n_layers, layout.n_heads)
+    total = torch.zeros(steps, layout.n_layers, layout.n_heads)
+    point_seconds = [0.0] * steps
+    clean_seconds = 0.0
     for batch, clean, _ in on_device(data, batch_size, device):
+        began = time.time()
         corrupt = batch.corrupt.tokens.to(device)
         with torch.no_grad():
             _, cache = model.run_with_cache(
                 clean, names_filter=lambda name: adapter.is_hook_z(name) or name == EMBEDDING_HOOK)
         metric_of = target_logprob_metric(batch)
-        grad_sum: dict[int, Tensor] = {}
+        clean_seconds += time.time() - began
         corrupt_z: dict[int, Tensor] = {}
         for step in range(steps):
+            began = time.time()
             captured: dict[int, Tensor] = {}
             probes: dict[int, Tensor] = {}
             hooks = [(adapter.hook_z_name(layer),
@@ -432,15 +473,14 @@ def _attribution_hooks(model: Any, data: GateData, layout: adapter.HeadLayout, b
                 metric = metric_of(model(corrupt))
             layers = sorted(probes)
             grads = torch.autograd.grad(metric, [probes[layer] for layer in layers], allow_unused=True)
-            for layer, grad in zip(layers, grads, strict=True):
-                if grad is not None:
-                    grad_sum[layer] = grad_sum.get(layer, 0) + grad
             if step == 0:
                 corrupt_z = captured
-        for layer, grad in grad_sum.items():
-            delta = cache[adapter.hook_z_name(layer)] - corrupt_z[layer]
-            total[layer] += (delta * grad / steps).sum(dim=(0, 1, 3)).float().cpu() * len(batch)
-    return total / len(data)
+            for layer, grad in zip(layers, grads, strict=True):
+                if grad is not None:
+                    delta = cache[adapter.hook_z_name(layer)] - corrupt_z[layer]
+                    total[step, layer] += (delta * grad).sum(dim=(0, 1, 3)).float().cpu() * len(batch)
+            point_seconds[step] += time.time() - began
+    return total / len(data), point_seconds, clean_seconds
 
 
 def _interpolate_hook(clean_embedding: Tensor, alpha: float) -> Callable[..., Tensor]:
