@@ -3,18 +3,19 @@
     python benchmarks/eap_ig_steps.py docs/results/eap_ig_steps                 # resumable
     python benchmarks/eap_ig_steps.py OUT --steps 1,2,4,8 --benchmarks composite
 
-EAP-IG (Hanna et al. 2024) estimates denoising activation patching (each head's clean output patched
-into the corrupt run) from gradients along inputs interpolated from the corrupt prompt to the clean one;
-one step is attribution patching. Every step count here comes from one run of the largest
-(``baselines.eap_ig_sweep``: the left Riemann sums' points nest). Per benchmark and step count:
-ROC AUC against the reference heads, Pearson and Spearman correlation with denoising activation patching
-(the quantity EAP-IG estimates) and Spearman with the most steps, with each count's own passes and
-seconds.
+EAP-IG (Hanna et al. 2024) is offered as a more faithful stand-in for activation patching: attribution
+patching (a first-order estimate of denoising patching, each head's clean output patched into the corrupt
+run) with gradients averaged along inputs interpolated from the corrupt prompt to the clean one; one step
+is attribution patching itself. Every step count here comes from one run of the largest
+(``baselines.eap_ig_sweep``: the left Riemann sums' points nest). Per benchmark and step count: ROC AUC
+against the reference heads, Pearson and Spearman correlation with denoising activation patching over all
+heads, Spearman with the most steps, and each count's own passes and seconds.
 
 Benchmarks: ``composite`` (the 32-head known-role model; its patching is computed here) and SmolLM2-135M
 on ``induction`` and ``ioi`` (64 prompts, the data and references of ``chg-tlens compare --task``;
-patching is read from that comparison's ``results.json``, after checking that 1 step reproduces the
-attribution patching stored beside it, i.e. that the data are the same; so ``--steps`` must include 1).
+patching is read from that comparison's ``results.json``, after checking that attribution patching here
+reproduces the one stored beside it, i.e. that the data are the same). ``--steps`` must include 1, the
+attribution-patching row.
 Each benchmark's rows go to OUT/benchmarks/<name>.json as it finishes; OUT/results.{json,md} hold the
 table.
 """
@@ -40,6 +41,8 @@ from chg_tlens.errors import InputError
 BENCHMARKS = ("composite", "induction", "ioi")
 SMOLLM2_COMPARISON = Path("docs/results/compare_smollm2")
 """Where ``chg-tlens compare --task`` left SmolLM2's patching scores (one folder per task)."""
+SMOLLM2_N = 64
+"""Prompts per SmolLM2 task: those of the stored comparison."""
 SAME_DATA_TOLERANCE = 1e-3
 """Largest |1-step EAP-IG - stored attribution patching| (nats) accepted as "the same data"."""
 
@@ -52,23 +55,39 @@ def main() -> None:
     smollm2 = None
     for name in args.benchmarks:
         path = out / "benchmarks" / f"{name}.json"
+        settings = run_settings(args, name)
         if path.is_file():
+            stored = json.loads(path.read_text())
+            if stored["settings"] != settings:
+                raise InputError(f"{path} was measured with {stored['settings']}, not {settings}: "
+                                 "give another OUT folder (nothing there was changed).")
             print(f"{name}: cached", flush=True)
             continue
         started = time.time()
         if name == "composite":
             benchmark, patching, attribution = composite(args.n)
         else:
-            smollm2 = smollm2 or load_model("smollm2-135m", device="cpu")
-            benchmark, patching, attribution = smollm2_task(smollm2, name, args.comparison)
+            stored_scores = comparison_scores(args.comparison, name)  # before minutes of model loading
+            smollm2 = load_model("smollm2-135m", device="cpu") if smollm2 is None else smollm2
+            benchmark = compare.task_benchmark(smollm2, "smollm2-135m", name, n=SMOLLM2_N)
+            patching, attribution = (torch.tensor(stored_scores[method]) for method in
+                                     ("activation_patching_denoise", "attribution_patching"))
+        gap = same_data_gap(benchmark, attribution, args.batch_size, name)
         sweep = baselines.eap_ig_sweep(benchmark.model, benchmark.fit_data, args.steps, args.batch_size)
-        gap = same_data_gap(sweep, attribution, name)
         rows = step_rows(benchmark, sweep, patching)
         for row in rows:
             row.update(benchmark=name, one_step_vs_attribution_patching=gap)
-        path.write_text(json.dumps(rows, indent=2, default=float))
+        path.write_text(json.dumps({"settings": settings, "rows": rows,
+                                    "sweep": sweep[-1].details["sweep"] | {"seconds": sweep[-1].seconds}},
+                                   indent=2, default=float))
         print(f"{name}: {time.time() - started:.0f} s", flush=True)
     write_tables(out, args)
+
+
+def run_settings(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """What a benchmark's rows depend on: a rerun with other settings must not reuse them."""
+    data = {"n": args.n} if name == "composite" else {"n": SMOLLM2_N, "comparison": str(args.comparison)}
+    return {"steps": args.steps, "batch_size": args.batch_size, **data}
 
 
 def composite(n: int) -> tuple[compare.Benchmark, torch.Tensor, torch.Tensor]:
@@ -80,26 +99,25 @@ def composite(n: int) -> tuple[compare.Benchmark, torch.Tensor, torch.Tensor]:
             baselines.attribution_patching(model, data).scores)
 
 
-def smollm2_task(model: Any, task: str,
-                 comparison: Path) -> tuple[compare.Benchmark, torch.Tensor, torch.Tensor]:
-    """SmolLM2 on a built-in task as ``chg-tlens compare --task-n 64`` builds it, with that run's denoising
-    and attribution patching."""
-    benchmark = compare.task_benchmark(model, "smollm2-135m", task, n=64)
-    stored = json.loads((comparison / task / "results.json").read_text())["benchmarks"][benchmark.name]
-    scores = stored["scores"]
-    return (benchmark, torch.tensor(scores["activation_patching_denoise"]),
-            torch.tensor(scores["attribution_patching"]))
+def comparison_scores(comparison: Path, task: str) -> dict[str, list]:
+    """The head scores ``chg-tlens compare --task TASK --task-n 64`` stored for SmolLM2."""
+    path = comparison / task / "results.json"
+    if not path.is_file():
+        raise InputError(f"{path} not found: run chg-tlens compare --task {task} --task-n {SMOLLM2_N} first "
+                         "(README, 'CHG against other methods'), or name its folder with --comparison.")
+    return json.loads(path.read_text())["benchmarks"][f"smollm2-135m/{task}"]["scores"]
 
 
-def same_data_gap(sweep: list[baselines.HeadScores], attribution: torch.Tensor, name: str) -> float:
-    """1-step EAP-IG is attribution patching: a gap says the patching scores came from other data."""
-    if sweep[0].details["steps"] != 1:
-        raise InputError(f"--steps must include 1 (checked against attribution patching), got "
-                         f"{[item.details['steps'] for item in sweep]}.")
-    gap = float((sweep[0].scores - attribution).abs().max())
+def same_data_gap(benchmark: compare.Benchmark, attribution: torch.Tensor, batch_size: int,
+                  name: str) -> float:
+    """Attribution patching (1-step EAP-IG) here against the stored one: a gap says the stored patching
+    scores were measured on other data. Two forwards and a backward, before the sweep's many."""
+    here = baselines.attribution_patching(benchmark.model, benchmark.fit_data, backend="hooks",
+                                          batch_size=batch_size).scores
+    gap = float((here - attribution).abs().max())
     if gap > SAME_DATA_TOLERANCE:
-        raise InputError(f"{name}: 1-step EAP-IG differs from the stored attribution patching by {gap:.2e}: "
-                         "the stored scores were measured on other data; rerun chg-tlens compare on it.")
+        raise InputError(f"{name}: attribution patching here differs from the stored one by {gap:.2e}: the "
+                         "stored scores were measured on other data; rerun chg-tlens compare on it.")
     return gap
 
 
@@ -108,30 +126,28 @@ def step_rows(benchmark: compare.Benchmark, sweep: list[baselines.HeadScores],
     """One row per step count: agreement with the reference, with patching and with the most steps."""
     most = flat_scores(sweep[-1].scores)
     target = flat_scores(patching)
-    positives = benchmark.roles == "facilitating"
+    positives = None if benchmark.roles is None else benchmark.roles == "facilitating"
     rows = []
     for item in sweep:
         values = flat_scores(item.scores)
         rows.append({
             "steps": item.details["steps"],
-            "auc": roc_auc(item.scores, positives) if benchmark.roles is not None else None,
+            "auc": roc_auc(item.scores, positives) if positives is not None and positives.any() else None,
             "pearson_vs_patching": float(np.corrcoef(values, target)[0, 1]),
             "spearman_vs_patching": spearman(values, target),
             "spearman_vs_most_steps": spearman(values, most),
             "relative_change_vs_most_steps": float(np.linalg.norm(values - most) / np.linalg.norm(most)),
             "forward_passes": item.forward_passes, "backward_passes": item.backward_passes,
             "seconds": round(item.seconds, 3), "n_heads": len(values),
-            "n_reference": int(positives.sum()) if benchmark.roles is not None else 0,
+            "n_reference": 0 if positives is None else int(positives.sum()),
         })
     return rows
 
 
 def write_tables(out: Path, args: argparse.Namespace) -> None:
     rows = []
-    for name in BENCHMARKS:
-        path = out / "benchmarks" / f"{name}.json"
-        if path.is_file():
-            rows.extend(json.loads(path.read_text()))
+    for name in args.benchmarks:
+        rows.extend(json.loads((out / "benchmarks" / f"{name}.json").read_text())["rows"])
     (out / "results.json").write_text(json.dumps({"rows": rows, "threads": args.threads}, indent=2,
                                                  default=float))
     if not rows:
@@ -154,7 +170,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("out", help="folder for the results (a rerun continues it)")
     parser.add_argument("--benchmarks", type=lambda s: [b for b in s.split(",") if b],
                         default=list(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
-    parser.add_argument("--steps", type=lambda s: sorted(int(v) for v in s.split(",")),
+    parser.add_argument("--steps", type=lambda text: [int(v) for v in text.split(",") if v.strip()],
                         default=list(baselines.EAP_IG_STEP_SWEEP),
                         help="step counts, 1 among them (each divides the largest)")
     parser.add_argument("--n", type=int, default=64, help="examples on the composite model")
@@ -166,6 +182,13 @@ def parse_args() -> argparse.Namespace:
     unknown = [b for b in args.benchmarks if b not in BENCHMARKS]
     if unknown:
         parser.error(f"--benchmarks: unknown {unknown}; choose from {list(BENCHMARKS)}")
+    try:
+        args.steps = baselines.eap_ig_step_counts(args.steps)
+    except InputError as error:
+        parser.error(f"--steps: {error}")
+    if args.steps[0] != 1:
+        parser.error(f"--steps must include 1 (attribution patching, the row the others are read against), "
+                     f"got {args.steps}")
     return args
 
 

@@ -10,6 +10,7 @@ each other (see ``chg_tlens.compare``):
     attribution_patching  (clean z - corrupt z) . d metric / d z, summed per head (Nanda; Syed et al.)
     eap_ig                the same with integrated gradients along the input embeddings (Hanna et al., 2024)
     eap_ig_sweep          eap_ig at several step counts from one run of the largest
+                          (eap_ig_step_counts: the counts it accepts)
     subnetwork_probing    hard-concrete L0 masks trained on task NLL + sparsity (Cao et al., 2021)
     random_scores         seeded noise, the floor every method must beat
 
@@ -231,7 +232,8 @@ def attribution_patching(model: Any, data: GateData, backend: AttributionBackend
             scores = _attribution_transformer_lens(model, data, layout)
     else:
         with adapter.frozen(model):
-            scores = _attribution_hooks(model, data, layout, batch_size)[0][0]
+            per_point, _ = _attribution_hooks(model, data, layout, batch_size)
+            scores = per_point[0]
     return HeadScores(scores, "attribution_patching", 2 * len(data), len(data), time.time() - started,
                       signed=True,
                       details={"backend": "transformer_lens" if use_tl else "hooks",
@@ -253,47 +255,58 @@ def eap_ig(model: Any, data: GateData, steps: int = EAP_IG_STEPS, batch_size: in
     return eap_ig_sweep(model, data, (steps,), batch_size)[0]
 
 
-def eap_ig_sweep(model: Any, data: GateData, steps: Sequence[int] = EAP_IG_STEP_SWEEP,
+def eap_ig_sweep(model: Any, data: GateData, steps: int | Sequence[int] = EAP_IG_STEP_SWEEP,
                  batch_size: int = 32) -> list[HeadScores]:
-    """:func:`eap_ig` at several step counts for the price of the largest: one :class:`HeadScores` each.
+    """:func:`eap_ig` at several step counts for the price of the largest: one :class:`HeadScores` each,
+    from fewest steps to most (repeated counts once).
 
     EAP-IG's left Riemann sum with ``m`` steps evaluates the gradient at alpha = k / m, a subset of
     the points of any ``M`` that ``m`` divides, so every count is read off one run of ``M = max(steps)``
     and equals a separate ``eap_ig(steps=m)`` (tested). Each entry carries the passes a separate run
-    would cost and the seconds its own points took; ``details["sweep"]`` the run's actual cost. Use it
-    to see how many steps a model and task need before the scores stop moving.
+    would cost and the seconds its own points took plus the run's shared time (the largest count's
+    seconds are the run's); ``details["sweep"]`` the run's actual passes. Use it to see how many steps a
+    model and task need before the scores stop moving.
     """
     layout = adapter.require_model(model)
     data = checks.gate_data(data, model)
     checks.corrupt_twin(data, "eap_ig")
-    steps = [steps] if isinstance(steps, int) else list(steps)
+    counts = eap_ig_step_counts(steps)
+    checks.positive_int(batch_size, "batch_size")
+    if EMBEDDING_HOOK not in model.hook_dict:
+        raise InputError(f"eap_ig: the model has no {EMBEDDING_HOOK} hook to interpolate its inputs at.")
+    most = counts[-1]
+    started = time.time()
+    with adapter.frozen(model):
+        per_point, point_seconds = _attribution_hooks(model, data, layout, batch_size, steps=most)
+    shared_seconds = time.time() - started - sum(point_seconds)  # clean runs, batching, freezing
+    scored = []
+    for count in counts:
+        points = slice(None, None, most // count)  # alpha = k / count is point k * (most / count)
+        sweep = {"steps": most, "forward_passes": (1 + most) * len(data), "backward_passes": most * len(data)}
+        scored.append(HeadScores(per_point[points].mean(dim=0), "eap_ig", (1 + count) * len(data),
+                                 count * len(data), shared_seconds + sum(point_seconds[points]), signed=True,
+                                 details={"steps": count, "path": "input embeddings, corrupt -> clean",
+                                          "sweep": sweep}))
+    return scored
+
+
+def eap_ig_step_counts(steps: int | Sequence[int]) -> list[int]:
+    """The step counts :func:`eap_ig_sweep` will run, sorted and unique, each dividing the largest;
+    refused by name otherwise (callers check before a long run)."""
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        steps = [steps]
+    if isinstance(steps, str | bytes) or not isinstance(steps, Sequence):
+        raise InputError(f"eap_ig: steps must be a positive int or a sequence of them, got {steps!r}.")
     if not steps:
         raise InputError("eap_ig: steps must name at least one step count, got none.")
     for count in steps:
         checks.positive_int(count, "steps")
-    most = max(steps)
-    uneven = [count for count in steps if most % count]
+    counts = sorted(set(steps))
+    uneven = [count for count in counts if counts[-1] % count]
     if uneven:
-        raise InputError(f"eap_ig_sweep: every step count must divide the largest ({most}) so their "
+        raise InputError(f"eap_ig: every step count must divide the largest ({counts[-1]}) so their "
                          f"interpolation points are shared; {uneven} do not.")
-    checks.positive_int(batch_size, "batch_size")
-    if EMBEDDING_HOOK not in model.hook_dict:
-        raise InputError(f"eap_ig: the model has no {EMBEDDING_HOOK} hook to interpolate its inputs at.")
-    started = time.time()
-    with adapter.frozen(model):
-        per_point, point_seconds, clean_seconds = _attribution_hooks(model, data, layout, batch_size,
-                                                                     steps=most)
-    sweep = {"steps": most, "forward_passes": (1 + most) * len(data), "backward_passes": most * len(data),
-             "seconds": round(time.time() - started, 3)}
-    scored = []
-    for count in steps:
-        points = slice(None, None, most // count)  # alpha = k / count is point k * (most / count)
-        seconds = clean_seconds + sum(point_seconds[points])
-        scored.append(HeadScores(per_point[points].mean(dim=0), "eap_ig", (1 + count) * len(data),
-                                 count * len(data), seconds, signed=True,
-                                 details={"steps": count, "path": "input embeddings, corrupt -> clean",
-                                          "sweep": sweep}))
-    return scored
+    return counts
 
 
 def subnetwork_probing(model: Any, data: GateData, steps: int = 300, lr: float = 0.1, l0_weight: float = 1.0,
@@ -437,10 +450,10 @@ def _attribution_transformer_lens(model: Any, data: GateData, layout: adapter.He
 
 def _attribution_hooks(
     model: Any, data: GateData, layout: adapter.HeadLayout, batch_size: int, steps: int = 1
-) -> tuple[Float[Tensor, "step layer head"], list[float], float]:
+) -> tuple[Float[Tensor, "step layer head"], list[float]]:
     """``(clean z - corrupt z) . d metric / d z`` per head at each of ``steps`` points whose input
     embeddings go from the corrupt prompt towards the clean one (alpha = 0, 1/steps, ...), with the
-    seconds each point took and those of the clean runs.
+    seconds each point's forward and backward took.
 
     Point 0 is attribution patching (the gradient at the corrupt run); the mean over points is EAP-IG's
     integrated gradients, as a left Riemann sum. Each hook returns ``z + probe`` with a zero
@@ -450,16 +463,13 @@ def _attribution_hooks(
     device = adapter.model_device(model)
     total = torch.zeros(steps, layout.n_layers, layout.n_heads)
     point_seconds = [0.0] * steps
-    clean_seconds = 0.0
     for batch, clean, _ in on_device(data, batch_size, device):
-        began = time.time()
         corrupt = batch.corrupt.tokens.to(device)
         with torch.no_grad():
             _, cache = model.run_with_cache(
                 clean, names_filter=lambda name: adapter.is_hook_z(name) or name == EMBEDDING_HOOK)
         metric_of = target_logprob_metric(batch)
-        clean_seconds += time.time() - began
-        corrupt_z: dict[int, Tensor] = {}
+        delta: dict[int, Tensor] = {}  # clean z - corrupt z, from the corrupt run at point 0
         for step in range(steps):
             began = time.time()
             captured: dict[int, Tensor] = {}
@@ -474,13 +484,13 @@ def _attribution_hooks(
             layers = sorted(probes)
             grads = torch.autograd.grad(metric, [probes[layer] for layer in layers], allow_unused=True)
             if step == 0:
-                corrupt_z = captured
+                delta = {layer: cache[adapter.hook_z_name(layer)] - captured[layer] for layer in layers}
             for layer, grad in zip(layers, grads, strict=True):
                 if grad is not None:
-                    delta = cache[adapter.hook_z_name(layer)] - corrupt_z[layer]
-                    total[step, layer] += (delta * grad).sum(dim=(0, 1, 3)).float().cpu() * len(batch)
+                    contribution = (delta[layer] * grad).float().sum(dim=(0, 1, 3)).cpu()
+                    total[step, layer] += contribution * len(batch)
             point_seconds[step] += time.time() - began
-    return total / len(data), point_seconds, clean_seconds
+    return total / len(data), point_seconds
 
 
 def _interpolate_hook(clean_embedding: Tensor, alpha: float) -> Callable[..., Tensor]:
