@@ -77,8 +77,8 @@ def main() -> None:
         rows = step_rows(benchmark, sweep, patching)
         for row in rows:
             row.update(benchmark=name, one_step_vs_attribution_patching=gap)
-        path.write_text(json.dumps({"settings": settings, "rows": rows,
-                                    "sweep": sweep[-1].details["sweep"] | {"seconds": sweep[-1].seconds}},
+        shared_run = sweep[-1].details["shared_run"] | {"seconds": sweep[-1].seconds}
+        path.write_text(json.dumps({"settings": settings, "rows": rows, "shared_run": shared_run},
                                    indent=2, default=float))
         print(f"{name}: {time.time() - started:.0f} s", flush=True)
     write_tables(out, args)

@@ -332,7 +332,7 @@ def test_eap_ig_sweep_reads_every_step_count_off_one_run_and_each_equals_its_own
         alone = baselines.eap_ig(model, data, steps=item.details["steps"], batch_size=3)
         torch.testing.assert_close(item.scores, alone.scores, atol=1e-6, rtol=0)
         assert (item.forward_passes, item.backward_passes) == (alone.forward_passes, alone.backward_passes)
-        assert item.details["sweep"]["forward_passes"] == 5 * len(data)  # what the shared run cost
+        assert item.details["shared_run"]["forward_passes"] == 5 * len(data)  # what the shared run cost
     attribution = baselines.attribution_patching(model, data, backend="hooks", batch_size=3)
     torch.testing.assert_close(sweep[0].scores, attribution.scores, atol=1e-6, rtol=0)
     assert (sweep[2].scores - sweep[1].scores).abs().max() > 1e-4  # the counts are not one number

@@ -166,7 +166,8 @@ def test_acdc_in_a_cached_comparison_keeps_its_checkpoint_beside_the_cache(recal
     circuit, data = recall_with_twin
     settings = compare.MethodSettings(acdc_taus=(0.1,))
     benchmark = compare.Benchmark("recall", circuit.model, data, data, circuit.true_roles(), 1, settings)
-    compare.compare_methods([benchmark], ["acdc"], cache_dir=tmp_path)
+    frame, _ = compare.compare_methods([benchmark], ["acdc", "eap_ig"], cache_dir=tmp_path)
+    assert frame.set_index("method")["auc_sweep"].notna().to_dict() == {"acdc": True, "eap_ig": False}
     (cached,) = tmp_path.rglob("acdc-*.pt")
     checkpoint = cached.with_suffix(".checkpoint.json")
     assert checkpoint.is_file() and checkpoint.read_text().count('"measured"') == 1

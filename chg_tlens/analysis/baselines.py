@@ -264,7 +264,7 @@ def eap_ig_sweep(model: Any, data: GateData, steps: int | Sequence[int] = EAP_IG
     the points of any ``M`` that ``m`` divides, so every count is read off one run of ``M = max(steps)``
     and equals a separate ``eap_ig(steps=m)`` (tested). Each entry carries the passes a separate run
     would cost and the seconds its own points took plus the run's shared time (the largest count's
-    seconds are the run's); ``details["sweep"]`` the run's actual passes. Use it to see how many steps a
+    seconds are the run's); ``details["shared_run"]`` the run's actual passes. Use it to see how many steps a
     model and task need before the scores stop moving.
     """
     layout = adapter.require_model(model)
@@ -282,11 +282,12 @@ def eap_ig_sweep(model: Any, data: GateData, steps: int | Sequence[int] = EAP_IG
     scored = []
     for count in counts:
         points = slice(None, None, most // count)  # alpha = k / count is point k * (most / count)
-        sweep = {"steps": most, "forward_passes": (1 + most) * len(data), "backward_passes": most * len(data)}
+        shared_run = {"steps": most, "forward_passes": (1 + most) * len(data),
+                      "backward_passes": most * len(data)}
         scored.append(HeadScores(per_point[points].mean(dim=0), "eap_ig", (1 + count) * len(data),
                                  count * len(data), shared_seconds + sum(point_seconds[points]), signed=True,
                                  details={"steps": count, "path": "input embeddings, corrupt -> clean",
-                                          "sweep": sweep}))
+                                          "shared_run": shared_run}))
     return scored
 
 

@@ -452,7 +452,7 @@ def evaluate_benchmark(benchmark: Benchmark, scored: list[HeadScores]) -> list[d
         if roles is not None and 0 < (roles == "facilitating").sum() < roles.size:
             truth = truth_metrics(item, roles, k=benchmark.k)
             row["auc"], row["precision_at_k"] = truth["auc"], truth["precision_at_k"]
-            if item.details.get("sweep"):  # ACDC: the ROC of its threshold sweep, as its paper scores it
+            if item.method == "acdc" and item.details.get("sweep"):  # the ROC of its tau sweep, as its paper
                 kept = [item.details["kept"], *(point["kept"] for point in item.details["sweep"])]
                 row["auc_sweep"] = sweep_roc(kept, roles == "facilitating")[2]
         labels = item.details.get("role_labels")
