@@ -219,6 +219,38 @@ def test_every_subcommand_takes_the_common_flags(command):
         assert build_parser().parse_args([command, *REQUIRED[command], "--device", "cpu"]).device == "cpu"
 
 
+def test_a_bool_config_field_is_a_switch_pair_that_arrives_as_a_bool():
+    from chg_tlens.app.cli import config_from_args
+    from chg_tlens.core.config import CHGConfig, ContrastiveConfig
+
+    parse = build_parser().parse_args
+    plain = config_from_args(CHGConfig, parse(["fit", *REQUIRED["fit"]]))
+    assert plain.early_stop is False and plain.fuse_regularised is True  # the dataclass defaults
+    switched = config_from_args(CHGConfig, parse(["fit", *REQUIRED["fit"], "--early-stop",
+                                                  "--no-fuse-regularised"]))
+    assert switched.early_stop is True and switched.fuse_regularised is False
+    contrastive = config_from_args(ContrastiveConfig, parse(["contrastive", *REQUIRED["contrastive"],
+                                                             "--early-stop"]))
+    assert contrastive.early_stop is True
+
+
+@pytest.mark.parametrize("argv", [["--early-stop", "True"], ["--fuse-regularised", "False"]])
+def test_a_bool_config_field_refuses_a_value_after_its_flag(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["fit", *REQUIRED["fit"], *argv])
+    assert stop.value.code == EXIT_USAGE
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_a_bool_config_field_says_its_default_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--early-stop, --no-early-stop" in text and "--fuse-regularised, --no-fuse-regularised" in text
+    assert "the same arithmetic as two stages. (default True)" in text  # fuse_regularised
+    assert "(default: True)" not in text and "(default: False)" not in text  # said once, not twice
+
+
 def _report_raising(monkeypatch, error: BaseException) -> None:
     """Make the library call behind ``chg-tlens report`` raise ``error``."""
     def broken(*args, **kwargs):

@@ -8,7 +8,7 @@ import torch
 from models_for_tests import random_bridge
 from torch import nn
 
-from chg_tlens import CHGConfig, GateData, fit_chg
+from chg_tlens import CHGConfig, ContrastiveConfig, GateData, fit_chg
 from chg_tlens.core.gates import initial_theta
 from chg_tlens.errors import InputError
 
@@ -195,6 +195,18 @@ def test_role_summary_shares(recall_fit):
     summary = recall_fit.summary()
     roles = ["facilitating", "interfering", "irrelevant", "unclassified"]
     assert np.allclose(summary[roles].sum(axis=1).iloc[:-1], 1.0)
-    assert summary["converged"].dtype == bool and "stage zero" in summary.attrs["convergence"]
+    assert summary["certified"].dtype == bool and "stage zero" in summary.attrs["convergence"]
     assert summary.loc["every seed", "facilitating"] == 0.25
     assert len(recall_fit.to_frame()) == 3 * 1 * 4
+
+
+@pytest.mark.parametrize("config, field", [
+    (CHGConfig(fuse_regularised="False"), "CHGConfig.fuse_regularised"),
+    (CHGConfig(progress="False"), "CHGConfig.progress"),
+    (CHGConfig(progress=1), "CHGConfig.progress"),
+    (CHGConfig(early_stop="True"), "CHGConfig.early_stop"),
+    (ContrastiveConfig(progress=None), "ContrastiveConfig.progress"),
+])
+def test_every_bool_config_field_refuses_a_non_bool_by_name(config, field):
+    with pytest.raises(InputError, match=f"{field} must be True or False, got "):
+        config.validate()

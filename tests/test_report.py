@@ -282,7 +282,7 @@ def test_contrastive_report_shows_the_table_the_closed_heads_and_convergence(con
     convergence = re.search(r'<section id="convergence">(.*?)</section>', page, re.DOTALL).group(1)
     for line in result.convergence_text().splitlines():
         assert f"<li>{html.escape(line)}</li>" in convergence
-    assert "mean_abs_dG" in convergence and "contrastive" in convergence
+    assert "gradient" in convergence and "contrastive" in convergence
     pictures = images_in(page)
     assert set(pictures) == {"gate_map", "loss_curves"}
     for data in pictures.values():

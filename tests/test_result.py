@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from chg_tlens import CHGConfig, CHGResult, ResultFileError, fit_chg
+from chg_tlens import CHGConfig, CHGResult, ContrastiveResult, InputError, ResultFileError, fit_chg
 from chg_tlens.core.result import FORMAT_VERSION, META_FILE, TENSORS_FILE
 
 
@@ -120,3 +120,54 @@ def test_compare_roles_refuses_results_of_another_model(result):
     other = dataclasses.replace(result, provenance={**result.provenance, "model_name": "gpt2"})
     with pytest.raises(ValueError, match="provenance mismatch.*'gpt2'"):
         result.compare_roles(other)
+
+
+def _contrastive_hovering(config: dict) -> ContrastiveResult:
+    """One seed, two heads, 100 updates traced every 10: head 0 sits at 0.3 and rises to 0.45 over the
+    last two snapshots (crossing 0.4, not 0.5); head 1 stays open at 0.9."""
+    gate = torch.tensor([0.3] * 9 + [0.45] * 2)
+    gates = torch.stack([gate, torch.full_like(gate, 0.9)], dim=-1).reshape(11, 1, 1, 2)
+    trace = {"contrastive": {"steps": torch.arange(0, 101, 10), "gates": gates,
+                             "stopped_at": torch.tensor(-1)}}
+    losses = {"contrastive": {"loss": torch.ones(100, 1), "nll": torch.ones(100, 1)}}
+    return ContrastiveResult(torch.logit(gates[-1]), losses=losses, config=config, trace=trace)
+
+
+def test_contrastive_convergence_reads_flips_at_the_closing_threshold():
+    result = _contrastive_hovering({"threshold": 0.5})
+    assert result.convergence(0.4)["flips"].tolist() == [1]  # head 0 crossed 0.4 in the last quarter
+    assert result.convergence(0.5)["flips"].tolist() == [0]  # ...but never 0.5
+    assert result.convergence()["flips"].tolist() == [0]  # default: the fit's own threshold
+    assert _contrastive_hovering({"threshold": 0.4}).convergence()["flips"].tolist() == [1]
+
+
+def _bare_result(**parts) -> CHGResult:
+    theta = torch.zeros(2, 1, 3)
+    return CHGResult(theta, theta.clone(), theta.clone(), **parts)
+
+
+@pytest.mark.parametrize("read", [lambda r: r.convergence(), lambda r: r.convergence_text(),
+                                  lambda r: r.confidence(), lambda r: r.role_labels(min_confidence=0.5)])
+def test_a_result_without_a_trace_says_so_when_asked_for_convergence(read):
+    with pytest.raises(InputError, match="no gate trace .*cannot be read"):
+        read(_bare_result())
+
+
+def test_a_trace_without_loss_curves_is_refused_by_name():
+    traced = _contrastive_hovering({})
+    bare = _bare_result(trace={"zero": traced.trace["contrastive"]})
+    with pytest.raises(InputError, match=r"no loss curve of stage\(s\) \['zero'\]"):
+        bare.convergence()
+
+
+def test_a_contrastive_result_without_a_trace_says_so_when_asked_for_convergence():
+    result = ContrastiveResult(torch.zeros(2, 1, 3))
+    for read in (result.convergence, result.convergence_text):
+        with pytest.raises(InputError, match="no gate trace .*convergence cannot be read"):
+            read()
+
+
+def test_summary_without_a_trace_leaves_out_the_convergence_column():
+    summary = _bare_result().summary()
+    assert "certified" not in summary.columns and "convergence" not in summary.attrs
+    assert list(summary.columns) == ["facilitating", "interfering", "irrelevant", "unclassified"]

@@ -207,7 +207,10 @@ def _config_arguments(parser: argparse.ArgumentParser, config_class: type) -> No
             options = [a for a in typing.get_args(hint) if a is not type(None)]
             hint = options[0] if len(options) == 1 else str
         origin = typing.get_origin(hint)
-        if origin is typing.Literal:
+        if hint is bool:  # "--flag True" would arrive as a string, and "False" is truthy
+            action = group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            action.help = help_text  # set after: Python 3.10 appends its own default to the help
+        elif origin is typing.Literal:
             group.add_argument(flag, choices=typing.get_args(hint), default=default, help=help_text)
         elif origin is tuple:
             group.add_argument(flag, type=float, nargs=2, metavar=("START", "END"), default=default,
@@ -309,7 +312,7 @@ def run_contrastive(args: argparse.Namespace) -> int:
     print(f"heads closed in every seed: {result.closed_heads()}")
     print(f"run folder: {args.out}  (report: {args.out / 'report.html'})")
     if result.trace:
-        print("\nConvergence (last quarter of the fit; details: result.convergence())")
+        print("\nConvergence certificate (details: result.convergence())")
         print(result.convergence_text(config.threshold))
     return EXIT_OK
 
@@ -568,7 +571,7 @@ def _print_roles(result: Any, threshold: float, out: Path) -> None:
         more = f" (+{len(heads) - 20} more)" if len(heads) > 20 else ""
         print(f"{role} in every seed ({len(heads)}): {shown or '-'}{more}")
     if result.trace:
-        print("\nConvergence (last quarter of each stage; details: result.convergence())")
+        print("\nConvergence certificate (details: result.convergence())")
         print(summary.attrs["convergence"])
     print(f"\nrun folder: {out}  (report: {out / 'report.html'})")
 

@@ -10,6 +10,12 @@ from chg_tlens.core import checks
 from chg_tlens.core.objectives import ClampMode
 from chg_tlens.errors import InputError
 
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adam": {"trace_every": 10, "early_stop": False, "patience": 100},
+    "lbfgs": {"trace_every": 1, "early_stop": True, "patience": 10},
+}
+"""What the fields left at None become for each optimiser (``validate`` fills them in)."""
+
 
 @dataclass
 class GateFitConfig:
@@ -17,10 +23,19 @@ class GateFitConfig:
 
     n_seeds: int = 10
     """Independent gate sets (masks), each with its own uniform initial draw; trained in one pass."""
+    optimizer: Literal["adam", "lbfgs"] = "adam"
+    """'adam' (the paper's: minibatch Adam, learning rate decaying linearly over ``steps``) or 'lbfgs'
+    (full-data L-BFGS per mask with a line search: no learning rate, deterministic, stops once the
+    stage is certified; see the README's convergence section)."""
     batch_size: int = 64
-    """Examples per update (each repeated once per seed inside the forward pass)."""
+    """Examples per Adam update (each repeated once per seed inside the forward pass); L-BFGS uses
+    every example in every iteration and ignores it."""
+    micro_batch_size: int | None = None
+    """Examples per forward pass; an update accumulates the gradient over its micro-batches, so the
+    examples per update are free of memory (the same gates as one big batch). None: one forward per
+    update (Adam) or per ``batch_size`` examples (L-BFGS)."""
     steps: int = 500
-    """Adam updates in each stage."""
+    """Updates (Adam) or iterations (L-BFGS) in each stage: the ceiling when a stage stops early."""
     lam: float = 0.1
     """Regulariser strength (>= 0); the sign each stage uses is part of the method, not a setting."""
     clamp: float = 4.0
@@ -29,7 +44,7 @@ class GateFitConfig:
     """'one_sided' (default: pull never stops short of its side) or 'two_sided' (the reference's
     clamp(theta, -c, c), which can freeze gates that stage 1 pushed past -c; see CHG_METHOD.md)."""
     grad_clip: float = 1.0
-    """Gradient-norm clip, applied to each seed's gates separately."""
+    """Gradient-norm clip of an Adam update, applied to each seed's gates separately."""
     seed: int = 0
     """Seeds the initial gates and the batch order; same seed and data give the same gates."""
     device: str | None = None
@@ -37,33 +52,46 @@ class GateFitConfig:
     progress: bool = True
     """Show tqdm progress bars."""
     checkpoint_every: int = 50
-    """Steps between checkpoints when the fit is given a run folder."""
+    """Updates between checkpoints when the fit is given a run folder."""
     autocast: Literal["bfloat16", "float16"] | None = None
     """Run the model's forward under torch.autocast in this dtype (GPU speed-up); None = model dtype."""
     bucket_window: int = 1
     """Length bucketing: sort windows of this many batches by length (1 = off). 8 cuts padding from
     ~35% to ~8% of tokens on mixed-length data; single-template tasks hardly need it."""
-    trace_every: int = 10
+    trace_every: int | None = None
     """Updates between the gate snapshots a result keeps (its convergence trace; early stopping reads
-    it too). The start and the end of every stage are always kept."""
-    early_stop: bool = False
-    """End a stage once its heads stop changing state (role, or open/closed before roles exist) for
-    ``patience`` updates with mean gate movement below ``stop_tolerance``; ``steps`` is the ceiling.
-    The learning-rate schedule stays tied to ``steps``: a stage that stops early ends before its decay
-    does, at a rate the rule has just shown leaves every head where it is."""
-    patience: int = 100
-    """Updates over which no head may change state before a stage stops early."""
+    it too). The start and the end of every stage are always kept. None: 10 (Adam), 1 (L-BFGS)."""
+    early_stop: bool | None = None
+    """End a stage as soon as it is certified (the same certificate the result reports, read on the
+    trace so far); ``steps`` is the ceiling. None: off for Adam (the paper runs every step; its
+    learning-rate schedule is tied to ``steps``), on for L-BFGS."""
+    patience: int | None = None
+    """Shortest certificate window in updates: no head may change state within it. None: 100 (Adam),
+    10 (L-BFGS, whose iterations each use all the data and a line search)."""
     stop_tolerance: float = 0.01
-    """Largest mean |change of G| over the patience window that still counts as settled."""
+    """Largest mean |change of G| over the window (carried on for ``patience`` updates) that still
+    counts as still."""
+    grad_tolerance: float = 0.1
+    """Largest stationarity residual of any head, in units of the regulariser's pull on one gate logit
+    (lam / n_heads), that still certifies a stage."""
+    lbfgs_memory: int = 10
+    """Curvature pairs L-BFGS keeps per mask."""
     role_threshold: float = 0.5
-    """Score that gives a head a role while fitting (early stopping, the convergence report); results
-    take their own threshold when read."""
+    """Score that gives a head a role while fitting (early stopping, the certificate); results take
+    their own threshold when read."""
 
     def validate(self) -> GateFitConfig:
         """Reject impossible settings before any compute, naming the field."""
         name = type(self).__name__
+        if self.optimizer not in OPTIMIZER_DEFAULTS:
+            raise InputError(f"{name}.optimizer must be 'adam' or 'lbfgs', got {self.optimizer!r}.")
+        for key, default in OPTIMIZER_DEFAULTS[self.optimizer].items():
+            if getattr(self, key) is None:
+                setattr(self, key, default)
+        if self.micro_batch_size is not None:
+            checks.positive_int(self.micro_batch_size, f"{name}.micro_batch_size")
         for key in ("n_seeds", "batch_size", "steps", "checkpoint_every", "bucket_window", "trace_every",
-                    "patience"):
+                    "patience", "lbfgs_memory"):
             checks.positive_int(getattr(self, key), f"{name}.{key}")
         for key in self._learning_rates():
             value = tuple(getattr(self, key)) if isinstance(getattr(self, key), (tuple, list)) else ()
@@ -73,9 +101,14 @@ class GateFitConfig:
                     f"got {getattr(self, key)!r}."
                 )
         checks.positive_number(self.stop_tolerance, f"{name}.stop_tolerance")
+        checks.positive_number(self.grad_tolerance, f"{name}.grad_tolerance")
         checks.unit_interval(self.role_threshold, f"{name}.role_threshold")
-        if not isinstance(self.early_stop, bool):
-            raise InputError(f"{name}.early_stop must be True or False, got {self.early_stop!r}.")
+        from dataclasses import fields
+
+        for spec in fields(self):  # every flag, not only early_stop: the string "False" is truthy
+            value = getattr(self, spec.name)
+            if spec.type in ("bool", "bool | None", bool) and not isinstance(value, bool):
+                raise InputError(f"{name}.{spec.name} must be True or False, got {value!r}.")
         if not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam) or self.lam < 0:
             raise InputError(f"{name}.lam must be >= 0 (each stage applies its own sign), got {self.lam!r}.")
         for key in ("clamp", "grad_clip"):

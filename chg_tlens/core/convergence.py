@@ -1,32 +1,29 @@
-"""Has a stage converged? Read off its trace: gate snapshots every few updates, and the loss.
+"""Reading a fit's trace: each head's state over the updates, the certificate per stage, confidences.
 
 A fit keeps, per stage, the gates ``[snapshot, mask, layer, head]`` at update counts ``steps`` (0 = the
-stage's starting gates, the last = its end). What a head *is* at a snapshot is its *state*: in the
-regularised stages its role (from G+ and G- of the same seed at the same update), elsewhere whether
-its gate is open (G >= 0.5). From that:
-
-    flips             heads whose state changes over the last quarter of the stage
-    mean_abs_dG       mean |change of G| over that window
-    loss_slope        least-squares slope of the loss per update over that window
-    near_initial      share of gates still within 0.05 of the stage-1 initial draw (and of those,
-                      the ones still undecided, between 0.1 and 0.9: an unfinished fit)
-
-Early stopping asks the same question over a patience window while the stage runs
-(:func:`stable_over`). Everything here is a pure function of tensors: no model, no printing.
+stage's starting gates, the last = its end), the loss of every update and the data term's full-data
+gradient where the stage ended. What a head *is* at a snapshot is its *state*: in the regularised
+stages its role (from G+ and G- of the same seed at the same update), elsewhere whether its gate is
+open. :func:`stage_report` runs :func:`chg_tlens.core.certificate.certify` on every stage; the fit's
+early stopping runs the same function on the trace so far, so a stage that stopped early is certified
+by construction. Everything here is a pure function of tensors: no model, no printing.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from chg_tlens.core import certificate
+
 ROLES = ("facilitating", "interfering", "irrelevant")
 UNCLASSIFIED = "unclassified"
-NEAR_INITIAL = 0.05
-"""A gate within this distance of its initial draw has not been moved by the fit."""
+STAGE_ORDER = ("zero", "plus", "minus", "contrastive")
+STAGE_LAMBDA_SIGN = {"zero": 0.0, "plus": 1.0, "minus": -1.0, "contrastive": 1.0}
+"""The sign each stage gives the config's lambda (for traces saved before they recorded it)."""
 
 
 def role_codes(
@@ -41,57 +38,35 @@ def role_codes(
     return torch.where(best.values >= threshold, best.indices, torch.full_like(best.indices, len(ROLES)))
 
 
-def open_codes(gates: Float[Tensor, "*mask layer head"]) -> Int[Tensor, "*mask layer head"]:
-    """1 where a gate is open (G >= 0.5), else 0: the state of a head in an unregularised stage."""
-    return (gates >= 0.5).long()
+def open_codes(
+    gates: Float[Tensor, "*mask layer head"], threshold: float = 0.5
+) -> Int[Tensor, "*mask layer head"]:
+    """1 where a gate is open (G >= ``threshold``), else 0: the state of a head in an unregularised stage
+    (a contrastive fit closes a head below its own threshold)."""
+    return (gates >= threshold).long()
 
 
 def states(
-    gates: Float[Tensor, "snapshot mask layer head"], paired: bool, threshold: float
+    gates: Float[Tensor, "snapshot mask layer head"], paired: bool, threshold: float,
+    open_threshold: float = 0.5,
 ) -> Int[Tensor, "snapshot seed layer head"]:
     """Per snapshot and seed, each head's state: its role when the masks hold G+ then G- of the same
     seeds (``paired``: the fused G+/G- stage), else open/closed per mask."""
     if paired:
         n = gates.shape[1] // 2
         return role_codes(gates[:, :n], gates[:, n:], threshold)
-    return open_codes(gates)
+    return open_codes(gates, open_threshold)
 
 
-def stable_over(steps: Int[Tensor, " snapshot"], gates: Float[Tensor, "snapshot mask layer head"],
-                codes: Int[Tensor, "snapshot seed layer head"], patience: int, tolerance: float) -> bool:
-    """True when, over the last ``patience`` updates, no head changed state and the gates moved by
-    less than ``tolerance`` on average: the early-stopping rule."""
-    last = int(steps[-1])
-    if last < patience:
-        return False
-    since = int(torch.nonzero(steps <= last - patience).max())  # the snapshot that opens the window
-    flips = (codes[since:] != codes[-1]).any()
-    movement = float((gates[-1] - gates[since]).abs().mean())
-    return not bool(flips) and movement < tolerance
-
-
-def window_start(steps: Int[Tensor, " snapshot"], share: float = 0.25) -> int:
-    """Index of the snapshot that opens the last ``share`` of the stage's updates."""
-    last = int(steps[-1])
-    return int(torch.nonzero(steps <= last - math.ceil(share * last)).max()) if last > 0 else 0
-
-
-def flips_in_window(codes: Int[Tensor, "snapshot seed layer head"], start: int) -> Int[Tensor, " seed"]:
-    """Per seed, heads whose state at some snapshot of the window differs from their final state."""
-    changed = (codes[start:] != codes[-1]).any(dim=0)
-    return changed.flatten(1).sum(dim=1)
-
-
-def loss_slope(loss: Float[Tensor, "step mask"], share: float = 0.25) -> tuple[Tensor, Tensor]:
-    """Least-squares slope of each mask's loss per update over the last ``share`` of the updates, and
-    the spread of the loss around that line (the gradient noise the slope has to be read against)."""
-    n = max(2, math.ceil(share * loss.shape[0]))
-    tail = loss[-n:].double()
-    x = torch.arange(tail.shape[0], dtype=torch.float64)[:, None]
-    x = x - x.mean()
-    slope = (x * (tail - tail.mean(dim=0))).sum(dim=0) / (x**2).sum().clamp(min=1e-12)
-    residual = tail - tail.mean(dim=0) - slope * x
-    return slope.float(), residual.std(dim=0, correction=0).float()
+def paired_roles(
+    plus: dict[str, Tensor], minus: dict[str, Tensor], threshold: float
+) -> tuple[Int[Tensor, " snapshot"], Int[Tensor, "snapshot seed layer head"]]:
+    """Roles over the updates of the G+ and G- stages: at every update either kept a snapshot, each
+    head's role from the latest G+ and G- gates so far (a stage that stopped early keeps its end)."""
+    steps = torch.unique(torch.cat([plus["steps"], minus["steps"]]))
+    pick_plus = torch.searchsorted(plus["steps"], steps, right=True) - 1
+    pick_minus = torch.searchsorted(minus["steps"], steps, right=True) - 1
+    return steps, role_codes(plus["gates"][pick_plus], minus["gates"][pick_minus], threshold)
 
 
 def temporal_stability(codes: Int[Tensor, "snapshot seed layer head"], start: int
@@ -105,107 +80,80 @@ def seed_agreement(final: Int[Tensor, "seed layer head"]) -> Float[Tensor, "seed
     return (final[:, None] == final[None, :]).float().mean(dim=1)
 
 
-# ----------------------------------------------------------------------------------- reading a trace
-def paired_roles(
-    plus: dict[str, Tensor], minus: dict[str, Tensor], threshold: float
-) -> tuple[Int[Tensor, " snapshot"], Int[Tensor, "snapshot seed layer head"]]:
-    """Roles over the updates of the G+ and G- stages: at every update either kept a snapshot, each
-    head's role from the latest G+ and G- gates so far (a stage that stopped early keeps its end)."""
-    steps = torch.unique(torch.cat([plus["steps"], minus["steps"]]))
-    pick_plus = torch.searchsorted(plus["steps"], steps, right=True) - 1
-    pick_minus = torch.searchsorted(minus["steps"], steps, right=True) - 1
-    return steps, role_codes(plus["gates"][pick_plus], minus["gates"][pick_minus], threshold)
+def window_opening(steps: Int[Tensor, " snapshot"], tolerances: certificate.Tolerances) -> int:
+    """Index of the snapshot that opens the certificate's window."""
+    length = certificate.window_updates(int(steps[-1]), tolerances)
+    return int(torch.nonzero(steps <= int(steps[-1]) - length).max())
 
 
+# ----------------------------------------------------------------------------------- reports
 def stage_report(
     trace: dict[str, dict[str, Tensor]],
     losses: dict[str, dict[str, Tensor]],
+    config: dict[str, Any],
     threshold: float = 0.5,
-    tolerance: float = 0.01,
-    patience: int = 100,
-    max_near_initial: float = 0.1,
+    open_threshold: float = 0.5,
 ) -> list[dict]:
-    """One row per stage x seed: flips, movement and loss slope over the last quarter, gates near their
-    initial draw, where the stage stopped, whether it converged, and what to change if not.
-
-    Converged = no head changed state over the last quarter, and the gates' movement there, carried
-    on at the same rate for ``patience`` updates, stays below ``tolerance`` (the early-stopping rule,
-    read so that a short window is not mistaken for a still one); in a regularised stage, also at
-    most ``max_near_initial`` of the gates may still sit undecided (between 0.1 and 0.9) at their
-    initial draw: the regulariser pulls every gate it is free to move, so one it has not moved yet is
-    an unfinished fit, not a finding.
-    """
-    initial = trace["zero"]["gates"][0] if "zero" in trace else next(iter(trace.values()))["gates"][0]
-    roles = paired_roles(trace["plus"], trace["minus"], threshold) if "plus" in trace else None
+    """One row per stage x seed: the certificate's figures and checks (see
+    :mod:`chg_tlens.core.certificate`), where the stage stopped, and what to change if not certified.
+    ``config`` is the fit's config record (lambda, clamp, tolerances); ``open_threshold`` is where a gate
+    of a stage without roles counts as open (a contrastive fit's closing threshold)."""
+    first = next(stage for stage in STAGE_ORDER + tuple(trace) if stage in trace)
+    initial = trace[first]["gates"][0]
+    n_gates = initial.shape[1] * initial.shape[2]
+    tolerances = certificate.Tolerances.from_config(config, n_gates)
+    paired = {"plus", "minus"} <= set(trace)
+    roles = paired_roles(trace["plus"], trace["minus"], threshold) if paired else None
     rows = []
-    order = {name: i for i, name in enumerate(("zero", "plus", "minus", "contrastive"))}
+    order = {name: i for i, name in enumerate(STAGE_ORDER)}
     for stage in sorted(trace, key=lambda name: (order.get(name, len(order)), name)):
         record = trace[stage]
         steps, gates = record["steps"], record["gates"]
         if stage in ("plus", "minus") and roles is not None:
-            role_steps, codes = roles
-            start = window_start(role_steps)
+            code_steps, codes = roles
         else:
-            codes, start = open_codes(gates), window_start(steps)
-        flips = flips_in_window(codes, start)
-        move_from = window_start(steps)
-        movement = (gates[-1] - gates[move_from]).abs().flatten(1).mean(dim=1)
-        at_start = (gates[-1] - initial).abs() < NEAR_INITIAL
-        near = at_start.float().flatten(1).mean(dim=1)
-        undecided = (at_start & (gates[-1] > 0.1) & (gates[-1] < 0.9)).float().flatten(1).mean(dim=1)
-        slope, noise = loss_slope(losses[stage]["loss"])
+            code_steps, codes = steps, open_codes(gates, open_threshold)
+        lams = record.get("lams")
+        if lams is None:
+            lam = STAGE_LAMBDA_SIGN.get(stage, 0.0) * float(config.get("lam", 0.1))
+            lams = torch.full((gates.shape[1],), lam)
+        checked = certificate.certify(
+            steps, gates, code_steps, codes, losses[stage]["loss"], initial, lams, record.get("task_grad"),
+            float(config.get("clamp", 4.0)), str(config.get("clamp_mode", "one_sided")), tolerances)
         stopped = int(record["stopped_at"])
-        window = max(1, int(steps[-1]) - int(steps[move_from]))
-        drift = movement * patience / window
-        for seed in range(gates.shape[1]):
-            row = {"stage": stage, "seed": seed, "updates": int(steps[-1]),
-                   "stopped_early": stopped >= 0, "stopped_at": stopped if stopped >= 0 else None,
-                   "flips": int(flips[seed]), "flips_of": "role" if roles is not None and stage in
-                   ("plus", "minus") else "open/closed",
-                   "mean_abs_dG": float(movement[seed]), "loss_slope": float(slope[seed]),
-                   "loss_noise": float(noise[seed]), "near_initial": float(near[seed]),
-                   "undecided_at_initial": float(undecided[seed])}
-            regularised = stage != "zero"
-            settled = int(flips[seed]) == 0 and float(drift[seed]) < tolerance
-            unpulled = regularised and float(undecided[seed]) > max_near_initial
-            row["converged"] = settled and not unpulled
-            row["advice"] = _advice(settled, unpulled, float(slope[seed]) * window, float(noise[seed]),
-                                    float(undecided[seed]))
-            rows.append(row)
+        passes = record.get("passes")
+        for seed, row in enumerate(checked):
+            rows.append({"stage": stage, "seed": seed, "stopped_early": stopped >= 0,
+                         "stopped_at": stopped if stopped >= 0 else None,
+                         "flips_of": "role" if roles is not None and stage in ("plus", "minus")
+                         else "open/closed",
+                         "example_passes": int(passes[seed]) if passes is not None else None} | row)
     return rows
 
 
-def _advice(settled: bool, unpulled: bool, drop: float, noise: float, near: float) -> str:
-    if settled and not unpulled:
-        return "converged"
-    if unpulled and settled:
-        return f"{near:.0%} of gates still undecided at their initial draw: more steps"
-    if abs(drop) < noise:
-        return "heads still change while the loss is flat within its noise: a bigger batch_size"
-    return "the loss is still falling and heads still change: more steps"
-
-
 def head_confidence(
-    trace: dict[str, dict[str, Tensor]], threshold: float = 0.5
+    trace: dict[str, dict[str, Tensor]], config: dict[str, Any], threshold: float = 0.5
 ) -> Float[Tensor, "seed layer head"]:
-    """How far to trust each head's role: the share of the last quarter's snapshots at which it already
-    had its final role, times the share of seeds that end with the same role."""
+    """How far to trust each head's role: the share of the certificate window's snapshots at which it
+    already had its final role, times the share of seeds that end with the same role."""
     steps, codes = paired_roles(trace["plus"], trace["minus"], threshold)
-    return temporal_stability(codes, window_start(steps)) * seed_agreement(codes[-1])
+    n_gates = codes.shape[-1] * codes.shape[-2]
+    tolerances = certificate.Tolerances.from_config(config, n_gates)
+    return temporal_stability(codes, window_opening(steps, tolerances)) * seed_agreement(codes[-1])
 
 
 def in_words(rows: list[dict]) -> str:
-    """One line per stage: converged in every seed, or which seeds did not and what to change."""
+    """One line per stage: certified in every seed, or which seeds were not and what to change."""
     lines = []
     for stage in dict.fromkeys(row["stage"] for row in rows):
         mine = [row for row in rows if row["stage"] == stage]
         stopped = [row["stopped_at"] for row in mine if row["stopped_early"]]
-        where = f", stopped early at update {stopped[0]}" if stopped else f", {mine[0]['updates']} updates"
-        failed = [row for row in mine if not row["converged"]]
+        where = f", stopped at update {stopped[0]}" if stopped else f", {mine[0]['updates']} updates"
+        failed = [row for row in mine if not row["certified"]]
         if not failed:
-            lines.append(f"stage {stage}: converged in every seed{where}.")
+            lines.append(f"stage {stage}: certified in every seed{where}.")
             continue
         advice = "; ".join(dict.fromkeys(row["advice"] for row in failed))
         seeds = ", ".join(str(row["seed"]) for row in failed)
-        lines.append(f"stage {stage}: not converged in seed(s) {seeds}{where}: {advice}.")
+        lines.append(f"stage {stage}: not certified in seed(s) {seeds}{where}: {advice}.")
     return "\n".join(lines)

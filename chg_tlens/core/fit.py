@@ -4,12 +4,18 @@
     theta_plus  = fit(lambda = +lam, from theta_zero)  # G+: opening rewarded
     theta_minus = fit(lambda = -lam, from theta_zero)  # G-: closing rewarded
 
-Each stage is Adam on the gate logits with a linearly decaying learning rate. G+ and G- start from
-the same gates and see the same batches, so by default they run as one stage of 2 x n_seeds masks
-(masks carry their own lambda sign): the same arithmetic at half the forward passes. Every stage
-keeps a trace of its gates for the convergence report and may stop early once its heads settle.
-With a ``run_dir`` the loop checkpoints every ``checkpoint_every`` steps and ``resume=True``
-continues where it stopped, early stops included.
+Two optimisers run a stage. ``adam`` is the paper's: minibatch Adam on the gate logits with a linearly
+decaying learning rate. ``lbfgs`` minimises each mask's full-data objective by L-BFGS with a
+backtracking line search per mask (:mod:`chg_tlens.core.lbfgs`): deterministic, no learning rate, and
+it stops a mask once its gradient is small enough to certify (:mod:`chg_tlens.core.certificate`).
+Either way the data term of an update may be accumulated over micro-batches (``micro_batch_size``), so
+the number of examples per update is free of memory.
+
+G+ and G- start from the same gates and see the same batches, so by default they run as one stage of
+2 x n_seeds masks (each mask carries its own lambda): the same arithmetic at half the forward passes.
+Every stage keeps a trace of its gates and its final full-data gradient for the certificate, and may
+stop once certified. With a ``run_dir`` the loop checkpoints every ``checkpoint_every`` updates and
+``resume=True`` continues where it stopped, early stops included.
 """
 
 from __future__ import annotations
@@ -26,13 +32,13 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from chg_tlens.core import checks, convergence, distributed
+from chg_tlens.core import certificate, checks, convergence, distributed, lbfgs
 from chg_tlens.core.checkpoint import load_checkpoint, save_checkpoint
 from chg_tlens.core.config import CHGConfig, ContrastiveConfig, GateFitConfig, config_record
 from chg_tlens.core.data import GateData
 from chg_tlens.core.forward import check_target_logits, gated_target_logits, score_gates
 from chg_tlens.core.gates import HeadGates
-from chg_tlens.core.objectives import chg_loss, contrastive_loss, per_mask_grad_clip_, picked_logprobs
+from chg_tlens.core.objectives import chg_loss, per_mask_grad_clip_, picked_logprobs
 from chg_tlens.core.provenance import provenance
 from chg_tlens.core.result import CHGResult, ContrastiveResult
 from chg_tlens.errors import InputError
@@ -55,12 +61,12 @@ def fit_chg(
     """
     config = (config or CHGConfig()).validate()
     lam = config.lam
-    stages = [Stage("zero", "init", config.lr_zero, chg_objective([0.0], config))]
+    stages = [Stage("zero", "init", config.lr_zero, nll_objective, lams=(0.0,))]
     if config.fuse_regularised:
-        stages.append(Stage("regularised", "zero", config.lr_reg, chg_objective([+lam, -lam], config),
+        stages.append(Stage("regularised", "zero", config.lr_reg, nll_objective, lams=(+lam, -lam),
                             outputs=("plus", "minus"), salt=_REGULARISED_SALT))
     else:
-        stages += [Stage(name, "zero", config.lr_reg, chg_objective([sign * lam], config),
+        stages += [Stage(name, "zero", config.lr_reg, nll_objective, lams=(sign * lam,),
                          salt=_REGULARISED_SALT) for name, sign in (("plus", +1), ("minus", -1))]
     fit = run_stages(model, data, config, stages, "chg", init_theta, run_dir, resume)
     return CHGResult(
@@ -74,25 +80,14 @@ def fit_chg(
     )
 
 
-def chg_objective(lams: list[float], config: GateFitConfig) -> Objective:
-    """Eq. 1: target NLL minus the clamped reward for open (lambda > 0) or closed (< 0) gates.
-
-    ``lams`` splits the masks into equal consecutive groups, one lambda each: ``[0]`` for stage 1,
-    ``[+lam, -lam]`` for the fused G+/G- stage (seeds' G+ masks first, then their G- masks).
-    """
-
-    def objective(model: Any, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
-        device = gates.theta.device
-        tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
-        targets = batch.targets_to(device)
-        picked = gated_target_logits(model, gates, tokens, target_mask, targets)
-        nll = -picked_logprobs(picked, tokens, target_mask, targets).mean(dim=1)
-        groups = zip(nll.chunk(len(lams)), gates.theta.chunk(len(lams)), lams, strict=True)
-        loss = torch.cat([chg_loss(part, theta, lam, config.clamp, config.clamp_mode)
-                          for part, theta, lam in groups])
-        return loss, nll
-
-    return objective
+def nll_objective(model: Any, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
+    """Eq. 1's data term: each example's target NLL under each mask's gates (twice: it is also the NLL)."""
+    device = gates.theta.device
+    tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
+    targets = batch.targets_to(device)
+    picked = gated_target_logits(model, gates, tokens, target_mask, targets)
+    nll = -picked_logprobs(picked, tokens, target_mask, targets)
+    return nll, nll
 
 
 # ----------------------------------------------------------------------------------- contrastive
@@ -118,7 +113,8 @@ def fit_contrastive_chg(
                 f"{name}: contrastive CHG needs matched retain/forget items; build it with "
                 "GateData.contrastive(retain=..., forget=...)."
             )
-    stages = [Stage("contrastive", "init", config.lr, contrastive_objective(config), salt=4)]
+    stages = [Stage("contrastive", "init", config.lr, contrastive_objective(config), lams=(config.lam,),
+                    salt=4)]
     fit = run_stages(model, data, config, stages, "contrastive", init_theta, run_dir, resume)
     theta = fit.theta["contrastive"]
     evaluation = eval_data if eval_data is not None else data
@@ -126,9 +122,10 @@ def fit_contrastive_chg(
     ones = HeadGates.fixed(torch.ones(1, theta.shape[1], theta.shape[2])).to(device)
     gated = HeadGates.fixed(torch.sigmoid(theta)).to(device)
     metrics = {}
+    batch_size = config.micro_batch_size or config.batch_size
     for side, side_data in (("retain", evaluation), ("forget", evaluation.forget)):
         for when, gates in (("before", ones), ("after", gated)):
-            logprob, accuracy = score_gates(model, side_data, gates, config.batch_size)
+            logprob, accuracy = score_gates(model, side_data, gates, batch_size)
             metrics[f"{side}_{when}_logprob"] = logprob.mean(dim=1)
             metrics[f"{side}_{when}_accuracy"] = accuracy.mean(dim=1)
     return ContrastiveResult(
@@ -140,7 +137,8 @@ def fit_contrastive_chg(
 
 
 def contrastive_objective(config: ContrastiveConfig) -> Objective:
-    """Retain NLL + clamped (forget - stopgrad retain) log-prob gap - lam * clamped gate reward."""
+    """Per example: retain NLL + the (forget - stopgrad retain) log-prob gap, clamped at
+    ``-logprob_clamp`` so a forget item already far below its retain twin stops pulling."""
 
     def objective(model: Any, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
         device = gates.theta.device
@@ -150,36 +148,44 @@ def contrastive_objective(config: ContrastiveConfig) -> Objective:
         picked = gated_target_logits(model, gates, tokens, target_mask, targets)
         logprob = picked_logprobs(picked, tokens, target_mask, targets)
         retain, forget = logprob[:, : len(batch)], logprob[:, len(batch) :]
-        loss = contrastive_loss(retain, forget, gates.theta, config.lam, config.clamp,
-                                config.logprob_clamp, config.clamp_mode)
-        return loss, -retain.mean(dim=1)
+        gap = (forget - retain.detach()).clamp(min=-config.logprob_clamp)
+        return -retain + gap, -retain
 
     return objective
 
 
 # ----------------------------------------------------------------------------------- the loop
 Objective = Callable[[Any, HeadGates, GateData], tuple[Tensor, Tensor]]
-"""(model, gates, batch) -> (loss per mask, task NLL per mask)."""
+"""(model, gates, batch) -> (data term per mask and example, task NLL per mask and example); the
+regulariser is added per mask by the loop, so its gradient is known apart from the data's."""
 
 
 @dataclass
 class Stage:
-    """One Adam run on the gate logits: its name, where it starts, its learning rates and loss.
+    """One optimiser run on the gate logits: its name, where it starts, its learning rates, its data
+    term, and the lambda of each gate set it holds.
 
     ``outputs`` names the gate sets its masks hold, in order: a stage of several outputs starts each
-    from a copy of ``start_from`` (the fused G+/G- stage). ``salt`` picks its batch order; stages with
-    the same salt see the same batches.
+    from a copy of ``start_from`` (the fused G+/G- stage), and ``lams[i]`` is output ``i``'s lambda.
+    ``salt`` picks its batch order; stages with the same salt see the same batches.
     """
 
     name: str
     start_from: str
     lr: tuple[float, float]
     objective: Objective
+    lams: tuple[float, ...] = (0.0,)
     outputs: tuple[str, ...] = ()
     salt: int = 1
 
     def __post_init__(self) -> None:
         self.outputs = self.outputs or (self.name,)
+        if len(self.lams) != len(self.outputs):
+            raise ValueError(f"stage {self.name}: one lambda per output, got {self.lams} for {self.outputs}")
+
+    def mask_lams(self, n_seeds: int) -> Tensor:
+        """Lambda of every mask: the outputs' masks in order, ``n_seeds`` each."""
+        return torch.tensor(self.lams, dtype=torch.float32).repeat_interleave(n_seeds)
 
 
 @dataclass
@@ -225,7 +231,7 @@ def run_stages(
     started = time.time() - state["seconds"]
 
     with adapter.frozen(model):
-        first = data.subset(slice(0, config.batch_size))
+        first = data.subset(slice(0, min(config.batch_size, config.micro_batch_size or config.batch_size)))
         check_target_logits(model, HeadGates.fixed(torch.sigmoid(init_theta[:1])).to(device),
                             first.tokens.to(device), first.target_mask.to(device), force=True,
                             targets=first.targets_to(device))
@@ -236,15 +242,16 @@ def run_stages(
                 theta = state["theta"]
             else:
                 start = init_theta if stage.start_from == "init" else state["finished"][stage.start_from]
-                theta = start.repeat(len(stage.outputs), 1, 1)
+                theta = start.detach().cpu().float().repeat(len(stage.outputs), 1, 1)
                 state.update(stage=stage.name, step=0, optimizer=None)
                 state["logs"][stage.name] = {"loss": [], "nll": []}
                 state["trace"][stage.name] = {"steps": [0], "gates": [torch.sigmoid(theta).clone()],
-                                              "stopped_at": -1}
-            gates = HeadGates(layout.n_layers, layout.n_heads, theta.shape[0], theta=theta).to(device)
-            _train_stage(model, gates, data, stage, config, state, folder, started)
-            for name, part in zip(stage.outputs, gates.theta.detach().cpu().chunk(len(stage.outputs)),
-                                  strict=True):
+                                              "stopped_at": -1, "passes": torch.zeros(theta.shape[0]),
+                                              "lams": stage.mask_lams(config.n_seeds)}
+            run = StageRun(model, data, stage, config, state, folder, started, device,
+                           layout.n_layers * layout.n_heads)
+            theta = run.lbfgs(theta) if config.optimizer == "lbfgs" else run.adam(theta)
+            for name, part in zip(stage.outputs, theta.chunk(len(stage.outputs)), strict=True):
                 state["finished"][name] = part.clone()
             state.update(theta=None, optimizer=None)
             if folder is not None:
@@ -261,69 +268,229 @@ def _split_outputs(stages: list[Stage], state: dict[str, Any], seconds: float) -
         curves = {k: torch.stack(v) for k, v in state["logs"][stage.name].items()}
         record = state["trace"][stage.name]
         gates = torch.stack(record["gates"])
+        per_mask = {key: record[key] for key in ("passes", "lams", "task_grad") if key in record}
         for i, name in enumerate(stage.outputs):
             losses[name] = {k: v.chunk(n, dim=1)[i] for k, v in curves.items()}
             trace[name] = {"steps": torch.tensor(record["steps"]), "gates": gates.chunk(n, dim=1)[i],
-                           "stopped_at": torch.tensor(record["stopped_at"])}
+                           "stopped_at": torch.tensor(record["stopped_at"])} | {
+                key: value.chunk(n)[i].clone() for key, value in per_mask.items()}
     return StagesFit(state["finished"], losses, trace, seconds)
 
 
-def _train_stage(model: Any, gates: HeadGates, data: GateData, stage: Stage, config: GateFitConfig,
-                 state: dict[str, Any], folder: Path | None, started: float) -> None:
-    optimizer = torch.optim.Adam([gates.theta], lr=stage.lr[0])
-    if state["optimizer"] is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    log, trace = state["logs"][stage.name], state["trace"][stage.name]
-    first = state["step"]
-    for step in tqdm(range(first, config.steps), desc=f"CHG {stage.name}", disable=not config.progress,
-                     leave=False, initial=first, total=config.steps):
-        if folder is not None and step > first and step % config.checkpoint_every == 0:
-            _save(folder, _snapshot(state, stage, step, gates, optimizer), started)
-        for group in optimizer.param_groups:
-            group["lr"] = linear_lr(stage.lr, step, config.steps)
-        index = data.batch_indices(step, config.batch_size, seed=config.seed * 1009 + stage.salt,
-                                   bucket_window=config.bucket_window)
-        with _autocast(config.autocast, gates.theta.device):
-            loss, nll = stage.objective(model, gates, data.subset(distributed.local_slice(index)))
-        seen_loss = distributed.average_(loss.detach().clone())
-        if not torch.isfinite(seen_loss).all():
-            if folder is not None:
-                _save(folder, _snapshot(state, stage, step, gates, optimizer), started)
-            bad = torch.nonzero(~torch.isfinite(seen_loss)).flatten().tolist()
-            raise FloatingPointError(
-                f"CHG stage '{stage.name}', step {step}: the loss is not finite for mask(s) {bad} "
-                f"(values {seen_loss.cpu().tolist()}) on the batch of example indices "
-                f"{index.tolist()}. Check the data and the model's dtype."
-                + (f" The last good state is checkpointed in {folder}." if folder is not None else "")
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        distributed.average_(gates.theta.grad)
-        per_mask_grad_clip_(gates.theta.grad, config.grad_clip)
-        optimizer.step()
-        log["loss"].append(seen_loss.cpu())
-        log["nll"].append(distributed.average_(nll.detach().clone()).cpu())
-        done = step + 1
-        if done % config.trace_every == 0 or done == config.steps:
-            trace["steps"].append(done)
-            trace["gates"].append(gates.values().detach().cpu().clone())
-            if config.early_stop and _settled(trace, len(stage.outputs) == 2, config):
-                trace["stopped_at"] = done
+class StageRun:
+    """One stage of one fit: evaluates its objective on the data and runs Adam or L-BFGS on it."""
+
+    def __init__(self, model: Any, data: GateData, stage: Stage, config: GateFitConfig,
+                 state: dict[str, Any], folder: Path | None, started: float, device: torch.device,
+                 n_gates: int) -> None:
+        self.model, self.data, self.stage, self.config = model, data, stage, config
+        self.state, self.folder, self.started, self.device = state, folder, started, device
+        self.lams = stage.mask_lams(config.n_seeds)
+        self.log, self.trace = state["logs"][stage.name], state["trace"][stage.name]
+        self.tolerances = certificate.Tolerances.from_config(config, n_gates)
+        self.initial = next(iter(state["trace"].values()))["gates"][0]  # the fit's initial draw
+        self.open_threshold = getattr(config, "threshold", 0.5)  # contrastive: its closing threshold
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, theta: Float[Tensor, "mask layer head"], index: Tensor,
+                 masks: Tensor | None = None) -> dict[str, Tensor]:
+        """Loss, NLL and gradients of the masks ``masks`` (default all) at ``theta`` on the examples
+        ``index``, accumulated over micro-batches: the same numbers as one forward of the whole batch.
+        Returns ``loss``/``nll`` ``[mask]`` and ``grad``/``task_grad`` ``[mask, layer, head]`` (the
+        objective's gradient, and its data term's alone), all on the CPU."""
+        lams = self.lams if masks is None else self.lams[masks]
+        local = distributed.local_slice(index)
+        micro = self.config.micro_batch_size or len(local)
+        gates = HeadGates(theta.shape[1], theta.shape[2], theta.shape[0], theta=theta).to(self.device)
+        data_term = torch.zeros(theta.shape[0], device=self.device)
+        nll = torch.zeros_like(data_term)
+        for start in range(0, len(local), micro):
+            chunk = local[start : start + micro]
+            with _autocast(self.config.autocast, self.device):
+                term, chunk_nll = self.stage.objective(self.model, gates, self.data.subset(chunk))
+            share = len(chunk) / len(local)
+            (term.float().mean(dim=1) * share).sum().backward()
+            data_term += term.detach().float().mean(dim=1) * share
+            nll += chunk_nll.detach().float().mean(dim=1) * share
+        task_grad = distributed.average_(gates.theta.grad).cpu()
+        data_term, nll = distributed.average_(data_term).cpu(), distributed.average_(nll).cpu()
+        passes = torch.zeros(len(self.lams))
+        passes[masks if masks is not None else slice(None)] += len(index)
+        self.trace["passes"] += passes
+        leaf = theta.detach().cpu().float().requires_grad_(True)
+        loss = regularised(data_term, leaf, lams, self.config)
+        if loss.requires_grad:  # a stage with lambda = 0 has no regulariser
+            loss.sum().backward()
+        reg_grad = leaf.grad if leaf.grad is not None else torch.zeros_like(task_grad)
+        return {"loss": loss.detach(), "nll": nll, "grad": task_grad + reg_grad, "task_grad": task_grad}
+
+    def full_index(self) -> Tensor:
+        return torch.arange(len(self.data))
+
+    def _check_finite(self, loss: Tensor, step: int, index: Tensor, theta: Tensor) -> None:
+        if torch.isfinite(loss).all():
+            return
+        if self.folder is not None:
+            self._checkpoint(step, theta, self.state["optimizer"])
+        bad = torch.nonzero(~torch.isfinite(loss)).flatten().tolist()
+        shown = index.tolist() if len(index) <= 64 else f"{index[:64].tolist()} ... ({len(index)} in all)"
+        raise FloatingPointError(
+            f"CHG stage '{self.stage.name}', step {step}: the loss is not finite for mask(s) {bad} "
+            f"(values {loss.tolist()}) on the batch of example indices {shown}. Check the data and the "
+            "model's dtype." + (f" The last good state is checkpointed in {self.folder}."
+                                if self.folder is not None else "")
+        )
+
+    # ------------------------------------------------------------------ Adam
+    def adam(self, theta: Float[Tensor, "mask layer head"]) -> Tensor:
+        """The paper's optimiser: Adam on minibatches, the learning rate decaying linearly over ``steps``."""
+        config, stage = self.config, self.stage
+        param = torch.nn.Parameter(theta.detach().clone())
+        optimizer = torch.optim.Adam([param], lr=stage.lr[0])
+        if self.state["optimizer"] is not None:
+            optimizer.load_state_dict(self.state["optimizer"])
+        first = self.state["step"]
+        for step in tqdm(range(first, config.steps), desc=f"CHG {stage.name}", disable=not config.progress,
+                         leave=False, initial=first, total=config.steps):
+            if self.folder is not None and step > first and step % config.checkpoint_every == 0:
+                self._checkpoint(step, param.detach(), optimizer.state_dict())
+            for group in optimizer.param_groups:
+                group["lr"] = linear_lr(stage.lr, step, config.steps)
+            index = self.data.batch_indices(step, config.batch_size, seed=config.seed * 1009 + stage.salt,
+                                            bucket_window=config.bucket_window)
+            out = self.evaluate(param.detach(), index)
+            self._check_finite(out["loss"], step, index, param.detach())
+            param.grad = out["grad"].clone()
+            per_mask_grad_clip_(param.grad, config.grad_clip)
+            optimizer.step()
+            self._log(out)
+            done = step + 1
+            if done % config.trace_every == 0 or done == config.steps:
+                self._snapshot(done, param.detach())
+                if config.early_stop and done < config.steps and self._cheap_checks_pass():
+                    self.trace["task_grad"] = self.evaluate(param.detach(), self.full_index())["task_grad"]
+                    if self._certified():
+                        self.trace["stopped_at"] = done
+                        return param.detach().clone()
+        # The certificate needs the full-data gradient where the stage ended.
+        self.trace["task_grad"] = self.evaluate(param.detach(), self.full_index())["task_grad"]
+        return param.detach().clone()
+
+    # ------------------------------------------------------------------ L-BFGS
+    def lbfgs(self, theta: Float[Tensor, "mask layer head"]) -> Tensor:
+        """Full-data L-BFGS per mask (own history, own Armijo backtracking); a mask whose gradient is
+        below the certificate's tolerance stops moving, and the stage stops once it is certified."""
+        config, stage, index = self.config, self.stage, self.full_index()
+        n_masks, shape = theta.shape[0], theta.shape
+        saved = self.state["optimizer"]
+        if saved is not None:
+            memory = lbfgs.LBFGSState.from_dict(saved["memory"])
+            current, active = {k: v.clone() for k, v in saved["current"].items()}, saved["active"].clone()
+        else:
+            memory = lbfgs.LBFGSState.empty(n_masks, shape[1] * shape[2], config.lbfgs_memory)
+            current, active = self.evaluate(theta, index), torch.ones(n_masks, dtype=torch.bool)
+        x = theta.detach().clone()
+        first = self.state["step"]
+        for step in tqdm(range(first, config.steps), desc=f"CHG {stage.name} (L-BFGS)",
+                         disable=not config.progress, leave=False, initial=first, total=config.steps):
+            if self.folder is not None and step > first and step % config.checkpoint_every == 0:
+                self._checkpoint(step, x, {"memory": memory.as_dict(), "current": current, "active": active})
+            x, current = self._lbfgs_step(x, current, memory, active, index, step)
+            self._log(current)
+            done = step + 1
+            active &= self._stationarity(x, current["task_grad"]) >= self.tolerances.gradient
+            if done % config.trace_every == 0 or done == config.steps or not active.any():
+                self._snapshot(done, x)
+                self.trace["task_grad"] = current["task_grad"].clone()
+                if config.early_stop and done < config.steps and self._cheap_checks_pass() \
+                        and self._certified():
+                    self.trace["stopped_at"] = done
+                    break
+        self.trace["task_grad"] = current["task_grad"].clone()
+        return x
+
+    def _lbfgs_step(self, x: Tensor, current: dict[str, Tensor], memory: lbfgs.LBFGSState,
+                    active: Tensor, index: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """One iteration for every active mask: direction, backtracking line search, history update."""
+        grad = current["grad"].flatten(1)
+        direction = lbfgs.direction(grad, memory)
+        slope = (grad * direction).sum(dim=1)
+        uphill = slope >= 0
+        if uphill.any():  # a history that no longer describes the curvature: start again from -grad
+            memory.reset(uphill)
+            direction[uphill], slope[uphill] = -grad[uphill], -(grad[uphill] ** 2).sum(dim=1)
+        longest = direction.abs().amax(dim=1).clamp(min=1e-30)
+        step_size = torch.where(memory.count > 0, (lbfgs.MAX_STEP / longest).clamp(max=1.0),
+                                lbfgs.MAX_STEP / longest)
+        pending = active & (slope < 0)
+        new_x, new = x.clone(), {k: v.clone() for k, v in current.items()}
+        for _ in range(lbfgs.MAX_TRIES):
+            masks = torch.nonzero(pending).flatten()
+            if len(masks) == 0:
                 break
+            trial = x[masks] + (step_size[masks, None] * direction[masks]).view(-1, *x.shape[1:])
+            out = self.evaluate(trial, index, masks)
+            self._check_finite(out["loss"], step, index, trial)
+            accepted = lbfgs.acceptable(current["loss"][masks], slope[masks], step_size[masks], out["loss"],
+                                        current["grad"][masks].flatten(1), out["grad"].flatten(1))
+            took = masks[accepted]
+            new_x[took] = trial[accepted]
+            for key in new:
+                new[key][took] = out[key][accepted]
+            pending[took] = False
+            rejected = masks[~accepted]
+            step_size[rejected] = lbfgs.backtrack(step_size[rejected], current["loss"][rejected],
+                                                  slope[rejected], out["loss"][~accepted])
+        memory.reset(pending)  # no acceptable step: the next iteration starts from steepest descent
+        memory.push(active & ~pending, (new_x - x).flatten(1), (new["grad"] - current["grad"]).flatten(1))
+        return new_x, new
+
+    # ------------------------------------------------------------------ certificate
+    def _stationarity(self, theta: Tensor, task_grad: Tensor) -> Tensor:
+        """Per mask, the largest stationarity residual over heads, in units of the regulariser's pull."""
+        residual = certificate.stationarity(task_grad, theta, self.lams, self.config.clamp,
+                                            self.config.clamp_mode, self.tolerances.unit)
+        return residual.flatten(1).amax(dim=1)
+
+    def _cheap_checks_pass(self) -> bool:
+        """The certificate's trace-only checks (no new gradient needed) on the stage so far."""
+        return all(row["passes_trace_checks"] for row in self._rows(with_gradient=False))
+
+    def _certified(self) -> bool:
+        return all(row["certified"] for row in self._rows(with_gradient=True))
+
+    def _rows(self, with_gradient: bool) -> list[dict[str, Any]]:
+        """The certificate on the stage so far: the same rule the result reports at the end."""
+        steps, gates = torch.tensor(self.trace["steps"]), torch.stack(self.trace["gates"])
+        n = self.config.n_seeds
+        codes = convergence.states(gates, len(self.stage.outputs) == 2, self.config.role_threshold,
+                                   self.open_threshold)
+        codes = codes.repeat(1, gates.shape[1] // codes.shape[1], 1, 1)  # a seed's roles for G+ and G-
+        initial = self.initial.repeat(gates.shape[1] // n, 1, 1)
+        return certificate.certify(steps, gates, steps, codes, torch.stack(self.log["loss"]), initial,
+                                   self.lams, self.trace.get("task_grad") if with_gradient else None,
+                                   self.config.clamp, self.config.clamp_mode, self.tolerances)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _log(self, out: dict[str, Tensor]) -> None:
+        self.log["loss"].append(out["loss"].clone())
+        self.log["nll"].append(out["nll"].clone())
+
+    def _snapshot(self, done: int, theta: Tensor) -> None:
+        self.trace["steps"].append(done)
+        self.trace["gates"].append(torch.sigmoid(theta).detach().cpu().clone())
+
+    def _checkpoint(self, step: int, theta: Tensor, optimizer: Any) -> None:
+        self.state.update(stage=self.stage.name, step=step, theta=theta.detach().cpu().clone(),
+                          optimizer=optimizer)
+        _save(self.folder, self.state, self.started)
 
 
-def _settled(trace: dict[str, Any], paired: bool, config: GateFitConfig) -> bool:
-    """The early-stopping rule on the trace so far (the same rule on every process and on resume)."""
-    steps, gates = torch.tensor(trace["steps"]), torch.stack(trace["gates"])
-    codes = convergence.states(gates, paired, config.role_threshold)
-    return convergence.stable_over(steps, gates, codes, config.patience, config.stop_tolerance)
-
-
-def _snapshot(state: dict[str, Any], stage: Stage, step: int, gates: HeadGates,
-              optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    state.update(stage=stage.name, step=step, theta=gates.theta.detach().cpu().clone(),
-                 optimizer=optimizer.state_dict())
-    return state
+def regularised(data_term: Float[Tensor, " mask"], theta: Float[Tensor, "mask layer head"],
+                lams: Float[Tensor, " mask"], config: GateFitConfig) -> Float[Tensor, " mask"]:
+    """Eq. 1 per mask: the data term minus ``lam_m`` times mask ``m``'s clamped gate reward."""
+    return torch.cat([chg_loss(data_term[m : m + 1], theta[m : m + 1], float(lams[m]), config.clamp,
+                               config.clamp_mode) for m in range(len(lams))])
 
 
 def _save(folder: Path, state: dict[str, Any], started: float) -> None:
@@ -350,4 +517,3 @@ def linear_lr(lr: tuple[float, float], step: int, steps: int) -> float:
 
 _REGULARISED_SALT = 2
 """G+ and G- (fused or not) see the same batches, so the two forms of the fit give the same gates."""
-

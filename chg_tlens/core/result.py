@@ -122,8 +122,8 @@ class CHGResult:
     def summary(self, threshold: float = 0.5, min_confidence: float = 0.0) -> pd.DataFrame:
         """Share of heads per role for each seed, plus the heads with the same role in every seed.
 
-        With a trace, a ``converged`` column says whether every stage of that seed converged
-        (:meth:`convergence`), and ``frame.attrs["convergence"]`` says it in words."""
+        With a trace, a ``certified`` column says whether every stage of that seed carries the convergence
+        certificate (:meth:`convergence`), and ``frame.attrs["convergence"]`` says it in words."""
         labels = self.role_labels(threshold, min_confidence)
         n = self.n_layers * self.n_heads
         rows = []
@@ -137,22 +137,26 @@ class CHGResult:
         frame = pd.DataFrame(rows).set_index("seed")
         if self.trace:
             report = self.convergence(threshold)
-            per_seed = report.groupby("seed")["converged"].all()
-            frame["converged"] = [bool(per_seed[s]) for s in range(self.n_seeds)] + [bool(per_seed.all())]
+            per_seed = report.groupby("seed")["certified"].all()
+            frame["certified"] = [bool(per_seed[s]) for s in range(self.n_seeds)] + [bool(per_seed.all())]
             frame.attrs["convergence"] = convergence.in_words(report.to_dict("records"))
         return frame
 
     def example_passes(self) -> int:
-        """Example forward+backward passes the fit cost: updates run in every stage (early stops
-        included) x batch size x seeds (each G+/G- update counts for both of its gate sets)."""
+        """Example forward+backward passes the fit cost, summed over its gate sets (each G+ and G- mask
+        counts): counted as the fit ran (line searches and the certificate's full-data gradient
+        included) or, for results saved before that count was kept, updates x batch size x seeds."""
+        if self.trace and all("passes" in record for record in self.trace.values()):
+            return int(sum(float(record["passes"].sum()) for record in self.trace.values()))
         updates = sum(int(curves["loss"].shape[0]) for curves in self.losses.values())
         return updates * int(self.config.get("batch_size", 0)) * self.n_seeds
 
     # ----------------------------------------------------------------- convergence
     def convergence(self, threshold: float = 0.5) -> pd.DataFrame:
-        """Per stage x seed: role flips (state flips in stage 1), mean |change of G| and loss slope over
-        the last quarter of the updates, the share of gates still within 0.05 of their initial draw,
-        where the stage stopped early, whether it converged and what to change if not."""
+        """Per stage x seed: the convergence certificate (:mod:`chg_tlens.core.certificate`): the window
+        read, role flips in it (open/closed flips in stage 1), the gates' drift, the loss change against
+        its noise, gates undecided at their initial draw, the largest stationarity residual in units of
+        the regulariser's pull, ``certified``, the checks that ``failed`` and what to change."""
         return _convergence_frame(self.trace, self.losses, self.config, threshold)
 
     def convergence_text(self, threshold: float = 0.5) -> str:
@@ -160,10 +164,10 @@ class CHGResult:
         return convergence.in_words(self.convergence(threshold).to_dict("records"))
 
     def confidence(self, threshold: float = 0.5) -> Float[Tensor, "seed layer head"]:
-        """Per seed and head: the share of the last quarter's snapshots at which the head already had
+        """Per seed and head: the share of the certificate window's snapshots at which the head already had
         its final role, times the share of seeds that end with the same role (1 = settled and shared)."""
-        _require_trace(self.trace, ("plus", "minus"))
-        return convergence.head_confidence(self.trace, threshold)
+        _require_trace(self.trace, ("plus", "minus"), "confidence")
+        return convergence.head_confidence(self.trace, self.config, threshold)
 
     def to_frame(self, threshold: float = 0.5) -> pd.DataFrame:
         """One row per seed x layer x head with gates, scores and role."""
@@ -258,7 +262,13 @@ class CHGResult:
         return consensus
 
 
-def _require_trace(trace: dict[str, dict[str, Tensor]], stages: tuple[str, ...]) -> None:
+def _require_trace(trace: dict[str, dict[str, Tensor]], stages: tuple[str, ...], what: str) -> None:
+    """Refuse a missing or partial trace by name, before a StopIteration or KeyError deep in the reading."""
+    if not trace:
+        raise InputError(
+            f"this result has no gate trace (fitted before traces were kept, or built by hand): {what} "
+            "cannot be read; refit to get it."
+        )
     missing = [stage for stage in stages if stage not in trace]
     if missing:
         raise InputError(
@@ -268,11 +278,16 @@ def _require_trace(trace: dict[str, dict[str, Tensor]], stages: tuple[str, ...])
 
 
 def _convergence_frame(trace: dict[str, dict[str, Tensor]], losses: dict[str, dict[str, Tensor]],
-                       config: dict[str, Any], threshold: float) -> pd.DataFrame:
+                       config: dict[str, Any], threshold: float, open_threshold: float = 0.5) -> pd.DataFrame:
+    """:func:`convergence.stage_report` as a frame; ``open_threshold`` is where a gate of a stage without
+    roles counts as open (a contrastive fit's closing threshold)."""
     checks.unit_interval(threshold, "threshold")
-    _require_trace(trace, tuple(losses))
-    rows = convergence.stage_report(trace, losses, threshold, tolerance=config.get("stop_tolerance", 0.01),
-                                    patience=config.get("patience", 100))
+    _require_trace(trace, tuple(losses), "convergence")
+    unlogged = [stage for stage in trace if stage not in losses]
+    if unlogged:
+        raise InputError(f"this result has a gate trace but no loss curve of stage(s) {unlogged} (built by "
+                         "hand?): convergence cannot be read.")
+    rows = convergence.stage_report(trace, losses, config, threshold, open_threshold=open_threshold)
     return pd.DataFrame(rows)
 
 
@@ -413,11 +428,13 @@ class ContrastiveResult:
     trace: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     """The gate trace of the one stage, as in :attr:`CHGResult.trace`."""
 
-    def convergence(self, threshold: float = 0.5) -> pd.DataFrame:
-        """Per seed: gate flips, movement and loss slope over the last quarter, as for CHGResult."""
-        return _convergence_frame(self.trace, self.losses, self.config, threshold)
+    def convergence(self, threshold: float | None = None) -> pd.DataFrame:
+        """Per seed: the convergence certificate, as for CHGResult. A flip is
+        a gate crossing ``threshold`` (default: the fit's own), the line :meth:`closed` draws."""
+        threshold = self.config.get("threshold", 0.5) if threshold is None else threshold
+        return _convergence_frame(self.trace, self.losses, self.config, threshold, open_threshold=threshold)
 
-    def convergence_text(self, threshold: float = 0.5) -> str:
+    def convergence_text(self, threshold: float | None = None) -> str:
         """:meth:`convergence` in words."""
         return convergence.in_words(self.convergence(threshold).to_dict("records"))
 

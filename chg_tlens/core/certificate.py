@@ -1,0 +1,200 @@
+"""The convergence certificate: when a stage's gates are a finished answer and not a point on the way.
+
+Per stage and gate set (mask), read off its trace (gate snapshots, the loss of every update, and the
+objective's full-data gradient where the stage ended). A mask is *certified* when all of these hold:
+
+    window        the stage ran at least ``patience`` updates; the window is its last
+                  max(patience, a quarter of its updates) updates
+    no flips      no head changed state (its role; open/closed before roles exist) within the window
+    still         the gates' mean |change| over the window, carried on for ``patience`` updates, stays
+                  below ``drift`` (so a window is long against the gates' own movement, not only in
+                  updates)
+    flat loss     the loss changed over the window by less than its own noise there (twice the spread
+                  around a fitted line), or by less than one ``unit``
+    decided       (regularised masks) at most ``max_undecided`` of the gates still sit undecided
+                  (0.1 < G < 0.9) within 0.05 of their initial draw
+    stationary    on the whole data, every head's stationarity residual, the distance from 0 to the
+                  objective's (sub)gradient in its logit, is below ``gradient`` units
+
+The unit is the regulariser's pull on one gate logit, ``lam / n_heads`` (lam floored at 0.01 for fits
+with lam = 0): the force that decides whether an unimportant head ends open or closed. A residual
+below a tenth of it means no head's logit is being pushed by more than a tenth of that force: the gates
+sit at a stationary point of the objective on this data, whatever optimiser and schedule got them there.
+What it does not promise: that this stationary point is the only one (other initial gates may reach
+others: the paper's many sufficient circuits; see ``CHGResult.confidence``), nor that another sample of
+prompts gives the same one. Everything here is a pure function of tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+NEAR_INITIAL = 0.05
+"""A gate within this distance of its initial draw has not been moved by the fit."""
+KINK = 0.05
+"""Logits within this distance of the regulariser's clamp count as at its kink, where the objective's
+subgradient is an interval (a gate held there by the task against the pull is stationary)."""
+LAM_FLOOR = 0.01
+"""Lambda used for the unit when a fit's lambda is 0, so the gradient test keeps a scale."""
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """The certificate's thresholds, in the units described in the module docstring."""
+
+    patience: int = 100
+    drift: float = 0.01
+    gradient: float = 0.1
+    unit: float = 1e-4
+    max_undecided: float = 0.1
+    share: float = 0.25
+
+    @classmethod
+    def from_config(cls, config: Any, n_gates: int) -> Tolerances:
+        """From a config (dataclass or its JSON record) and the gates per mask (layers x heads)."""
+        get = config.get if isinstance(config, dict) else lambda key, default: getattr(config, key, default)
+        lam = float(get("lam", 0.1) or 0.0)
+        patience = get("patience", None) or 100
+        return cls(patience=int(patience), drift=float(get("stop_tolerance", 0.01)),
+                   gradient=float(get("grad_tolerance", 0.1)), unit=max(lam, LAM_FLOOR) / n_gates)
+
+
+def stationarity(
+    task_grad: Float[Tensor, "mask layer head"],
+    theta: Float[Tensor, "mask layer head"],
+    lams: Float[Tensor, " mask"],
+    clamp: float,
+    mode: str,
+    unit: float,
+) -> Float[Tensor, "mask layer head"]:
+    """Each head's stationarity residual in units: |d objective / d theta|, where at the clamp's kink
+    the derivative is the interval between its two one-sided values and the residual is its distance
+    from 0. ``task_grad`` is the data term's gradient; the regulariser's is ``-lam / n`` where the clamp
+    lets it act (``one_sided``: below +c for lam > 0, above -c for lam < 0; ``two_sided``: within +-c)."""
+    n = theta.shape[1] * theta.shape[2]
+    lam = lams.to(theta.dtype)[:, None, None].expand_as(theta)
+    pull = lam / n
+    if mode == "two_sided":
+        active, kinks = theta.abs() < clamp, [clamp, -clamp]
+    else:
+        active = torch.where(lam >= 0, theta < clamp, theta > -clamp)
+        kinks = [torch.where(lam >= 0, torch.full_like(theta, clamp), torch.full_like(theta, -clamp))]
+    inside, outside = task_grad - pull, task_grad
+    residual = torch.where(active, inside, outside).abs()
+    low, high = torch.minimum(inside, outside), torch.maximum(inside, outside)
+    interval = torch.where(low > 0, low, torch.where(high < 0, -high, torch.zeros_like(low)))
+    at_kink = torch.zeros_like(theta, dtype=torch.bool)
+    for kink in kinks:
+        at_kink |= (theta - kink).abs() < KINK
+    residual = torch.where(at_kink & (lam != 0), interval, residual)
+    return residual / unit
+
+
+def window_updates(updates: int, tolerances: Tolerances) -> int:
+    """Length of the window the certificate reads: the last max(patience, share x updates) updates."""
+    return min(updates, max(tolerances.patience, math.ceil(tolerances.share * updates)))
+
+
+def _opening(steps: Int[Tensor, " snapshot"], length: int) -> int:
+    """Index of the latest snapshot at or before the window's start (the state the window starts from)."""
+    return int(torch.nonzero(steps <= int(steps[-1]) - length).max())
+
+
+def loss_change(loss: Float[Tensor, "step mask"], length: int) -> tuple[Tensor, Tensor]:
+    """Over the last ``length`` updates, the loss change a least-squares line predicts (slope x length)
+    and the spread of the loss around that line (the noise the change is read against)."""
+    tail = loss[-max(2, length):].double()
+    x = torch.arange(tail.shape[0], dtype=torch.float64)[:, None]
+    x = x - x.mean()
+    slope = (x * (tail - tail.mean(dim=0))).sum(dim=0) / (x**2).sum().clamp(min=1e-12)
+    residual = tail - tail.mean(dim=0) - slope * x
+    return (slope * tail.shape[0]).float(), residual.std(dim=0, correction=0).float()
+
+
+def certify(
+    steps: Int[Tensor, " snapshot"],
+    gates: Float[Tensor, "snapshot mask layer head"],
+    code_steps: Int[Tensor, " code_snapshot"],
+    codes: Int[Tensor, "code_snapshot mask layer head"],
+    loss: Float[Tensor, "step mask"],
+    initial: Float[Tensor, "mask layer head"] | None,
+    lams: Float[Tensor, " mask"],
+    task_grad: Float[Tensor, "mask layer head"] | None,
+    clamp: float,
+    mode: str,
+    tolerances: Tolerances,
+) -> list[dict[str, Any]]:
+    """One row per mask: each check's figure and verdict, ``certified``, ``passes_trace_checks`` (all but
+    the gradient, which costs a full-data pass) and what to change when not certified.
+
+    ``codes`` are the heads' states at ``code_steps`` (roles may be read at other updates than the
+    gates); ``initial`` is the fit's initial draw (None: do not run the undecided test)."""
+    updates = int(steps[-1])
+    length = window_updates(updates, tolerances)
+    long_enough = updates >= tolerances.patience
+    flips = (codes[_opening(code_steps, length):] != codes[-1]).any(dim=0).flatten(1).sum(dim=1)
+    opening = _opening(steps, length)
+    span = max(1, updates - int(steps[opening]))
+    drift = (gates[-1] - gates[opening]).abs().flatten(1).mean(dim=1) * tolerances.patience / span
+    change, noise = loss_change(loss, length)
+    if initial is not None:
+        at_start = (gates[-1] - initial).abs() < NEAR_INITIAL
+        undecided = (at_start & (gates[-1] > 0.1) & (gates[-1] < 0.9)).float().flatten(1).mean(dim=1)
+    else:
+        undecided = torch.zeros(gates.shape[1])
+    if task_grad is not None:
+        theta = torch.logit(gates[-1].double().clamp(1e-12, 1 - 1e-12)).float()
+        gradient = stationarity(task_grad, theta, lams, clamp, mode, tolerances.unit).flatten(1).amax(dim=1)
+    rows = []
+    for m in range(gates.shape[1]):
+        regularised = float(lams[m]) != 0.0
+        checks = {
+            "window": long_enough,
+            "no_flips": int(flips[m]) == 0,
+            "still": float(drift[m]) < tolerances.drift,
+            "flat_loss": abs(float(change[m])) <= max(2 * float(noise[m]), tolerances.unit),
+            "decided": not regularised or float(undecided[m]) <= tolerances.max_undecided,
+        }
+        row = {"updates": updates, "window": length, "flips": int(flips[m]), "drift": float(drift[m]),
+               "loss_change": float(change[m]), "loss_noise": float(noise[m]),
+               "undecided_at_initial": float(undecided[m]),
+               "gradient": float(gradient[m]) if task_grad is not None else None}
+        row["passes_trace_checks"] = all(checks.values())
+        checks["stationary"] = task_grad is not None and float(gradient[m]) < tolerances.gradient
+        row["failed"] = ", ".join(name for name, ok in checks.items() if not ok)
+        row["certified"] = all(checks.values())
+        row["advice"] = advice(checks, row, tolerances)
+        rows.append(row)
+    return rows
+
+
+def advice(checks: dict[str, bool], row: dict[str, Any], tolerances: Tolerances) -> str:
+    """What to change, from which checks failed and which way the loss moves."""
+    if all(checks.values()):
+        return "certified"
+    if row["gradient"] is None and not checks["stationary"] and all(
+            ok for name, ok in checks.items() if name != "stationary"):
+        return "no full-data gradient recorded (fitted by an older chg_tlens): refit to certify"
+    if not checks["window"]:
+        return (f"fewer updates ({row['updates']}) than the window (patience {tolerances.patience}): "
+                "more steps")
+    rising = row["loss_change"] > max(2 * row["loss_noise"], tolerances.unit)
+    falling = row["loss_change"] < -max(2 * row["loss_noise"], tolerances.unit)
+    if rising:
+        return "the loss is rising: a smaller learning rate, or optimizer='lbfgs'"
+    if falling:
+        return "the loss is still falling: more steps, or optimizer='lbfgs'"
+    if not checks["decided"]:
+        return (f"{row['undecided_at_initial']:.0%} of gates still undecided at their initial draw: "
+                "more steps, or optimizer='lbfgs'")
+    if not (checks["no_flips"] and checks["still"]):
+        return ("heads still change while the loss is flat within its noise: a bigger batch_size, "
+                "or optimizer='lbfgs'")
+    return (f"the gradient is {row['gradient']:.2g} units of the regulariser's pull (needs < "
+            f"{tolerances.gradient:g}): more steps, or optimizer='lbfgs'")

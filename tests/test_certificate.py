@@ -1,0 +1,119 @@
+"""The convergence certificate on synthetic traces, where the right verdict is known by construction.
+
+Each test names the wrong rule it rejects: a verdict that only counts updates (``updates >= 100``), one
+that ignores the gradient, the loss's direction, the clamp's kink, or one of confidence's two factors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chg_tlens.core import certificate, convergence
+
+TOL = certificate.Tolerances(patience=10, drift=0.01, gradient=0.1, unit=1e-3)
+
+
+def still_trace(updates: int, every: int = 1, n_heads: int = 4, gate: float = 0.95):
+    """A stage whose gates, loss and gradient have not moved: the certificate's easy yes."""
+    steps = torch.arange(0, updates + 1, every)
+    gates = torch.full((len(steps), 1, 1, n_heads), gate)
+    loss = torch.full((updates, 1), 1.5)
+    return steps, gates, loss, torch.zeros(1, 1, n_heads)
+
+
+def verdict(steps, gates, loss, task_grad, lam=0.0, initial=None, tolerances=TOL):
+    codes = convergence.open_codes(gates)
+    return certificate.certify(steps, gates, steps, codes, loss, initial, torch.tensor([lam]), task_grad,
+                               4.0, "one_sided", tolerances)[0]
+
+
+def test_a_short_still_trace_is_certified():
+    # Rejects "updates >= 100": 20 updates, nothing moves, the gradient is zero.
+    row = verdict(*still_trace(20))
+    assert row["certified"] and row["advice"] == "certified", row
+
+
+def test_a_long_trace_with_a_late_flip_is_not_certified():
+    # Rejects "updates >= 100" and a window read over the first updates: one head crosses 0.5 at 395/400.
+    steps, gates, loss, grad = still_trace(400)
+    gates[395:, 0, 0, 1] = 0.3
+    row = verdict(steps, gates, loss, grad)
+    assert not row["certified"] and row["flips"] == 1 and "no_flips" in row["failed"], row
+
+
+def test_fewer_updates_than_the_patience_window_are_not_certified():
+    row = verdict(*still_trace(8))
+    assert not row["certified"] and "window" in row["failed"] and "more steps" in row["advice"]
+
+
+def test_gates_drifting_without_flipping_are_not_certified():
+    steps, gates, loss, grad = still_trace(40)
+    gates[:, 0, 0, :] = torch.linspace(0.6, 0.9, len(steps))[:, None]  # never crosses 0.5, keeps moving
+    row = verdict(steps, gates, loss, grad)
+    assert row["flips"] == 0 and not row["certified"] and "still" in row["failed"], row
+
+
+def test_a_large_gradient_or_none_at_all_is_not_certified():
+    # Rejects a certificate read off the trace alone: everything is still, but one head is still pushed.
+    steps, gates, loss, grad = still_trace(40)
+    grad[0, 0, 2] = 0.5 * TOL.unit
+    row = verdict(steps, gates, loss, grad)
+    assert not row["certified"] and row["failed"] == "stationary" and abs(row["gradient"] - 0.5) < 1e-4
+    assert row["passes_trace_checks"]
+    row = verdict(steps, gates, loss, None)
+    assert not row["certified"] and "refit" in row["advice"]
+
+
+def test_the_advice_reads_the_direction_of_the_loss():
+    # The old advice said "still falling" whichever way the loss moved.
+    steps, gates, loss, grad = still_trace(40)
+    falling = loss - torch.linspace(0, 0.1, 40)[:, None]
+    rising = loss + torch.linspace(0, 0.1, 40)[:, None]
+    assert "still falling" in verdict(steps, gates, falling, grad)["advice"]
+    assert "rising" in verdict(steps, gates, rising, grad)["advice"]
+    noisy = loss + 0.05 * torch.randn(40, 1, generator=torch.Generator().manual_seed(0))
+    assert verdict(steps, gates, noisy, grad)["certified"]  # flat within its own noise
+
+
+def test_a_gate_held_at_the_clamp_by_the_task_is_stationary():
+    # G+ (lam > 0) pulls theta up with lam / n until the clamp c = 4; a task gradient of half that pull
+    # pushing back holds the gate exactly at the kink: stationary. Away from the kink it is not.
+    lam, n = 0.1, 4
+    unit = lam / n
+    theta = torch.tensor([[[4.0, 4.0 + 1e-3, 0.0, 6.0]]])
+    task_grad = torch.tensor([[[0.5 * unit, 0.5 * unit, 0.5 * unit, 0.0]]])
+    residual = certificate.stationarity(task_grad, theta, torch.tensor([lam]), 4.0, "one_sided", unit)
+    assert torch.allclose(residual, torch.tensor([[[0.0, 0.0, 0.5, 0.0]]]), atol=1e-6), residual
+    # G- pulls down above -c: a gate at +4 is not at its kink, and the pull counts.
+    residual = certificate.stationarity(torch.zeros_like(theta), theta, torch.tensor([-lam]), 4.0,
+                                        "one_sided", unit)
+    assert torch.allclose(residual, torch.ones_like(theta), atol=1e-6), residual
+
+
+def test_a_regularised_gate_left_at_its_initial_draw_is_not_certified():
+    steps, gates, loss, grad = still_trace(40, gate=0.5)
+    row = verdict(steps, gates, loss, grad, lam=0.1, initial=gates[0])
+    assert not row["certified"] and "decided" in row["failed"] and "undecided" in row["advice"]
+    assert verdict(steps, gates, loss, grad, lam=0.0, initial=gates[0])["certified"]  # stage 1: no pull
+
+
+def _paired_trace(plus: torch.Tensor, minus: torch.Tensor) -> dict:
+    steps = torch.arange(plus.shape[0])
+    return {"plus": {"steps": steps, "gates": plus}, "minus": {"steps": steps, "gates": minus}}
+
+
+def test_confidence_needs_both_stability_and_agreement_between_seeds():
+    # Two seeds, two heads, 20 snapshots. Head 0: both seeds end facilitating, but seed 0 was
+    # interfering until snapshot 18 (unstable, shared). Head 1: both seeds steady, one facilitating and
+    # one irrelevant (stable, not shared). Either factor alone would give one of them full confidence.
+    n = 20
+    plus, minus = torch.full((n, 2, 1, 2), 0.9), torch.full((n, 2, 1, 2), 0.9)
+    plus[:18, 0, 0, 0], minus[:18, 0, 0, 0] = 0.05, 0.05  # interfering, then facilitating
+    minus[:, 1, 0, 1] = 0.05  # seed 1 head 1: irrelevant
+    trace = _paired_trace(plus, minus)
+    config = {"lam": 0.1, "patience": 10}
+    confidence = convergence.head_confidence(trace, config)
+    window = certificate.window_updates(n - 1, certificate.Tolerances(patience=10))
+    assert confidence[0, 0, 0] < 1.0 and confidence[1, 0, 0] == 1.0
+    assert abs(float(confidence[0, 0, 0]) - 2 / (window + 1)) < 1e-6
+    assert torch.allclose(confidence[:, 0, 1], torch.tensor([0.5, 0.5]))
