@@ -139,7 +139,7 @@ def run_fit(model: Any, data: Any, folder: Path, setting: dict[str, Any], n_seed
         "updates": {stage: int(curves["loss"].shape[0]) for stage, curves in result.losses.items()},
         "example_passes": result.example_passes(),
         "seconds": float(result.provenance.get("seconds", time.time() - began)),
-        "converged_share": float(result.convergence()["converged"].mean()),
+        "converged_share": float(result.convergence()["certified"].mean()),
     }
     record_file.write_text(json.dumps(record, indent=2))
     return record

@@ -32,13 +32,17 @@ _TOOL_MODULES = {
 
 
 def __getattr__(name: str) -> Any:
-    """``chg_tlens.validate`` and friends, and ``task_accuracy``, imported when first asked for."""
+    """The tool modules, ``task_accuracy`` and ``error_bars``, imported when first asked for."""
     if name in _TOOL_MODULES:
         return importlib.import_module(_TOOL_MODULES[name])
     if name == "task_accuracy":
         from chg_tlens.analysis.accuracy import task_accuracy
 
         return task_accuracy
+    if name == "error_bars":
+        from chg_tlens.analysis.error_bars import error_bars
+
+        return error_bars
     raise AttributeError(f"module 'chg_tlens' has no attribute {name!r}")
 
 
@@ -51,6 +55,7 @@ __all__ = [
     "HeadGates",
     "InputError",
     "ResultFileError",
+    "error_bars",
     "fit_chg",
     "fit_contrastive_chg",
     "load_model",

@@ -6,9 +6,11 @@ that ignores the gradient, the loss's direction, the clamp's kink, or one of con
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from chg_tlens.core import certificate, convergence
+from chg_tlens.core.objectives import chg_loss
 
 TOL = certificate.Tolerances(patience=10, drift=0.01, gradient=0.1, unit=1e-3)
 
@@ -84,7 +86,7 @@ def test_a_gate_held_at_the_clamp_by_the_task_is_stationary():
     task_grad = torch.tensor([[[0.5 * unit, 0.5 * unit, 0.5 * unit, 0.0]]])
     residual = certificate.stationarity(task_grad, theta, torch.tensor([lam]), 4.0, "one_sided", unit)
     assert torch.allclose(residual, torch.tensor([[[0.0, 0.0, 0.5, 0.0]]]), atol=1e-6), residual
-    # G- pulls down above -c: a gate at +4 is not at its kink, and the pull counts.
+    # G- pulls down above -c: a gate at +4 or beyond is pushed back towards the middle, and that counts.
     residual = certificate.stationarity(torch.zeros_like(theta), theta, torch.tensor([-lam]), 4.0,
                                         "one_sided", unit)
     assert torch.allclose(residual, torch.ones_like(theta), atol=1e-6), residual
@@ -117,3 +119,42 @@ def test_confidence_needs_both_stability_and_agreement_between_seeds():
     assert confidence[0, 0, 0] < 1.0 and confidence[1, 0, 0] == 1.0
     assert abs(float(confidence[0, 0, 0]) - 2 / (window + 1)) < 1e-6
     assert torch.allclose(confidence[:, 0, 1], torch.tensor([0.5, 0.5]))
+
+
+def test_a_saturated_gate_counts_only_a_push_back_towards_the_middle():
+    # Stage 1 has no regulariser: a head the task wants closed runs off towards -inf with a gradient that
+    # shrinks but never vanishes. That gate is decided; one the task pulls back from saturation is not.
+    theta = torch.tensor([[[-8.0, 8.0, -8.0, 8.0]]])
+    task_grad = torch.tensor([[[1e-3, -1e-3, -1e-3, 1e-3]]])  # out, out, back in, back in
+    residual = certificate.stationarity(task_grad, theta, torch.tensor([0.0]), 4.0, "one_sided", 1e-3)
+    assert torch.allclose(residual, torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])), residual
+
+
+def test_confidence_reports_each_source_on_its_own():
+    n = 20
+    plus, minus = torch.full((n, 2, 1, 2), 0.9), torch.full((n, 2, 1, 2), 0.9)
+    plus[:18, 0, 0, 0], minus[:18, 0, 0, 0] = 0.05, 0.05
+    minus[:, 1, 0, 1] = 0.05
+    trace, config = _paired_trace(plus, minus), {"lam": 0.1, "patience": 10}
+    optimiser = convergence.head_confidence(trace, config, source="optimiser")
+    seeds = convergence.head_confidence(trace, config, source="seeds")
+    both = convergence.head_confidence(trace, config)
+    assert float(optimiser[0, 0, 0]) < 1.0 and torch.equal(seeds[:, 0, 0], torch.ones(2))
+    assert torch.equal(optimiser[:, 0, 1], torch.ones(2))
+    assert torch.allclose(seeds[:, 0, 1], torch.full((2,), 0.5))
+    assert torch.allclose(both, optimiser * seeds)
+
+
+@pytest.mark.parametrize("mode", ["one_sided", "two_sided"])
+@pytest.mark.parametrize("lam", [0.1, -0.1, 0.0])
+def test_the_residual_is_the_objectives_gradient_away_from_kinks_and_saturation(mode, lam):
+    # Inside (-c, c) and off the kinks, the residual is |d/dtheta (data - lam * mean clamp(theta))|, the
+    # gradient the fit itself follows (rejects a wrong sign or a missing 1/n on the pull).
+    generator = torch.Generator().manual_seed(1)
+    theta = (torch.rand(2, 3, 4, generator=generator) * 7 - 3.5).requires_grad_(True)
+    task_grad = torch.randn(2, 3, 4, generator=generator) * 1e-2
+    lams = torch.tensor([lam, lam])
+    reward = chg_loss(torch.zeros(2), theta, lam, 4.0, mode).sum()
+    expected = (task_grad + torch.autograd.grad(reward, theta)[0]).abs() if lam else task_grad.abs()
+    residual = certificate.stationarity(task_grad, theta.detach(), lams, 4.0, mode, unit=1.0)
+    assert torch.allclose(residual, expected, atol=1e-7)

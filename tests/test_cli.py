@@ -56,8 +56,10 @@ def planted_run(tmp_path_factory) -> Path:
 
 def test_demo_writes_a_complete_run_folder_with_the_planted_roles(planted_run):
     for name in ("chg_gates.safetensors", "chg_result.json", "roles.csv", "summary.csv", "losses.csv",
-                 "run.json", "report.html", "pictures/heatmaps.png"):
+                 "certificate.csv", "run.json", "report.html", "pictures/heatmaps.png"):
         assert (planted_run / name).is_file(), name
+    certificate = pd.read_csv(planted_run / "certificate.csv")
+    assert set(certificate["stage"]) == {"zero", "plus", "minus"} and "gradient" in certificate
     roles = pd.read_csv(planted_run / "roles.csv")
     head_11 = roles[(roles["layer"] == 1) & (roles["head"] == 1)]
     assert set(head_11["role"]) == {"facilitating"}  # the planted repeat head, in every seed

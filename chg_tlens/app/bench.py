@@ -47,7 +47,7 @@ from chg_tlens.app.markdown import markdown_table
 from chg_tlens.app.runs import write_json
 from chg_tlens.core.config import CHGConfig
 from chg_tlens.core.data import GateData
-from chg_tlens.core.fit import chg_objective
+from chg_tlens.core.fit import nll_objective, regularised
 from chg_tlens.core.forward import gated_logits
 from chg_tlens.core.gates import HeadGates
 from chg_tlens.core.objectives import chg_loss, per_mask_grad_clip_, target_nll
@@ -238,11 +238,11 @@ def full_logit_step(model: Any, gates: HeadGates, batch: GateData) -> Step:
 
 def target_only_step(model: Any, gates: HeadGates, batch: GateData) -> Step:
     """The training step ``fit_chg`` runs: the stage objective (target logits only), then backward."""
-    objective = chg_objective([LAM], CHGConfig())
+    config, lams = CHGConfig(), torch.full((gates.n_masks,), LAM)
 
     def step() -> None:
-        loss, _ = objective(model, gates, batch)
-        loss.sum().backward()
+        data_term, _ = nll_objective(model, gates, batch)
+        regularised(data_term.mean(dim=1), gates.theta, lams, config).sum().backward()
         gates.theta.grad = None
 
     return step
@@ -250,15 +250,16 @@ def target_only_step(model: Any, gates: HeadGates, batch: GateData) -> Step:
 
 def regularised_update(model: Any, theta: Tensor, lams: list[float], batch: GateData,
                        config: CHGConfig) -> Step:
-    """One Adam update of a regularised stage as ``fit_chg`` runs it: ``chg_objective`` over one copy of
+    """One Adam update of a regularised stage as ``fit_chg`` runs it: the data term over one copy of
     ``theta`` per lambda (two: the fused G+/G- stage), backward, per-mask gradient clip, Adam step."""
     gates = HeadGates(theta.shape[1], theta.shape[2], len(lams) * theta.shape[0],
                       theta=theta.repeat(len(lams), 1, 1)).to(adapter.model_device(model))
-    objective = chg_objective(lams, config)
+    mask_lams = torch.tensor(lams, dtype=torch.float32).repeat_interleave(theta.shape[0])
     optimizer = torch.optim.Adam([gates.theta], lr=config.lr_reg[0])
 
     def step() -> None:
-        loss, _ = objective(model, gates, batch)
+        data_term, _ = nll_objective(model, gates, batch)
+        loss = regularised(data_term.mean(dim=1), gates.theta, mask_lams, config)
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         per_mask_grad_clip_(gates.theta.grad, config.grad_clip)

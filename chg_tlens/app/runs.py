@@ -2,6 +2,7 @@
 
     <run>/chg_gates.safetensors, chg_result.json   the result with provenance (CHGResult.save)
     <run>/roles.csv, summary.csv, losses.csv       tables
+    <run>/certificate.csv                          the convergence certificate per stage and seed
     <run>/run.json                                 what was run (command, model, task, config)
     <run>/pictures/*.png, report.html              pictures and the self-contained report
 
@@ -54,6 +55,8 @@ def write_run_folder(
     tables = [(ROLES_FILE, result.to_frame(threshold), False),
               ("summary.csv", result.summary(threshold), True),
               ("losses.csv", result.loss_frame(), False)]
+    if result.trace:
+        tables.append(("certificate.csv", result.convergence(threshold), False))
     return _write_result_folder(result, Path(folder), tables, run_info, threshold, pictures, report)
 
 

@@ -14,7 +14,8 @@ objective's full-data gradient where the stage ended). A mask is *certified* whe
     decided       (regularised masks) at most ``max_undecided`` of the gates still sit undecided
                   (0.1 < G < 0.9) within 0.05 of their initial draw
     stationary    on the whole data, every head's stationarity residual, the distance from 0 to the
-                  objective's (sub)gradient in its logit, is below ``gradient`` units
+                  objective's (sub)gradient in its logit, is below ``gradient`` units; a saturated gate
+                  (|logit| beyond the clamp c) counts only a push back towards the middle
 
 The unit is the regulariser's pull on one gate logit, ``lam / n_heads`` (lam floored at 0.01 for fits
 with lam = 0): the force that decides whether an unimportant head ends open or closed. A residual
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 NEAR_INITIAL = 0.05
@@ -73,27 +74,47 @@ def stationarity(
     mode: str,
     unit: float,
 ) -> Float[Tensor, "mask layer head"]:
-    """Each head's stationarity residual in units: |d objective / d theta|, where at the clamp's kink
-    the derivative is the interval between its two one-sided values and the residual is its distance
-    from 0. ``task_grad`` is the data term's gradient; the regulariser's is ``-lam / n`` where the clamp
-    lets it act (``one_sided``: below +c for lam > 0, above -c for lam < 0; ``two_sided``: within +-c)."""
+    """Each head's stationarity residual in units: how hard the objective still pushes its logit.
+
+    Inside (-c, c) that is |d objective / d theta| (at the regulariser's kink, the distance from 0 to
+    the interval between its two one-sided derivatives). A saturated gate (logit beyond +-c, where the
+    regulariser calls a gate clearly set) counts only a push back towards the middle: a gate the task
+    drives further open or closed is decided, not unfinished (without a regulariser, stage 1's optimum
+    lies at infinity for many heads). ``task_grad`` is the data term's gradient; the regulariser's is
+    ``-lam / n`` where the clamp lets it act (``one_sided``: below +c for lam > 0, above -c for lam < 0;
+    ``two_sided``: within +-c)."""
     n = theta.shape[1] * theta.shape[2]
     lam = lams.to(theta.dtype)[:, None, None].expand_as(theta)
-    pull = lam / n
+    near_upper, near_lower = (theta - clamp).abs() < KINK, (theta + clamp).abs() < KINK
     if mode == "two_sided":
-        active, kinks = theta.abs() < clamp, [clamp, -clamp]
+        active, at_kink = theta.abs() < clamp, near_upper | near_lower
     else:
         active = torch.where(lam >= 0, theta < clamp, theta > -clamp)
-        kinks = [torch.where(lam >= 0, torch.full_like(theta, clamp), torch.full_like(theta, -clamp))]
-    inside, outside = task_grad - pull, task_grad
-    residual = torch.where(active, inside, outside).abs()
-    low, high = torch.minimum(inside, outside), torch.maximum(inside, outside)
-    interval = torch.where(low > 0, low, torch.where(high < 0, -high, torch.zeros_like(low)))
-    at_kink = torch.zeros_like(theta, dtype=torch.bool)
-    for kink in kinks:
-        at_kink |= (theta - kink).abs() < KINK
-    residual = torch.where(at_kink & (lam != 0), interval, residual)
+        at_kink = torch.where(lam >= 0, near_upper, near_lower)
+    at_kink = at_kink & (lam != 0)
+    inside, outside = task_grad - lam / n, task_grad
+    here = torch.where(active, inside, outside)
+    low = torch.where(at_kink, torch.minimum(inside, outside), here)
+    high = torch.where(at_kink, torch.maximum(inside, outside), here)
+    upper, lower = theta >= clamp - KINK, theta <= -clamp + KINK
+    pushed_down, pushed_up = low.clamp(min=0), (-high).clamp(min=0)
+    residual = torch.where(upper, pushed_down, torch.where(lower, pushed_up, pushed_down + pushed_up))
     return residual / unit
+
+
+def decided(
+    task_grad: Float[Tensor, "mask layer head"],
+    theta: Float[Tensor, "mask layer head"],
+    lams: Float[Tensor, " mask"],
+    clamp: float,
+    mode: str,
+) -> Bool[Tensor, "mask layer head"]:
+    """Saturated gates (logit within ``KINK`` of +-c or beyond) that nothing pushes back towards the
+    middle: their residual is 0 and moving them further out changes their gate by under 2%. L-BFGS holds
+    them where they are, so the curvature of the heads still to be fitted is not swamped by logits
+    running off to infinity."""
+    saturated = theta.abs() >= clamp - KINK
+    return saturated & (stationarity(task_grad, theta, lams, clamp, mode, 1.0) == 0)
 
 
 def window_updates(updates: int, tolerances: Tolerances) -> int:
@@ -114,7 +135,7 @@ def loss_change(loss: Float[Tensor, "step mask"], length: int) -> tuple[Tensor, 
     x = x - x.mean()
     slope = (x * (tail - tail.mean(dim=0))).sum(dim=0) / (x**2).sum().clamp(min=1e-12)
     residual = tail - tail.mean(dim=0) - slope * x
-    return (slope * tail.shape[0]).float(), residual.std(dim=0, correction=0).float()
+    return (slope * (tail.shape[0] - 1)).float(), residual.std(dim=0, correction=0).float()
 
 
 def certify(
@@ -129,12 +150,14 @@ def certify(
     clamp: float,
     mode: str,
     tolerances: Tolerances,
+    theta: Float[Tensor, "mask layer head"] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per mask: each check's figure and verdict, ``certified``, ``passes_trace_checks`` (all but
     the gradient, which costs a full-data pass) and what to change when not certified.
 
     ``codes`` are the heads' states at ``code_steps`` (roles may be read at other updates than the
-    gates); ``initial`` is the fit's initial draw (None: do not run the undecided test)."""
+    gates); ``initial`` is the fit's initial draw (None: do not run the undecided test); ``theta`` the
+    final gate logits the gradient was taken at (None: read back from the last gates)."""
     updates = int(steps[-1])
     length = window_updates(updates, tolerances)
     long_enough = updates >= tolerances.patience
@@ -149,7 +172,8 @@ def certify(
     else:
         undecided = torch.zeros(gates.shape[1])
     if task_grad is not None:
-        theta = torch.logit(gates[-1].double().clamp(1e-12, 1 - 1e-12)).float()
+        if theta is None:
+            theta = torch.logit(gates[-1].double().clamp(1e-12, 1 - 1e-12)).float()
         gradient = stationarity(task_grad, theta, lams, clamp, mode, tolerances.unit).flatten(1).amax(dim=1)
     rows = []
     for m in range(gates.shape[1]):

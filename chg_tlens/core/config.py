@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 from chg_tlens.core import checks
@@ -81,13 +81,21 @@ class GateFitConfig:
     their own threshold when read."""
 
     def validate(self) -> GateFitConfig:
-        """Reject impossible settings before any compute, naming the field."""
+        """Reject impossible settings before any compute, naming the field; return a copy with the fields
+        left at None set to their optimiser's defaults (this config stays as it was, so it can be reused
+        with another optimiser)."""
         name = type(self).__name__
         if self.optimizer not in OPTIMIZER_DEFAULTS:
             raise InputError(f"{name}.optimizer must be 'adam' or 'lbfgs', got {self.optimizer!r}.")
+        resolved = replace(self)
         for key, default in OPTIMIZER_DEFAULTS[self.optimizer].items():
-            if getattr(self, key) is None:
-                setattr(self, key, default)
+            if getattr(resolved, key) is None:
+                setattr(resolved, key, default)
+        resolved._check()
+        return resolved
+
+    def _check(self) -> None:
+        name = type(self).__name__
         if self.micro_batch_size is not None:
             checks.positive_int(self.micro_batch_size, f"{name}.micro_batch_size")
         for key in ("n_seeds", "batch_size", "steps", "checkpoint_every", "bucket_window", "trace_every",
@@ -103,8 +111,6 @@ class GateFitConfig:
         checks.positive_number(self.stop_tolerance, f"{name}.stop_tolerance")
         checks.positive_number(self.grad_tolerance, f"{name}.grad_tolerance")
         checks.unit_interval(self.role_threshold, f"{name}.role_threshold")
-        from dataclasses import fields
-
         for spec in fields(self):  # every flag, not only early_stop: the string "False" is truthy
             value = getattr(self, spec.name)
             if spec.type in ("bool", "bool | None", bool) and not isinstance(value, bool):
@@ -119,7 +125,6 @@ class GateFitConfig:
             raise InputError(
                 f"{name}.clamp_mode must be 'one_sided' or 'two_sided', got {self.clamp_mode!r}."
             )
-        return self
 
     def _learning_rates(self) -> tuple[str, ...]:
         return ()
@@ -154,11 +159,10 @@ class ContrastiveConfig(GateFitConfig):
     threshold: float = 0.5
     """A head counts as closed when its gate ends below this value."""
 
-    def validate(self) -> ContrastiveConfig:
-        super().validate()
+    def _check(self) -> None:
+        super()._check()
         checks.positive_number(self.logprob_clamp, "ContrastiveConfig.logprob_clamp")
         checks.unit_interval(self.threshold, "ContrastiveConfig.threshold")
-        return self
 
     def _learning_rates(self) -> tuple[str, ...]:
         return ("lr",)

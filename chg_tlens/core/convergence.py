@@ -102,7 +102,9 @@ def stage_report(
     initial = trace[first]["gates"][0]
     n_gates = initial.shape[1] * initial.shape[2]
     tolerances = certificate.Tolerances.from_config(config, n_gates)
-    paired = {"plus", "minus"} <= set(trace)
+    # Roles need G+ and G- at the same update: the fused stage (the default) has them; fitted as two
+    # stages, each is read by its open/closed states, as its early stopping read it while it ran.
+    paired = {"plus", "minus"} <= set(trace) and bool(config.get("fuse_regularised", True))
     roles = paired_roles(trace["plus"], trace["minus"], threshold) if paired else None
     rows = []
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
@@ -119,7 +121,8 @@ def stage_report(
             lams = torch.full((gates.shape[1],), lam)
         checked = certificate.certify(
             steps, gates, code_steps, codes, losses[stage]["loss"], initial, lams, record.get("task_grad"),
-            float(config.get("clamp", 4.0)), str(config.get("clamp_mode", "one_sided")), tolerances)
+            float(config.get("clamp", 4.0)), str(config.get("clamp_mode", "one_sided")), tolerances,
+            record.get("theta"))
         stopped = int(record["stopped_at"])
         passes = record.get("passes")
         for seed, row in enumerate(checked):
@@ -131,15 +134,24 @@ def stage_report(
     return rows
 
 
+CONFIDENCE_SOURCES = ("optimiser", "seeds", "optimiser+seeds")
+"""What a confidence measures: whether the fit had settled on the role (``optimiser``: the share of the
+certificate window's snapshots with the final role), whether other seeds reach it (``seeds``: the share of
+seeds ending with the same role; seeds differ by their initial gates, and by their prompts when fitted on
+resamples), or both multiplied."""
+
+
 def head_confidence(
-    trace: dict[str, dict[str, Tensor]], config: dict[str, Any], threshold: float = 0.5
+    trace: dict[str, dict[str, Tensor]], config: dict[str, Any], threshold: float = 0.5,
+    source: str = "optimiser+seeds",
 ) -> Float[Tensor, "seed layer head"]:
-    """How far to trust each head's role: the share of the certificate window's snapshots at which it
-    already had its final role, times the share of seeds that end with the same role."""
+    """How far to trust each head's role, from the sources ``source`` names (see ``CONFIDENCE_SOURCES``)."""
     steps, codes = paired_roles(trace["plus"], trace["minus"], threshold)
     n_gates = codes.shape[-1] * codes.shape[-2]
     tolerances = certificate.Tolerances.from_config(config, n_gates)
-    return temporal_stability(codes, window_opening(steps, tolerances)) * seed_agreement(codes[-1])
+    stability = temporal_stability(codes, window_opening(steps, tolerances))
+    agreement = seed_agreement(codes[-1])
+    return {"optimiser": stability, "seeds": agreement, "optimiser+seeds": stability * agreement}[source]
 
 
 def in_words(rows: list[dict]) -> str:

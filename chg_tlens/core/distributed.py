@@ -14,8 +14,6 @@ import torch.distributed as dist
 from jaxtyping import Int
 from torch import Tensor
 
-from chg_tlens.errors import InputError
-
 
 def world() -> tuple[int, int]:
     """(rank, world size); (0, 1) when no process group is running."""
@@ -42,17 +40,12 @@ def init_from_environment(device: str | None = None) -> bool:
 
 
 def local_slice(index: Int[Tensor, " batch"]) -> Int[Tensor, " local"]:
-    """This process's equal share of a global batch."""
+    """This process's contiguous share of a global batch (shares differ by at most one example: the fit
+    divides each process's weighted sum by the whole batch's weight, so uneven shares add up exactly)."""
     rank, size = world()
     if size == 1:
         return index
-    if len(index) % size:
-        raise InputError(
-            f"batch_size={len(index)} must be a multiple of the number of processes ({size}) so every "
-            "process holds an equal share and the averaged gradient equals the one-process gradient."
-        )
-    share = len(index) // size
-    return index[rank * share : (rank + 1) * share]
+    return torch.tensor_split(index, size)[rank]
 
 
 def average_(tensor: Tensor) -> Tensor:

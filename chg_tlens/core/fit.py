@@ -21,6 +21,7 @@ stop once certified. With a ``run_dir`` the loop checkpoints every ``checkpoint_
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,11 +54,14 @@ def fit_chg(
     init_theta: Float[Tensor, "seed layer head"] | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    example_weights: Float[Tensor, "seed example"] | None = None,
 ) -> CHGResult:
     """Fit G0, then G+ and G- from it, for ``config.n_seeds`` seeds at once; return the roles.
 
     ``init_theta`` replaces the uniform initial draw (a warm start, or a planted starting point).
     ``run_dir`` turns on checkpoints there; ``resume=True`` continues from its checkpoint.
+    ``example_weights`` gives each seed its own weighting of the examples (e.g. bootstrap counts from
+    :func:`bootstrap_weights`, so seeds differ by their sample of prompts); None weighs all alike.
     """
     config = (config or CHGConfig()).validate()
     lam = config.lam
@@ -68,7 +72,7 @@ def fit_chg(
     else:
         stages += [Stage(name, "zero", config.lr_reg, nll_objective, lams=(sign * lam,),
                          salt=_REGULARISED_SALT) for name, sign in (("plus", +1), ("minus", -1))]
-    fit = run_stages(model, data, config, stages, "chg", init_theta, run_dir, resume)
+    fit = run_stages(model, data, config, stages, "chg", init_theta, run_dir, resume, example_weights)
     return CHGResult(
         theta_zero=fit.theta["zero"],
         theta_plus=fit.theta["plus"],
@@ -78,6 +82,31 @@ def fit_chg(
         provenance=provenance(model, data, fit.seconds),
         trace=fit.trace,
     )
+
+
+def bootstrap_weights(n_examples: int, n_resamples: int, seed: int = 0) -> Float[Tensor, "resample example"]:
+    """Bootstrap resamples as example weights: how often each example is drawn in each of ``n_resamples``
+    draws of ``n_examples`` with replacement (reproducible by ``seed``)."""
+    checks.positive_int(n_examples, "n_examples")
+    checks.positive_int(n_resamples, "n_resamples")
+    generator = torch.Generator().manual_seed(seed * 7_919 + 17)
+    draws = torch.randint(0, n_examples, (n_resamples, n_examples), generator=generator)
+    return torch.zeros(n_resamples, n_examples).scatter_add_(1, draws, torch.ones(n_resamples, n_examples))
+
+
+def checks_example_weights(weights: Tensor | None, n_seeds: int, n_examples: int) -> Tensor | None:
+    """Refuse example weights of the wrong shape, negative, non-finite, or all zero for a seed."""
+    if weights is None:
+        return None
+    weights = torch.as_tensor(weights, dtype=torch.float32).detach().cpu()
+    if list(weights.shape) != [n_seeds, n_examples]:
+        raise InputError(f"example_weights must have shape [seed, example] = {[n_seeds, n_examples]}, "
+                         f"got {list(weights.shape)}.")
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise InputError("example_weights must be finite and >= 0.")
+    if (weights.sum(dim=1) <= 0).any():
+        raise InputError("example_weights: every seed needs some weight (a row sums to 0).")
+    return weights
 
 
 def nll_objective(model: Any, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
@@ -207,6 +236,7 @@ def run_stages(
     init_theta: Tensor | None,
     run_dir: str | Path | None,
     resume: bool,
+    example_weights: Tensor | None = None,
 ) -> StagesFit:
     """Check everything, then run the stages in order with checkpoints."""
     layout = adapter.require_model(model)
@@ -218,7 +248,10 @@ def run_stages(
     if resume and run_dir is None:
         raise InputError("resume=True needs the run_dir of the interrupted fit.")
     folder = Path(run_dir) if run_dir is not None else None
+    example_weights = checks_example_weights(example_weights, config.n_seeds, len(data))
     record, fingerprint = config_record(config), data.fingerprint()
+    if example_weights is not None:  # part of what a checkpoint must match
+        record["example_weights_sha256"] = hashlib.sha256(example_weights.numpy().tobytes()).hexdigest()
     state: dict[str, Any] = {"kind": kind, "config": record, "data_fingerprint": fingerprint,
                              "stage": stages[0].name, "step": 0, "finished": {}, "logs": {}, "trace": {},
                              "theta": None, "optimizer": None, "seconds": 0.0}
@@ -249,7 +282,7 @@ def run_stages(
                                               "stopped_at": -1, "passes": torch.zeros(theta.shape[0]),
                                               "lams": stage.mask_lams(config.n_seeds)}
             run = StageRun(model, data, stage, config, state, folder, started, device,
-                           layout.n_layers * layout.n_heads)
+                           layout.n_layers * layout.n_heads, example_weights)
             theta = run.lbfgs(theta) if config.optimizer == "lbfgs" else run.adam(theta)
             for name, part in zip(stage.outputs, theta.chunk(len(stage.outputs)), strict=True):
                 state["finished"][name] = part.clone()
@@ -268,7 +301,7 @@ def _split_outputs(stages: list[Stage], state: dict[str, Any], seconds: float) -
         curves = {k: torch.stack(v) for k, v in state["logs"][stage.name].items()}
         record = state["trace"][stage.name]
         gates = torch.stack(record["gates"])
-        per_mask = {key: record[key] for key in ("passes", "lams", "task_grad") if key in record}
+        per_mask = {key: record[key] for key in ("passes", "lams", "task_grad", "theta") if key in record}
         for i, name in enumerate(stage.outputs):
             losses[name] = {k: v.chunk(n, dim=1)[i] for k, v in curves.items()}
             trace[name] = {"steps": torch.tensor(record["steps"]), "gates": gates.chunk(n, dim=1)[i],
@@ -282,10 +315,12 @@ class StageRun:
 
     def __init__(self, model: Any, data: GateData, stage: Stage, config: GateFitConfig,
                  state: dict[str, Any], folder: Path | None, started: float, device: torch.device,
-                 n_gates: int) -> None:
+                 n_gates: int, weights: Tensor | None = None) -> None:
         self.model, self.data, self.stage, self.config = model, data, stage, config
         self.state, self.folder, self.started, self.device = state, folder, started, device
         self.lams = stage.mask_lams(config.n_seeds)
+        per_seed = weights if weights is not None else torch.ones(config.n_seeds, len(data))
+        self.weights = per_seed.float().repeat(len(stage.outputs), 1)  # a seed's G+ and G- see its sample
         self.log, self.trace = state["logs"][stage.name], state["trace"][stage.name]
         self.tolerances = certificate.Tolerances.from_config(config, n_gates)
         self.initial = next(iter(state["trace"].values()))["gates"][0]  # the fit's initial draw
@@ -299,8 +334,10 @@ class StageRun:
         Returns ``loss``/``nll`` ``[mask]`` and ``grad``/``task_grad`` ``[mask, layer, head]`` (the
         objective's gradient, and its data term's alone), all on the CPU."""
         lams = self.lams if masks is None else self.lams[masks]
+        weights = self.weights if masks is None else self.weights[masks]
+        total = weights[:, index].sum(dim=1).clamp(min=1e-12).to(self.device)  # over the global batch
         local = distributed.local_slice(index)
-        micro = self.config.micro_batch_size or len(local)
+        micro = self.config.micro_batch_size or self.config.batch_size
         gates = HeadGates(theta.shape[1], theta.shape[2], theta.shape[0], theta=theta).to(self.device)
         data_term = torch.zeros(theta.shape[0], device=self.device)
         nll = torch.zeros_like(data_term)
@@ -308,12 +345,14 @@ class StageRun:
             chunk = local[start : start + micro]
             with _autocast(self.config.autocast, self.device):
                 term, chunk_nll = self.stage.objective(self.model, gates, self.data.subset(chunk))
-            share = len(chunk) / len(local)
-            (term.float().mean(dim=1) * share).sum().backward()
-            data_term += term.detach().float().mean(dim=1) * share
-            nll += chunk_nll.detach().float().mean(dim=1) * share
-        task_grad = distributed.average_(gates.theta.grad).cpu()
-        data_term, nll = distributed.average_(data_term).cpu(), distributed.average_(nll).cpu()
+            weight = weights[:, chunk].to(self.device)
+            ((term.float() * weight).sum(dim=1) / total).sum().backward()
+            data_term += (term.detach().float() * weight).sum(dim=1) / total
+            nll += (chunk_nll.detach().float() * weight).sum(dim=1) / total
+        # Each process summed its share of the weighted mean: the whole is the sum over processes.
+        size = distributed.world()[1]
+        task_grad = distributed.average_(gates.theta.grad).cpu() * size
+        data_term, nll = distributed.average_(data_term).cpu() * size, distributed.average_(nll).cpu() * size
         passes = torch.zeros(len(self.lams))
         passes[masks if masks is not None else slice(None)] += len(index)
         self.trace["passes"] += passes
@@ -327,11 +366,13 @@ class StageRun:
     def full_index(self) -> Tensor:
         return torch.arange(len(self.data))
 
-    def _check_finite(self, loss: Tensor, step: int, index: Tensor, theta: Tensor) -> None:
+    def _check_finite(self, loss: Tensor, step: int, index: Tensor, theta: Tensor, optimizer: Any) -> None:
+        """Raise, naming the stage, step and examples, if a loss is not finite; with a run folder, first
+        checkpoint the last good state (``theta`` and the optimiser's state as they were before this step)."""
         if torch.isfinite(loss).all():
             return
         if self.folder is not None:
-            self._checkpoint(step, theta, self.state["optimizer"])
+            self._checkpoint(step, theta, optimizer)
         bad = torch.nonzero(~torch.isfinite(loss)).flatten().tolist()
         shown = index.tolist() if len(index) <= 64 else f"{index[:64].tolist()} ... ({len(index)} in all)"
         raise FloatingPointError(
@@ -359,7 +400,7 @@ class StageRun:
             index = self.data.batch_indices(step, config.batch_size, seed=config.seed * 1009 + stage.salt,
                                             bucket_window=config.bucket_window)
             out = self.evaluate(param.detach(), index)
-            self._check_finite(out["loss"], step, index, param.detach())
+            self._check_finite(out["loss"], step, index, param.detach(), optimizer.state_dict())
             param.grad = out["grad"].clone()
             per_mask_grad_clip_(param.grad, config.grad_clip)
             optimizer.step()
@@ -369,11 +410,13 @@ class StageRun:
                 self._snapshot(done, param.detach())
                 if config.early_stop and done < config.steps and self._cheap_checks_pass():
                     self.trace["task_grad"] = self.evaluate(param.detach(), self.full_index())["task_grad"]
+                    self.trace["theta"] = param.detach().clone()
                     if self._certified():
                         self.trace["stopped_at"] = done
                         return param.detach().clone()
         # The certificate needs the full-data gradient where the stage ended.
         self.trace["task_grad"] = self.evaluate(param.detach(), self.full_index())["task_grad"]
+        self.trace["theta"] = param.detach().clone()
         return param.detach().clone()
 
     # ------------------------------------------------------------------ L-BFGS
@@ -386,42 +429,47 @@ class StageRun:
         if saved is not None:
             memory = lbfgs.LBFGSState.from_dict(saved["memory"])
             current, active = {k: v.clone() for k, v in saved["current"].items()}, saved["active"].clone()
+            self.held = saved.get("held", torch.zeros(n_masks, shape[1] * shape[2], dtype=torch.bool))
         else:
             memory = lbfgs.LBFGSState.empty(n_masks, shape[1] * shape[2], config.lbfgs_memory)
             current, active = self.evaluate(theta, index), torch.ones(n_masks, dtype=torch.bool)
+            self._check_finite(current["loss"], 0, index, theta, None)
+            self.held = torch.zeros(n_masks, shape[1] * shape[2], dtype=torch.bool)
         x = theta.detach().clone()
         first = self.state["step"]
         for step in tqdm(range(first, config.steps), desc=f"CHG {stage.name} (L-BFGS)",
                          disable=not config.progress, leave=False, initial=first, total=config.steps):
             if self.folder is not None and step > first and step % config.checkpoint_every == 0:
-                self._checkpoint(step, x, {"memory": memory.as_dict(), "current": current, "active": active})
+                self._checkpoint(step, x, {"memory": memory.as_dict(), "current": current, "active": active,
+                                           "held": self.held})
             x, current = self._lbfgs_step(x, current, memory, active, index, step)
             self._log(current)
             done = step + 1
             active &= self._stationarity(x, current["task_grad"]) >= self.tolerances.gradient
             if done % config.trace_every == 0 or done == config.steps or not active.any():
                 self._snapshot(done, x)
-                self.trace["task_grad"] = current["task_grad"].clone()
+                self.trace["task_grad"], self.trace["theta"] = current["task_grad"].clone(), x.clone()
                 if config.early_stop and done < config.steps and self._cheap_checks_pass() \
                         and self._certified():
                     self.trace["stopped_at"] = done
                     break
-        self.trace["task_grad"] = current["task_grad"].clone()
+        self.trace["task_grad"], self.trace["theta"] = current["task_grad"].clone(), x.clone()
         return x
 
     def _lbfgs_step(self, x: Tensor, current: dict[str, Tensor], memory: lbfgs.LBFGSState,
                     active: Tensor, index: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """One iteration for every active mask: direction, backtracking line search, history update."""
-        grad = current["grad"].flatten(1)
-        direction = lbfgs.direction(grad, memory)
+        held = certificate.decided(current["task_grad"], x, self.lams, self.config.clamp,
+                                   self.config.clamp_mode).flatten(1)
+        self.held = held
+        grad = current["grad"].flatten(1).masked_fill(held, 0.0)
+        direction = lbfgs.direction(grad, memory).masked_fill(held, 0.0)
         slope = (grad * direction).sum(dim=1)
         uphill = slope >= 0
         if uphill.any():  # a history that no longer describes the curvature: start again from -grad
             memory.reset(uphill)
             direction[uphill], slope[uphill] = -grad[uphill], -(grad[uphill] ** 2).sum(dim=1)
-        longest = direction.abs().amax(dim=1).clamp(min=1e-30)
-        step_size = torch.where(memory.count > 0, (lbfgs.MAX_STEP / longest).clamp(max=1.0),
-                                lbfgs.MAX_STEP / longest)
+        direction, slope, step_size = lbfgs.bounded_step(grad, direction, slope, memory.count > 0)
         pending = active & (slope < 0)
         new_x, new = x.clone(), {k: v.clone() for k, v in current.items()}
         for _ in range(lbfgs.MAX_TRIES):
@@ -430,9 +478,11 @@ class StageRun:
                 break
             trial = x[masks] + (step_size[masks, None] * direction[masks]).view(-1, *x.shape[1:])
             out = self.evaluate(trial, index, masks)
-            self._check_finite(out["loss"], step, index, trial)
-            accepted = lbfgs.acceptable(current["loss"][masks], slope[masks], step_size[masks], out["loss"],
-                                        current["grad"][masks].flatten(1), out["grad"].flatten(1))
+            finite = torch.isfinite(out["loss"])  # a non-finite trial is a step too far: backtrack
+            out["loss"] = torch.where(finite, out["loss"], torch.full_like(out["loss"], float("inf")))
+            accepted = finite & lbfgs.acceptable(
+                current["loss"][masks], slope[masks], step_size[masks], out["loss"],
+                grad[masks], out["grad"].flatten(1).masked_fill(held[masks], 0.0))
             took = masks[accepted]
             new_x[took] = trial[accepted]
             for key in new:
@@ -441,8 +491,11 @@ class StageRun:
             rejected = masks[~accepted]
             step_size[rejected] = lbfgs.backtrack(step_size[rejected], current["loss"][rejected],
                                                   slope[rejected], out["loss"][~accepted])
+        stuck = pending & (memory.count == 0)  # even steepest descent finds no decrease: float precision
+        active &= ~stuck
         memory.reset(pending)  # no acceptable step: the next iteration starts from steepest descent
-        memory.push(active & ~pending, (new_x - x).flatten(1), (new["grad"] - current["grad"]).flatten(1))
+        y = (new["grad"] - current["grad"]).flatten(1).masked_fill(held, 0.0)
+        memory.push(active & ~pending, (new_x - x).flatten(1), y)
         return new_x, new
 
     # ------------------------------------------------------------------ certificate
@@ -462,14 +515,14 @@ class StageRun:
     def _rows(self, with_gradient: bool) -> list[dict[str, Any]]:
         """The certificate on the stage so far: the same rule the result reports at the end."""
         steps, gates = torch.tensor(self.trace["steps"]), torch.stack(self.trace["gates"])
-        n = self.config.n_seeds
         codes = convergence.states(gates, len(self.stage.outputs) == 2, self.config.role_threshold,
                                    self.open_threshold)
         codes = codes.repeat(1, gates.shape[1] // codes.shape[1], 1, 1)  # a seed's roles for G+ and G-
-        initial = self.initial.repeat(gates.shape[1] // n, 1, 1)
+        initial = self.initial.repeat(gates.shape[1] // self.initial.shape[0], 1, 1)
         return certificate.certify(steps, gates, steps, codes, torch.stack(self.log["loss"]), initial,
                                    self.lams, self.trace.get("task_grad") if with_gradient else None,
-                                   self.config.clamp, self.config.clamp_mode, self.tolerances)
+                                   self.config.clamp, self.config.clamp_mode, self.tolerances,
+                                   self.trace.get("theta") if with_gradient else None)
 
     # ------------------------------------------------------------------ bookkeeping
     def _log(self, out: dict[str, Tensor]) -> None:

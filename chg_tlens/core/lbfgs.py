@@ -85,13 +85,31 @@ def direction(grad: Float[Tensor, "mask param"], state: LBFGSState) -> Float[Ten
     for i in reversed(range(memory)):
         alpha[:, i] = rho[:, i] * (state.s[:, i] * q).sum(dim=1)
         q -= alpha[:, i, None] * state.y[:, i]
-    yy = (state.y[:, -1] ** 2).sum(dim=1)
-    gamma = torch.where(state.count > 0, sy[:, -1] / yy.clamp(min=1e-300), torch.ones_like(yy))
-    r = gamma[:, None] * q
+    r = initial_scaling(state) * q
     for i in range(memory):
         beta = rho[:, i] * (state.y[:, i] * r).sum(dim=1)
         r += state.s[:, i] * (alpha[:, i] - beta)[:, None]
     return (-r).to(grad.dtype)
+
+
+def bounded_step(grad: Float[Tensor, "mask param"], direction: Float[Tensor, "mask param"],
+                 slope: Float[Tensor, " mask"], has_history: Bool[Tensor, " mask"]
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Direction, its slope and the first trial step, with no logit moved by more than ``MAX_STEP``.
+
+    The regulariser is linear in the logits up to its clamp, so along an unimportant head the
+    curvature is ~0 and the quasi-Newton step there is huge; scaling the whole direction down to it
+    would stall every other head. Each component is clipped instead (kept where that is still a descent
+    direction). With no history the steepest-descent direction is scaled so its largest move is the cap.
+    """
+    clipped = direction.clamp(-MAX_STEP, MAX_STEP)
+    clipped_slope = (grad * clipped).sum(dim=1)
+    use = has_history & (clipped_slope < 0)
+    direction = torch.where(use[:, None], clipped, direction)
+    slope = torch.where(use, clipped_slope, slope)
+    longest = direction.abs().amax(dim=1).clamp(min=1e-30)
+    step = torch.where(has_history, (MAX_STEP / longest).clamp(max=1.0), MAX_STEP / longest)
+    return direction, slope, step
 
 
 def acceptable(f0: Float[Tensor, " mask"], slope: Float[Tensor, " mask"], t: Float[Tensor, " mask"],
@@ -103,6 +121,21 @@ def acceptable(f0: Float[Tensor, " mask"], slope: Float[Tensor, " mask"], t: Flo
     floor = FLOAT_NOISE * f0.abs().clamp(min=1.0)
     within_noise = (f_trial <= f0 + floor) & (g_trial.norm(dim=1) < g0.norm(dim=1))
     return armijo | within_noise
+
+
+def initial_scaling(state: LBFGSState) -> Float[Tensor, "mask param"]:
+    """The two-loop recursion's starting inverse Hessian, a diagonal per mask: per logit, sum s*y / sum y*y
+    over the history (Gilbert & Lemarechal's diagonal update), where that is positive, else the usual
+    scalar s'y / y'y of the newest pair. Gate logits differ in curvature by orders of magnitude (a head
+    the answer rests on against one only the regulariser moves); one scalar for all would crawl on the
+    flat ones or overshoot the steep ones. Bounded to [1e-2, 1e3] times the scalar."""
+    sy_last = (state.s[:, -1] * state.y[:, -1]).sum(dim=1)
+    yy_last = (state.y[:, -1] ** 2).sum(dim=1)
+    scalar = torch.where(state.count > 0, sy_last / yy_last.clamp(min=1e-300), torch.ones_like(yy_last))
+    sy = (state.s * state.y).sum(dim=1)
+    yy = (state.y**2).sum(dim=1)
+    diagonal = torch.where((sy > 0) & (yy > 0), sy / yy.clamp(min=1e-300), scalar[:, None])
+    return torch.minimum(torch.maximum(diagonal, 1e-2 * scalar[:, None]), 1e3 * scalar[:, None])
 
 
 def backtrack(t: Float[Tensor, " mask"], f0: Float[Tensor, " mask"], slope: Float[Tensor, " mask"],

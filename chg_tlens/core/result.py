@@ -89,26 +89,30 @@ class CHGResult:
     n_heads = property(lambda self: self.theta_zero.shape[2], doc="Query heads per layer (GQA: all).")
 
     # ----------------------------------------------------------------- roles
-    def role_labels(self, threshold: float = 0.5, min_confidence: float = 0.0) -> np.ndarray:
+    def role_labels(self, threshold: float = 0.5, min_confidence: float = 0.0,
+                    confidence_source: str = "optimiser+seeds") -> np.ndarray:
         """``[seed, layer, head]`` array of role names (or "unclassified").
 
-        ``min_confidence`` > 0 leaves heads whose :meth:`confidence` is below it unclassified, so a role
-        that still flipped late in the fit or that other seeds do not share is not read as a finding.
+        ``min_confidence`` > 0 leaves heads whose :meth:`confidence` (from ``confidence_source``) is below
+        it unclassified, so a role that still flipped late in the fit or that other seeds do not share is
+        not read as a finding.
         """
         checks.unit_interval(threshold, "threshold")
         names = np.array(ROLES + (UNCLASSIFIED,), dtype=object)
         labels = names[convergence.role_codes(self.g_plus, self.g_minus, threshold).numpy()]
         if min_confidence > 0:
             checks.unit_interval(min_confidence, "min_confidence")
-            labels[(self.confidence(threshold) < min_confidence).numpy()] = UNCLASSIFIED
+            confidence = self.confidence(threshold, confidence_source)
+            labels[(confidence < min_confidence).numpy()] = UNCLASSIFIED
         return labels
 
     def roles(
-        self, threshold: float = 0.5, seed: int | None = None, min_confidence: float = 0.0
+        self, threshold: float = 0.5, seed: int | None = None, min_confidence: float = 0.0,
+        confidence_source: str = "optimiser+seeds",
     ) -> dict[str, list[tuple[int, int]]]:
         """Role -> list of ``(layer, head)``: for one seed, or (``seed=None``) heads with that role in
         every seed. The lists feed path patching and ablations directly."""
-        labels = self.role_labels(threshold, min_confidence)
+        labels = self.role_labels(threshold, min_confidence, confidence_source)
         if seed is not None:
             if not -self.n_seeds <= seed < self.n_seeds:
                 raise InputError(f"seed must be in [0, {self.n_seeds}), got {seed}.")
@@ -152,22 +156,41 @@ class CHGResult:
         return updates * int(self.config.get("batch_size", 0)) * self.n_seeds
 
     # ----------------------------------------------------------------- convergence
-    def convergence(self, threshold: float = 0.5) -> pd.DataFrame:
+    def convergence(self, threshold: float | None = None) -> pd.DataFrame:
         """Per stage x seed: the convergence certificate (:mod:`chg_tlens.core.certificate`): the window
         read, role flips in it (open/closed flips in stage 1), the gates' drift, the loss change against
         its noise, gates undecided at their initial draw, the largest stationarity residual in units of
-        the regulariser's pull, ``certified``, the checks that ``failed`` and what to change."""
+        the regulariser's pull, ``certified``, the checks that ``failed`` and what to change. Roles are read
+        at ``threshold`` (default: the fit's ``role_threshold``, the one its early stopping used)."""
+        threshold = self.config.get("role_threshold", 0.5) if threshold is None else threshold
         return _convergence_frame(self.trace, self.losses, self.config, threshold)
 
-    def convergence_text(self, threshold: float = 0.5) -> str:
+    def convergence_text(self, threshold: float | None = None) -> str:
         """:meth:`convergence` in words, one line per stage."""
         return convergence.in_words(self.convergence(threshold).to_dict("records"))
 
-    def confidence(self, threshold: float = 0.5) -> Float[Tensor, "seed layer head"]:
-        """Per seed and head: the share of the certificate window's snapshots at which the head already had
-        its final role, times the share of seeds that end with the same role (1 = settled and shared)."""
+    def confidence(self, threshold: float = 0.5, source: str = "optimiser+seeds"
+                   ) -> Float[Tensor, "seed layer head"]:
+        """Per seed and head, how far to trust its role, from ``source``: ``"optimiser"`` = the share of
+        the certificate window's snapshots at which the head already had its final role; ``"seeds"`` = the
+        share of seeds that end with the same role (seeds differ by their initial gates, and by their
+        prompts when fitted with ``example_weights``, e.g. :func:`chg_tlens.error_bars`); the default
+        multiplies the two (1 = settled and shared)."""
+        if source not in convergence.CONFIDENCE_SOURCES:
+            raise InputError(f"source must be one of {convergence.CONFIDENCE_SOURCES}, got {source!r}.")
         _require_trace(self.trace, ("plus", "minus"), "confidence")
-        return convergence.head_confidence(self.trace, self.config, threshold)
+        return convergence.head_confidence(self.trace, self.config, threshold, source)
+
+    def select_seeds(self, seeds: list[int] | slice) -> CHGResult:
+        """The result restricted to some seeds (gates, curves and trace), e.g. to split a joint fit."""
+        index = torch.arange(self.n_seeds)[seeds]
+        losses = {stage: {k: v[:, index] for k, v in curves.items()} for stage, curves in self.losses.items()}
+        trace = {}
+        for stage, record in self.trace.items():
+            trace[stage] = {k: (v[:, index] if k == "gates" else v[index] if v.ndim and k != "steps" else v)
+                            for k, v in record.items()}
+        return CHGResult(self.theta_zero[index], self.theta_plus[index], self.theta_minus[index],
+                         losses=losses, config=self.config, provenance=self.provenance, trace=trace)
 
     def to_frame(self, threshold: float = 0.5) -> pd.DataFrame:
         """One row per seed x layer x head with gates, scores and role."""
