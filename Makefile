@@ -10,7 +10,7 @@ TL39_TESTS := tests/test_gates.py tests/test_objectives.py tests/test_data.py te
 	tests/test_result.py tests/test_contrastive.py tests/test_reliability.py tests/test_models.py \
 	tests/test_forward.py tests/test_validate.py tests/test_baselines.py tests/test_compare.py \
 	tests/test_convergence.py tests/test_paper_validations.py tests/test_tracr.py tests/test_acdc.py \
-	tests/test_composite.py tests/test_symbols.py tests/test_movers.py
+	tests/test_composite.py tests/test_symbols.py tests/test_movers.py tests/test_error_bars.py
 
 .PHONY: setup setup-tl39 browser demo test lint pytest notebooks pytest-tl39 bench clean
 

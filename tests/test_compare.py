@@ -110,7 +110,8 @@ def test_chg_adapter_scores_facilitation_and_counts_its_cost(recall_with_twin):
     assert torch.equal(by_max.scores, result.facilitating.max(dim=0).values)
     assert torch.allclose(by_mean.scores, result.facilitating.mean(dim=0))
     assert divmod(int(by_max.scores.argmax()), 4) == (0, 0)
-    assert by_max.forward_passes == 3 * 60 * 16 * 2
+    # 60 updates of 16 examples per stage for 2 seeds, and each stage's full-data certificate gradient.
+    assert by_max.forward_passes == 3 * 60 * 16 * 2 + 3 * len(data) * 2
     with pytest.raises(ValueError, match="reduce"):
         compare.chg_head_scores(result, "median")
 

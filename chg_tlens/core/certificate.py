@@ -211,14 +211,14 @@ def advice(checks: dict[str, bool], row: dict[str, Any], tolerances: Tolerances)
     rising = row["loss_change"] > max(2 * row["loss_noise"], tolerances.unit)
     falling = row["loss_change"] < -max(2 * row["loss_noise"], tolerances.unit)
     if rising:
-        return "the loss is rising: a smaller learning rate, or optimizer='lbfgs'"
+        return "the loss is rising: a smaller learning rate"
     if falling:
-        return "the loss is still falling: more steps, or optimizer='lbfgs'"
+        return "the loss is still falling: more steps"
     if not checks["decided"]:
         return (f"{row['undecided_at_initial']:.0%} of gates still undecided at their initial draw: "
-                "more steps, or optimizer='lbfgs'")
+                "more steps")
     if not (checks["no_flips"] and checks["still"]):
-        return ("heads still change while the loss is flat within its noise: a bigger batch_size, "
-                "or optimizer='lbfgs'")
+        return ("heads still change while the loss is flat within its noise: a bigger batch_size "
+                "(or optimizer='lbfgs', which uses all the data)")
     return (f"the gradient is {row['gradient']:.2g} units of the regulariser's pull (needs < "
-            f"{tolerances.gradient:g}): more steps, or optimizer='lbfgs'")
+            f"{tolerances.gradient:g}): more steps")
