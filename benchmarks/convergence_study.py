@@ -194,7 +194,7 @@ def summarise(out: Path, records: dict[str, dict[str, Any]]) -> list[dict[str, A
                 "role_agreement": float((labels == ref_labels).mean()),
                 "role_agreement_min_seed": float((labels == ref_labels).reshape(result.n_seeds, -1)
                                                  .mean(axis=1).min()),
-                "seed_agreement": _seed_agreement(labels),
+                "seed_agreement": seed_agreement(labels),
                 "reference_confident_share": float(ref_confident.mean()),
                 "agreement_on_reference_confident": _share(same, ref_confident),
                 "confident_share": float(confident.mean()),
@@ -218,7 +218,7 @@ def _share(values: np.ndarray, where: np.ndarray) -> float:
     return float(values[where].mean()) if where.any() else float("nan")
 
 
-def _seed_agreement(labels: np.ndarray) -> float:
+def seed_agreement(labels: np.ndarray) -> float:
     """Mean over pairs of seeds of the share of heads given the same role."""
     pairs = [(a, b) for a in range(len(labels)) for b in range(a + 1, len(labels))]
     return float(np.mean([(labels[a] == labels[b]).mean() for a, b in pairs])) if pairs else float("nan")

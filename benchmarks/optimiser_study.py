@@ -25,22 +25,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from convergence_study import TASK_OPTIONS, resumable_fit, seed_agreement  # benchmarks/ is on the path
 
-from chg_tlens import CHGConfig, CHGResult, fit_chg, load_model
+from chg_tlens import CHGConfig, CHGResult, load_model
 from chg_tlens.app.markdown import markdown_table
-from chg_tlens.core.checkpoint import CHECKPOINT_FILE
+from chg_tlens.core.convergence import ROLES
 from chg_tlens.tasks import make_task
-
-TASK_OPTIONS = {"induction": dict(seq_len=8)}
-"""Shorter repeats than the task's default, so the study fits on a CPU; 7 predicted tokens each."""
-ROLES = ("facilitating", "interfering", "irrelevant")
 
 
 def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -87,12 +82,7 @@ def run_fit(model: Any, data: Any, folder: Path, setting: dict[str, Any], args: 
         setting["batch_size"] = len(data)
     config = CHGConfig(n_seeds=args.seeds, progress=False, checkpoint_every=25,
                        micro_batch_size=args.micro_batch, **setting)
-    checkpoint = folder / "checkpoint"
-    resume = (checkpoint / CHECKPOINT_FILE).is_file()
-    checkpoint.mkdir(parents=True, exist_ok=True)
-    result = fit_chg(model, data, config, run_dir=checkpoint, resume=resume)
-    result.save(folder / "result")
-    shutil.rmtree(checkpoint)
+    result = resumable_fit(model, data, folder, config)
     report = result.convergence()
     record = {
         "setting": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()},
@@ -124,7 +114,7 @@ def summarise(out: Path, settings: dict[str, Any]) -> tuple[list[dict[str, Any]]
                          "updates": record["updates"],
                          "certified": f"{record['certified_rows']}/{record['rows']}",
                          "largest_residual": record["largest_residual"],
-                         "seed_agreement": _seed_agreement(labels)}
+                         "seed_agreement": seed_agreement(labels)}
                         | {role: float((labels == role).mean()) for role in ROLES})
         for a, b in itertools.combinations(records, 2):
             same = results[a].role_labels() == results[b].role_labels()
@@ -133,12 +123,6 @@ def summarise(out: Path, settings: dict[str, Any]) -> tuple[list[dict[str, Any]]
                           "certified_seeds_in_both": both,
                           "same_role_where_both_certified": float(same[both].mean()) if both else None})
     return rows, pairs
-
-
-def _seed_agreement(labels: np.ndarray) -> float:
-    """Mean over pairs of seeds of the share of heads given the same role."""
-    pairs = [(a, b) for a in range(len(labels)) for b in range(a + 1, len(labels))]
-    return float(np.mean([(labels[a] == labels[b]).mean() for a, b in pairs])) if pairs else float("nan")
 
 
 def write_tables(folder: Path, rows: list[dict[str, Any]], pairs: list[dict[str, Any]],

@@ -47,8 +47,7 @@ class RoleErrorBars:
 
     def role_shares(self, source: str) -> dict[str, np.ndarray]:
         """Role -> ``[layer, head]`` share of the source's gate sets that give each head that role."""
-        labels = getattr(self, _checked(source)).role_labels(self.threshold)
-        return {role: (labels == role).mean(axis=0) for role in ROLES + (UNCLASSIFIED,)}
+        return _shares(getattr(self, _checked(source)).role_labels(self.threshold))
 
     def to_frame(self) -> pd.DataFrame:
         """One row per head: seed 0's role on every prompt, then per source the share of gate sets per role
@@ -59,7 +58,7 @@ class RoleErrorBars:
         columns: dict[str, Any] = {"layer": layer.ravel(), "head": head.ravel(), "role": reference.ravel()}
         for source in SOURCES:
             labels = getattr(self, source).role_labels(self.threshold)
-            for role, share in self.role_shares(source).items():
+            for role, share in _shares(labels).items():
                 columns[f"{source}_{role}"] = share.ravel()
             columns[f"{source}_agree"] = (labels == reference).mean(axis=0).ravel()
         stability = self.seeds.confidence(self.threshold, source="optimiser")[0]
@@ -70,14 +69,15 @@ class RoleErrorBars:
         """Per source, over heads: the mean share of gate sets agreeing with seed 0's role, the share of
         heads every gate set agrees on, and whether every stage of every gate set is certified."""
         frame = self.to_frame()
+        certified = {view: _all_certified(getattr(self, view), self.threshold) for view in SOURCES}
         rows = []
         for source in ("optimiser",) + SOURCES:
             agree = frame[f"{source}_agree"]
-            result = self.seeds if source != "prompts" else self.prompts
-            certified = bool(result.convergence(self.threshold)["certified"].all()) if result.trace else None
+            view = "prompts" if source == "prompts" else "seeds"
             rows.append({"source": source, "mean_agreement": float(agree.mean()),
-                         "heads_all_agree": float((agree == 1.0).mean()), "gate_sets": _count(result, source),
-                         "all_certified": certified})
+                         "heads_all_agree": float((agree == 1.0).mean()),
+                         "gate_sets": 1 if source == "optimiser" else getattr(self, view).n_seeds,
+                         "all_certified": certified[view]})
         return pd.DataFrame(rows).set_index("source")
 
 
@@ -107,5 +107,11 @@ def _checked(source: str) -> str:
     return source
 
 
-def _count(result: CHGResult, source: str) -> int:
-    return 1 if source == "optimiser" else result.n_seeds
+def _all_certified(result: CHGResult, threshold: float) -> bool | None:
+    """Whether every stage of every gate set carries the certificate (None without a trace)."""
+    return bool(result.convergence(threshold)["certified"].all()) if result.trace else None
+
+
+def _shares(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Role -> ``[layer, head]`` share of the gate sets (first axis of ``labels``) with that role."""
+    return {role: (labels == role).mean(axis=0) for role in ROLES + (UNCLASSIFIED,)}

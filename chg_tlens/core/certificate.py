@@ -122,7 +122,7 @@ def window_updates(updates: int, tolerances: Tolerances) -> int:
     return min(updates, max(tolerances.patience, math.ceil(tolerances.share * updates)))
 
 
-def _opening(steps: Int[Tensor, " snapshot"], length: int) -> int:
+def window_opening(steps: Int[Tensor, " snapshot"], length: int) -> int:
     """Index of the latest snapshot at or before the window's start (the state the window starts from)."""
     return int(torch.nonzero(steps <= int(steps[-1]) - length).max())
 
@@ -161,8 +161,8 @@ def certify(
     updates = int(steps[-1])
     length = window_updates(updates, tolerances)
     long_enough = updates >= tolerances.patience
-    flips = (codes[_opening(code_steps, length):] != codes[-1]).any(dim=0).flatten(1).sum(dim=1)
-    opening = _opening(steps, length)
+    flips = (codes[window_opening(code_steps, length):] != codes[-1]).any(dim=0).flatten(1).sum(dim=1)
+    opening = window_opening(steps, length)
     span = max(1, updates - int(steps[opening]))
     drift = (gates[-1] - gates[opening]).abs().flatten(1).mean(dim=1) * tolerances.patience / span
     change, noise = loss_change(loss, length)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -158,3 +159,18 @@ def _sized_for_model(
     if found != model:
         raise InputError(f"{argument}: " + mismatch.format(found=found, model=model))
     return value
+
+
+def example_weights(weights: Tensor | None, n_seeds: int, n_examples: int) -> Tensor | None:
+    """Refuse example weights of the wrong shape, negative, non-finite, or all zero for a seed."""
+    if weights is None:
+        return None
+    weights = torch.as_tensor(weights, dtype=torch.float32).detach().cpu()
+    if list(weights.shape) != [n_seeds, n_examples]:
+        raise InputError(f"example_weights must have shape [seed, example] = {[n_seeds, n_examples]}, "
+                         f"got {list(weights.shape)}.")
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise InputError("example_weights must be finite and >= 0.")
+    if (weights.sum(dim=1) <= 0).any():
+        raise InputError("example_weights: every seed needs some weight (a row sums to 0).")
+    return weights

@@ -80,12 +80,6 @@ def seed_agreement(final: Int[Tensor, "seed layer head"]) -> Float[Tensor, "seed
     return (final[:, None] == final[None, :]).float().mean(dim=1)
 
 
-def window_opening(steps: Int[Tensor, " snapshot"], tolerances: certificate.Tolerances) -> int:
-    """Index of the snapshot that opens the certificate's window."""
-    length = certificate.window_updates(int(steps[-1]), tolerances)
-    return int(torch.nonzero(steps <= int(steps[-1]) - length).max())
-
-
 # ----------------------------------------------------------------------------------- reports
 def stage_report(
     trace: dict[str, dict[str, Tensor]],
@@ -149,7 +143,8 @@ def head_confidence(
     steps, codes = paired_roles(trace["plus"], trace["minus"], threshold)
     n_gates = codes.shape[-1] * codes.shape[-2]
     tolerances = certificate.Tolerances.from_config(config, n_gates)
-    stability = temporal_stability(codes, window_opening(steps, tolerances))
+    length = certificate.window_updates(int(steps[-1]), tolerances)
+    stability = temporal_stability(codes, certificate.window_opening(steps, length))
     agreement = seed_agreement(codes[-1])
     return {"optimiser": stability, "seeds": agreement, "optimiser+seeds": stability * agreement}[source]
 

@@ -39,7 +39,7 @@ from chg_tlens.core.config import CHGConfig, ContrastiveConfig, GateFitConfig, c
 from chg_tlens.core.data import GateData
 from chg_tlens.core.forward import check_target_logits, gated_target_logits, score_gates
 from chg_tlens.core.gates import HeadGates
-from chg_tlens.core.objectives import chg_loss, per_mask_grad_clip_, picked_logprobs
+from chg_tlens.core.objectives import chg_loss, contrastive_data_term, per_mask_grad_clip_, picked_logprobs
 from chg_tlens.core.provenance import provenance
 from chg_tlens.core.result import CHGResult, ContrastiveResult
 from chg_tlens.errors import InputError
@@ -92,21 +92,6 @@ def bootstrap_weights(n_examples: int, n_resamples: int, seed: int = 0) -> Float
     generator = torch.Generator().manual_seed(seed * 7_919 + 17)
     draws = torch.randint(0, n_examples, (n_resamples, n_examples), generator=generator)
     return torch.zeros(n_resamples, n_examples).scatter_add_(1, draws, torch.ones(n_resamples, n_examples))
-
-
-def checks_example_weights(weights: Tensor | None, n_seeds: int, n_examples: int) -> Tensor | None:
-    """Refuse example weights of the wrong shape, negative, non-finite, or all zero for a seed."""
-    if weights is None:
-        return None
-    weights = torch.as_tensor(weights, dtype=torch.float32).detach().cpu()
-    if list(weights.shape) != [n_seeds, n_examples]:
-        raise InputError(f"example_weights must have shape [seed, example] = {[n_seeds, n_examples]}, "
-                         f"got {list(weights.shape)}.")
-    if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise InputError("example_weights must be finite and >= 0.")
-    if (weights.sum(dim=1) <= 0).any():
-        raise InputError("example_weights: every seed needs some weight (a row sums to 0).")
-    return weights
 
 
 def nll_objective(model: Any, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
@@ -177,8 +162,7 @@ def contrastive_objective(config: ContrastiveConfig) -> Objective:
         picked = gated_target_logits(model, gates, tokens, target_mask, targets)
         logprob = picked_logprobs(picked, tokens, target_mask, targets)
         retain, forget = logprob[:, : len(batch)], logprob[:, len(batch) :]
-        gap = (forget - retain.detach()).clamp(min=-config.logprob_clamp)
-        return -retain + gap, -retain
+        return contrastive_data_term(retain, forget, config.logprob_clamp), -retain
 
     return objective
 
@@ -248,7 +232,7 @@ def run_stages(
     if resume and run_dir is None:
         raise InputError("resume=True needs the run_dir of the interrupted fit.")
     folder = Path(run_dir) if run_dir is not None else None
-    example_weights = checks_example_weights(example_weights, config.n_seeds, len(data))
+    example_weights = checks.example_weights(example_weights, config.n_seeds, len(data))
     record, fingerprint = config_record(config), data.fingerprint()
     if example_weights is not None:  # part of what a checkpoint must match
         record["example_weights_sha256"] = hashlib.sha256(example_weights.numpy().tobytes()).hexdigest()
@@ -449,8 +433,7 @@ class StageRun:
             if done % config.trace_every == 0 or done == config.steps or not active.any():
                 self._snapshot(done, x)
                 self.trace["task_grad"], self.trace["theta"] = current["task_grad"].clone(), x.clone()
-                if config.early_stop and done < config.steps and self._cheap_checks_pass() \
-                        and self._certified():
+                if config.early_stop and done < config.steps and self._certified():
                     self.trace["stopped_at"] = done
                     break
         self.trace["task_grad"], self.trace["theta"] = current["task_grad"].clone(), x.clone()

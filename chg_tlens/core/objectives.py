@@ -172,9 +172,18 @@ def contrastive_loss(
     ``NLL_retain + mean(clamp(logp_forget - stopgrad(logp_retain), min=-k)) - lam * mean clamp(theta)``.
     The difference is clamped so a forget item already ``k`` nats below its retain twin stops pulling.
     """
-    nll_retain = -retain_logprob.mean(dim=1)
-    gap = (forget_logprob - retain_logprob.detach()).clamp(min=-logprob_clamp).mean(dim=1)
-    return chg_loss(nll_retain + gap, theta, lam, clamp, mode)
+    data_term = contrastive_data_term(retain_logprob, forget_logprob, logprob_clamp).mean(dim=1)
+    return chg_loss(data_term, theta, lam, clamp, mode)
+
+
+def contrastive_data_term(
+    retain_logprob: Float[Tensor, "mask batch"],
+    forget_logprob: Float[Tensor, "mask batch"],
+    logprob_clamp: float,
+) -> Float[Tensor, "mask batch"]:
+    """Per example, :func:`contrastive_loss` without its regulariser: retain NLL plus the clamped
+    (forget - stopgrad retain) log-prob gap (the fit averages it with its own example weights)."""
+    return -retain_logprob + (forget_logprob - retain_logprob.detach()).clamp(min=-logprob_clamp)
 
 
 def per_mask_grad_clip_(grad: Float[Tensor, "mask layer head"], max_norm: float) -> Tensor:
