@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from chg_tlens.analysis.baselines import HeadScores
-from chg_tlens.core import checks
+from chg_tlens.core import checks, interventions
 from chg_tlens.core.checkpoint import CheckpointError, atomic_write_bytes
 from chg_tlens.core.data import GateData
 from chg_tlens.core.forward import logits_at, on_device
@@ -116,14 +116,11 @@ class _Pruner:
         self.batches = list(on_device(data, batch_size, device))
         self.rows = [target_positions(target_mask, batch.targets_to(device))
                      for batch, _, target_mask in self.batches]
-        self.reference = [self._output(i, {}) for i in range(len(self.batches))]
+        self.reference = [self._output(i, []) for i in range(len(self.batches))]
         self.replacement: list[dict[int, Tensor]] = []
-        for batch, _, _ in self.batches:
-            if ablation == "zero":
-                self.replacement.append({})
-                continue
-            _, cache = model.run_with_cache(batch.corrupt.tokens.to(device),
-                                            names_filter=adapter.is_hook_z)
+        """Per batch, each layer's ``hook_z`` on the corrupt twin (none for zero ablation)."""
+        for batch, _, _ in self.batches if ablation == "corrupt" else []:
+            _, cache = model.run_with_cache(batch.corrupt.tokens.to(device), names_filter=adapter.is_hook_z)
             self.replacement.append({layer: cache[adapter.hook_z_name(layer)]
                                      for layer in range(layout.n_layers)})
         self.store = store
@@ -167,19 +164,18 @@ class _Pruner:
                 self.store.add(key, self.measured[key], time.time() - self.started)
         return self.measured[key]
 
-    def _output(self, index: int, hooks: dict[int, Callable[..., Tensor]]) -> Float[Tensor, "row vocab"]:
+    def _output(self, index: int, hooks: list[interventions.Hook]) -> Float[Tensor, "row vocab"]:
         _, tokens, _ = self.batches[index]
         example, position = self.rows[index]
-        fwd_hooks = [(adapter.hook_z_name(layer), hook) for layer, hook in hooks.items()]
-        return logits_at(self.model, tokens, example, position, fwd_hooks).float()
+        return logits_at(self.model, tokens, example, position, hooks).float()
 
-    def _hooks(self, index: int, removed: Bool[Tensor, "layer head"]) -> dict[int, Callable[..., Tensor]]:
-        hooks = {}
-        for layer in torch.nonzero(removed.any(dim=1)).flatten().tolist():
-            heads = removed[layer]
-            value = self.replacement[index].get(layer)
-            hooks[layer] = _ablate_heads_hook(heads, value)
-        return hooks
+    def _hooks(self, index: int, removed: Bool[Tensor, "layer head"]) -> list[interventions.Hook]:
+        """Each layer's removed heads set to their corrupt output, or zeroed."""
+        layers = torch.nonzero(removed.any(dim=1)).flatten().tolist()
+        if self.ablation == "zero":
+            return [interventions.scale(layer, 0.0, heads=removed[layer].clone()) for layer in layers]
+        return [interventions.replace(layer, self.replacement[index][layer], heads=removed[layer].clone())
+                for layer in layers]
 
 
 class _Store:
@@ -195,29 +191,64 @@ class _Store:
 
     def load(self) -> dict[bytes, float]:
         """What an earlier run measured (nothing when the file does not exist yet); a file made with
-        other settings is refused with what differs, an unreadable one as such; neither is touched."""
+        other settings is refused with what differs, a damaged one with what is wrong; neither is touched.
+
+        Only what means the file itself is bad is caught: it cannot be read (``OSError``), is not UTF-8
+        (``UnicodeDecodeError``) or JSON (``json.JSONDecodeError``, e.g. a copy cut short), lacks a field or
+        holds one of the wrong kind (checked explicitly), or holds a key that packs no removed set
+        (``ValueError`` from ``_unpack``). Anything else is a bug here and propagates as it is, so hours of
+        measured sets are never called unreadable, nor their file offered for removal, because of it.
+        """
         if not self.path.exists():
             return {}
         try:
-            saved = json.loads(self.path.read_text())
-            signature = saved["signature"]
-            differs = {k: signature.get(k) for k in self.signature if signature.get(k) != self.signature[k]}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise self._unreadable(error) from error
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise self._damaged(f"it is not UTF-8 text ({error.reason} at byte {error.start})") from error
+        except OSError as error:
+            raise CheckpointError(f"acdc: cannot read checkpoint {self.path} ({error.strerror or error}); "
+                                  "it was left as it is.") from error
+        try:
+            saved = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise self._damaged(f"it is not valid JSON ({error.msg} at line {error.lineno}, column "
+                                f"{error.colno}; a copy cut short?)") from error
+        signature, stored, seconds = self._fields(saved)
+        differs = {k: signature.get(k) for k in self.signature if signature.get(k) != self.signature[k]}
         if differs:
             raise CheckpointError(f"acdc: checkpoint {self.path} was made with other {', '.join(differs)} "
                                   f"(there: {differs}); pass another path to keep it.")
-        try:
-            self.saved = {str(key): float(value) for key, value in saved["measured"].items()}
-            measured = {self._unpack(key): value for key, value in self.saved.items()}
-            self.earlier_seconds = float(saved["seconds"])
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise self._unreadable(error) from error
+        measured = {}
+        for key in stored:
+            try:
+                measured[self._unpack(key)] = float(stored[key])
+            except ValueError as error:
+                raise self._damaged(f"its key {key[:16]!r} is no removed set of {self.n_total} heads "
+                                    f"({error})") from error
+        self.saved = {key: float(value) for key, value in stored.items()}
+        self.earlier_seconds = seconds
         return measured
 
-    def _unreadable(self, error: Exception) -> CheckpointError:
-        return CheckpointError(f"acdc: checkpoint {self.path} is unreadable ({error!r}); move it away to "
-                               "start afresh.")
+    def _fields(self, saved: Any) -> tuple[dict[str, Any], dict[str, float], float]:
+        """The file's signature, measured sets and seconds, each checked for its kind (not by catching a
+        TypeError later, which would hide this code's own bugs)."""
+        if not isinstance(saved, dict):
+            raise self._damaged(f"it holds a JSON {type(saved).__name__}, not an object")
+        missing = [key for key in ("signature", "measured", "seconds") if key not in saved]
+        if missing:
+            raise self._damaged(f"it has no {', '.join(map(repr, missing))}")
+        signature, stored, seconds = saved["signature"], saved["measured"], saved["seconds"]
+        if not isinstance(signature, dict):
+            raise self._damaged("its 'signature' is not an object")
+        if not isinstance(stored, dict) or not all(_is_number(value) for value in stored.values()):
+            raise self._damaged("its 'measured' does not map removed sets to distances")
+        if not _is_number(seconds):
+            raise self._damaged(f"its 'seconds' is {seconds!r}, not a number")
+        return signature, stored, float(seconds)
+
+    def _damaged(self, why: str) -> CheckpointError:
+        return CheckpointError(f"acdc: checkpoint {self.path} is unreadable: {why}. It was left as it is; "
+                               "pass another checkpoint path to start afresh.")
 
     def add(self, key: bytes, distance: float, seconds: float) -> None:
         """One more measured set, and the file rewritten with all of them atomically (a kill leaves the
@@ -228,24 +259,16 @@ class _Store:
         atomic_write_bytes(self.path, lambda tmp: Path(tmp).write_text(json.dumps(state)))
 
     def _unpack(self, key: str) -> bytes:
-        bits = np.unpackbits(np.frombuffer(bytes.fromhex(key), dtype=np.uint8))[: self.n_total]
-        if bits.size != self.n_total:
-            raise ValueError(f"a removed set of {bits.size} heads, not {self.n_total}")
-        return bits.astype(bool).tobytes()
+        """The removed set a saved key packs; ``ValueError`` for text that packs none (a damaged file)."""
+        packed, size = bytes.fromhex(key), (self.n_total + 7) // 8
+        if len(packed) != size:
+            raise ValueError(f"{len(packed)} bytes, not the {size} of {self.n_total} heads")
+        return np.unpackbits(np.frombuffer(packed, dtype=np.uint8))[: self.n_total].astype(bool).tobytes()
 
 
-def _ablate_heads_hook(heads: Bool[Tensor, " head"], value: Tensor | None) -> Callable[..., Tensor]:
-    """``hook_z`` with the chosen heads set to ``value`` (their corrupt output) or to zero."""
-    chosen = heads.clone()
-
-    def ablate(z: Tensor, hook: Any = None, **kwargs: Any) -> Tensor:
-        keep = (~chosen).to(device=z.device, dtype=z.dtype)[None, None, :, None]
-        replaced = z * keep
-        if value is not None:
-            replaced = replaced + value.to(z.dtype) * (1 - keep)
-        return replaced
-
-    return ablate
+def _is_number(value: Any) -> bool:
+    """A JSON number (``json`` reads ``true`` as a bool, which ``float`` would take as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _kl_rows(reference: Float[Tensor, "row vocab"], output: Float[Tensor, "row vocab"]) -> Tensor:

@@ -21,7 +21,6 @@ in example passes: a forward of a batch of 32 counts 32.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +33,7 @@ from torch import Tensor
 
 from chg_tlens.analysis.ablation import evaluate_gates
 from chg_tlens.analysis.patching import patching_scores, target_logprob_metric
-from chg_tlens.core import checks
+from chg_tlens.core import checks, interventions
 from chg_tlens.core.data import GateData
 from chg_tlens.core.forward import on_device
 from chg_tlens.core.gates import HeadGates
@@ -156,10 +155,8 @@ def ablation_scores(
         scores = torch.zeros(layout.n_layers, layout.n_heads)
         for layer in range(layout.n_layers):
             for head in range(layout.n_heads):
-                hook = _replace_head_hook(head, means[layer][..., head, :])
-                ablated = _metric_with_hooks(model, data, [(adapter.hook_z_name(layer), hook)],
-                                             batch_size)
-                scores[layer, head] = full - ablated
+                hook = interventions.replace(layer, means[layer], heads=head)
+                scores[layer, head] = full - _metric_with_hooks(model, data, [hook], batch_size)
         forward = len(data) * (2 + n_heads_total)
     return HeadScores(scores, f"ablation_{kind}", forward, 0, time.time() - started, signed=True,
                       details={"metric_all_heads": full})
@@ -473,11 +470,9 @@ def _attribution_hooks(
         delta: dict[int, Tensor] = {}  # clean z - corrupt z, from the corrupt run at point 0
         for step in range(steps):
             began = time.time()
-            captured: dict[int, Tensor] = {}
-            probes: dict[int, Tensor] = {}
-            hooks = [(adapter.hook_z_name(layer),
-                      functools.partial(_probe_hook, layer=layer, captured=captured, probes=probes))
-                     for layer in range(layout.n_layers)]
+            hooks, captured = interventions.record(range(layout.n_layers))
+            probe_hooks, probes = interventions.probe(range(layout.n_layers))
+            hooks += probe_hooks
             if step > 0:  # alpha = 0 is the corrupt run itself
                 hooks.append((EMBEDDING_HOOK, _interpolate_hook(cache[EMBEDDING_HOOK], step / steps)))
             with model.hooks(fwd_hooks=hooks):
@@ -496,26 +491,10 @@ def _attribution_hooks(
 
 def _interpolate_hook(clean_embedding: Tensor, alpha: float) -> Callable[..., Tensor]:
     """Replace the (corrupt) input embedding by ``corrupt + alpha * (clean - corrupt)``."""
-    def interpolate(embedding: Tensor, hook: Any = None, **kwargs: Any) -> Tensor:
+    def interpolate(embedding: Tensor, hook: Any) -> Tensor:
         return embedding + alpha * (clean_embedding.to(embedding.dtype) - embedding)
 
     return interpolate
-
-
-def _probe_hook(z: Tensor, hook: Any, layer: int, captured: dict[int, Tensor],
-                probes: dict[int, Tensor]) -> Tensor:
-    captured[layer] = z.detach()
-    probes[layer] = torch.zeros_like(z, requires_grad=True)
-    return z + probes[layer]
-
-
-def _replace_head_hook(head: int, value: Float[Tensor, "pos d_head"]) -> Callable[..., Tensor]:
-    def replace_head(z: Tensor, hook: Any = None, **kwargs: Any) -> Tensor:
-        z = z.clone()
-        z[:, :, head] = value[: z.shape[1]].to(device=z.device, dtype=z.dtype)
-        return z
-
-    return replace_head
 
 
 def _metric_with_hooks(model: Any, data: GateData, hooks: list, batch_size: int) -> float:

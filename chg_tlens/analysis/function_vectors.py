@@ -13,9 +13,7 @@ gets head ``r``'s mean, so one forward pass covers many heads; only the last pos
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -26,7 +24,7 @@ from tqdm.auto import tqdm
 
 from chg_tlens.analysis.mediation import mediation_test
 from chg_tlens.analysis.patching import clean_and_corrupt
-from chg_tlens.core import checks
+from chg_tlens.core import checks, interventions
 from chg_tlens.core.checks import SeedReduce
 from chg_tlens.core.data import GateData
 from chg_tlens.core.forward import logits_at, on_device
@@ -160,37 +158,19 @@ def _mean_last_z(model: Any, layout: adapter.HeadLayout, clean: GateData, batch_
     for batch, tokens, target_mask in on_device(clean, batch_size, device):
         last, answer = _first_scored(tokens, target_mask, batch.targets_to(device))
         index = torch.arange(len(batch), device=device)
-        captured: dict[int, Tensor] = {}
-        hooks = [(adapter.hook_z_name(layer), partial(_record_last, layer=layer, store=captured, last=last))
-                 for layer in range(n_layers)]
+        hooks, captured = interventions.record(range(n_layers), positions=last)  # [batch, head, d_head]
         logits = logits_at(model, tokens, index, last, hooks)
         probability += float(_answer_probability(logits, answer).sum())
-        total += torch.stack([captured[layer].sum(dim=0) for layer in range(n_layers)])
+        total += torch.stack([captured[layer].float().sum(dim=0) for layer in range(n_layers)])
     return total / len(clean), probability
 
 
-def _record_last(z: Tensor, hook: Any, layer: int, store: dict[int, Tensor], last: Int[Tensor, " batch"]
-                 ) -> Tensor:
-    """Keep each example's ``hook_z`` at its last prompt position, ``[batch, head, d_head]``."""
-    store[layer] = z[torch.arange(z.shape[0], device=z.device), last].float()
-    return z
-
-
 def _patch_hooks(chunk: list[Head], mean_z: Float[Tensor, "layer head d_head"], last: Int[Tensor, " batch"],
-                 batch: int) -> list[tuple[str, Callable[..., Tensor]]]:
+                 batch: int) -> list[interventions.Hook]:
     """Hooks that give replica ``r`` of the repeated batch head ``chunk[r]``'s mean at the last position."""
-    by_layer: dict[int, list[tuple[int, int]]] = {}
-    for replica, (layer, head) in enumerate(chunk):
-        by_layer.setdefault(layer, []).append((replica, head))
-
-    def patch(z: Tensor, hook: Any, layer: int) -> Tensor:
-        z = z.clone()
-        for replica, head in by_layer[layer]:
-            rows = torch.arange(replica * batch, (replica + 1) * batch, device=z.device)
-            z[rows, last, head] = mean_z[layer, head].to(device=z.device, dtype=z.dtype)
-        return z
-
-    return [(adapter.hook_z_name(layer), partial(patch, layer=layer)) for layer in by_layer]
+    return [interventions.replace(layer, mean_z[layer], heads=head, positions=last,
+                                  rows=slice(replica * batch, (replica + 1) * batch))
+            for replica, (layer, head) in enumerate(chunk)]
 
 
 def _first_scored(

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from chg_tlens.core import checks
+from chg_tlens.core import checks, interventions
 from chg_tlens.core.data import GateData
 from chg_tlens.core.objectives import target_logprobs, target_positions
 from chg_tlens.errors import InputError
@@ -22,7 +22,7 @@ from chg_tlens.models import adapter
 
 Head = tuple[int, int]
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
-ReceiverInput = Literal["q", "k", "v", "z"]
+ReceiverInput = interventions.HeadActivation
 
 
 def target_logprob_metric(data: GateData) -> Metric:
@@ -222,62 +222,29 @@ class _PathPatchingRun:
         return float(self.metric(clean_logits)), float(self.metric(corrupt_logits))
 
     def record(
-        self, senders: list[Head], receiver_input: str, layers: list[int] | None
+        self, senders: list[Head], receiver_input: ReceiverInput, layers: list[int] | None
     ) -> tuple[Tensor, dict[int, Tensor]]:
         """Step 2: senders corrupt, all other heads frozen clean; record receivers' inputs."""
-        senders_in = {layer: [h for l_, h in senders if l_ == layer] for layer in range(self.n_layers)}
-        recorded: dict[int, Tensor] = {}
-
-        def freeze_z(z: Tensor, hook: Any, layer: int) -> Tensor:
-            if receiver_input == "z" and layers is not None and layer in layers:
-                recorded[layer] = z.detach().clone()
-            name = adapter.hook_z_name(layer)
+        hooks, recorded = interventions.record(layers or [], activation=receiver_input)
+        for layer, name in enumerate(self.z_names):
             frozen = self._clean_z[name].clone()
-            for head in senders_in[layer]:
-                frozen[:, :, head] = self._corrupt_z[name][:, :, head]
-            return frozen
-
-        def record_input(activation: Tensor, hook: Any, layer: int) -> Tensor:
-            recorded[layer] = activation.detach().clone()
-            return activation
-
-        hooks = [(adapter.hook_z_name(layer), _bind(freeze_z, layer)) for layer in range(self.n_layers)]
-        if receiver_input != "z" and layers is not None:
-            hooks += [(_input_hook_name(layer, receiver_input), _bind(record_input, layer))
-                      for layer in layers]
+            heads = [h for l_, h in senders if l_ == layer]
+            frozen[:, :, heads] = self._corrupt_z[name][:, :, heads]
+            hooks.append(interventions.replace(layer, frozen))  # after the record of a "z" receiver
         with self.model.hooks(fwd_hooks=hooks):
             logits = self.model(self.clean_tokens)
         return logits, recorded
 
-    def patched_metric(self, receivers: list[Head], receiver_input: str, recorded: dict[int, Tensor]
-                       ) -> float:
+    def patched_metric(self, receivers: list[Head], receiver_input: ReceiverInput,
+                       recorded: dict[int, Tensor]) -> float:
         """Step 3: clean run with only the receivers' inputs replaced by the recorded ones."""
         heads_in: dict[int, list[int]] = {}
         for layer, head in receivers:
             heads_in.setdefault(layer, []).append(head)
-
-        def patch_input(activation: Tensor, hook: Any, layer: int) -> Tensor:
-            patched = activation.clone()
-            index = heads_in[layer]
-            patched[:, :, index] = recorded[layer][:, :, index].to(patched.dtype)
-            return patched
-
-        hooks = [(_input_hook_name(layer, receiver_input), _bind(patch_input, layer)) for layer in heads_in]
+        hooks = [interventions.replace(layer, recorded[layer], heads=heads, activation=receiver_input)
+                 for layer, heads in heads_in.items()]
         with self.model.hooks(fwd_hooks=hooks):
             return float(self.metric(self.model(self.clean_tokens)))
-
-
-def _bind(fn: Callable[..., Tensor], layer: int) -> Callable[[Tensor, Any], Tensor]:
-    def hook(activation: Tensor, hook: Any) -> Tensor:
-        return fn(activation, hook, layer)
-
-    return hook
-
-
-def _input_hook_name(layer: int, receiver_input: str) -> str:
-    if receiver_input == "z":
-        return adapter.hook_z_name(layer)
-    return f"blocks.{layer}.attn.hook_{receiver_input}"
 
 
 def _require_receiver_input(model: Any, receiver_input: str) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 from chg_tlens.analysis.accuracy import task_accuracy
 from chg_tlens.analysis.mediation import mediation_test
-from chg_tlens.core import checks
+from chg_tlens.core import checks, interventions
 from chg_tlens.core.checks import SeedReduce
 from chg_tlens.core.data import GateData
 from chg_tlens.core.forward import logits_at, on_device
@@ -280,40 +279,19 @@ def _patch_every_head(
         example, position = (index.to(device) for index in target_positions(batch.target.target_mask))
         wanted = batch.target.corrupt.labels().to(device)  # y*: the target twin's answer
         own = batch.target.labels().to(device)
-        source_z = _all_z(model, layout, source, example, position)
+        hooks, source_z = interventions.record(range(layout.n_layers))  # layer -> [batch, pos, head, d_head]
+        logits_at(model, source, example, position, hooks)
         unpatched = _logit_diff(logits_at(model, target, example, position), wanted, own)
         baseline += float(unpatched.sum())
         for where in wheres:
             site = sites[where].to(device)
             for layer in range(layout.n_layers):
                 for head in range(layout.n_heads):
-                    hook = partial(_patch_head, head=head, source=source_z[layer], site=site)
-                    logits = logits_at(model, target, example, position, [(adapter.hook_z_name(layer), hook)])
+                    hook = interventions.replace(layer, source_z[layer], heads=head, positions=site)
+                    logits = logits_at(model, target, example, position, [hook])
                     totals[where][layer, head] += float((_logit_diff(logits, wanted, own) - unpatched).sum())
                     bar.update(len(batch))
     return totals, baseline
-
-
-def _all_z(model: Any, layout: adapter.HeadLayout, tokens: Int[Tensor, "batch pos"],
-           example: Int[Tensor, " n"], position: Int[Tensor, " n"]) -> list[Tensor]:
-    """Every layer's ``hook_z`` ``[batch, pos, head, d_head]`` on ``tokens`` (one forward pass)."""
-    store: dict[int, Tensor] = {}
-
-    def record(z: Tensor, hook: Any, layer: int) -> Tensor:
-        store[layer] = z.detach().clone()
-        return z
-
-    hooks = [(adapter.hook_z_name(layer), partial(record, layer=layer)) for layer in range(layout.n_layers)]
-    logits_at(model, tokens, example, position, hooks)
-    return [store[layer] for layer in range(layout.n_layers)]
-
-
-def _patch_head(z: Float[Tensor, "batch pos head d_head"], hook: Any, head: int,
-                source: Float[Tensor, "batch pos head d_head"], site: Bool[Tensor, "batch pos"]) -> Tensor:
-    """``z`` with one head's output replaced by the source's at the ``site`` positions."""
-    z = z.clone()
-    z[:, :, head] = torch.where(site[:, :, None], source[:, :, head].to(z.dtype), z[:, :, head])
-    return z
 
 
 def _logit_diff(logits: Float[Tensor, "n vocab"], wanted: Int[Tensor, " n"], own: Int[Tensor, " n"]

@@ -1,8 +1,9 @@
 """HeadGates: one scalar gate per attention head, applied on ``hook_z``.
 
 This is the whole intervention of Causal Head Gating: ``z[..., h, :] *= G[l, h]`` before the output
-projection, with ``G = sigmoid(theta)``. Several independent gate sets ("masks", one per seed) run in
-one forward pass: the user batch is repeated once per mask and mask ``m`` gates replica ``m``.
+projection, with ``G = sigmoid(theta)`` (``core.interventions.scaled``, the scale every head intervention
+shares). Several independent gate sets ("masks", one per seed) run in one forward pass: the user batch is
+repeated once per mask and mask ``m`` gates replica ``m``.
 
     gates = HeadGates.from_model(model, n_masks=4, seed=0)
     with model.hooks(fwd_hooks=gates.hooks()):
@@ -11,16 +12,13 @@ one forward pass: the user batch is repeated once per mask and mask ``m`` gates 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from chg_tlens.core.interventions import Hook, HookFn, scaled
 from chg_tlens.errors import InputError
 from chg_tlens.models.adapter import hook_z_name, require_model
-
-HookFn = Callable[..., Tensor]
 
 
 class HeadGates(nn.Module):
@@ -111,28 +109,24 @@ class HeadGates(nn.Module):
         """The batch repeated once per mask, replica-major: rows ``m*B:(m+1)*B`` belong to mask m."""
         return tokens.repeat(self.n_masks, *([1] * (tokens.ndim - 1)))
 
-    def hooks(self) -> list[tuple[str, HookFn]]:
+    def hooks(self) -> list[Hook]:
         """``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``, one per layer."""
         return [(hook_z_name(layer), self._make_hook(layer)) for layer in range(self.n_layers)]
 
     def _make_hook(self, layer: int) -> HookFn:
+        """:func:`interventions.scaled` by this layer's gates, one gate set per replica of the batch."""
         def gate_hook_z(z: Float[Tensor, "mask_batch pos head d_head"], hook: object) -> Tensor:
             if z.ndim != 4 or z.shape[2] != self.n_heads:
                 raise InputError(
                     f"HeadGates: {hook_z_name(layer)} has shape {list(z.shape)}; expected "
                     f"[batch, pos, {self.n_heads}, d_head]. Were the gates built for another model?"
                 )
-            gate = self._layer_values(layer).to(device=z.device, dtype=z.dtype)  # [mask, head]
-            if self.n_masks == 1:
-                return z * gate[0][None, None, :, None]
             if z.shape[0] % self.n_masks:
                 raise InputError(
                     f"HeadGates: batch of {z.shape[0]} rows is not a multiple of n_masks="
                     f"{self.n_masks}; pass gates.repeat_batch(tokens) to the model."
                 )
-            replicas = z.reshape(self.n_masks, -1, *z.shape[1:])
-            gated = replicas * gate[:, None, None, :, None]
-            return gated.reshape(z.shape)
+            return scaled(z, self._layer_values(layer))  # [mask, head]
 
         return gate_hook_z
 
