@@ -13,8 +13,10 @@ from chg_tlens import (
     ResultFileError,
     fit_contrastive_chg,
 )
-from chg_tlens.core.result import TENSORS_FILE
+from chg_tlens.core.result_files import TENSORS_FILE
 from chg_tlens.testbeds.planted import contrastive_circuit
+
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from chg_tlens.core.objectives import target_nll
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 PROMPT = "when mary and john went to the store john gave a drink to"
 
 
@@ -202,6 +204,37 @@ def test_a_data_file_with_the_named_fields_loads(words, tmp_path):
     path.write_text("question,answer\nthe keys to the cabinet, are\n")
     data = GateData.from_file(words, path, prompt_field="question", target_field="answer")
     assert len(data) == 1 and data.n_targets == 1
+
+
+@pytest.mark.parametrize("error", [RuntimeError("tokenizer crashed"),
+                                   ValueError("an internal error of the tokenizer")])
+def test_a_tokenizer_failure_while_reading_a_data_file_propagates_as_itself(tmp_path, monkeypatch, error):
+    """Not bad input the user can fix: it must not come back as InputError (a ValueError too)."""
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,target\nthe keys to the cabinet, are\n")
+    model = word_model()
+
+    def failing_tokenizer(self: object, text: str, **kwargs: object) -> dict[str, list[int]]:
+        raise error
+
+    monkeypatch.setattr(type(model.tokenizer), "__call__", failing_tokenizer)
+    with pytest.raises(type(error)) as caught:
+        GateData.from_file(model, path)
+    assert caught.value is error
+
+
+@pytest.mark.parametrize("content, message", [
+    ("prompt,target\nthe keys to the cabinet,\n", "target 0 \\(''\\) tokenizes to nothing"),
+    ("prompt,answer\nthe keys to the cabinet, are\n", "no field\\(s\\) \\['target'\\]"),
+])
+def test_bad_records_in_a_data_file_name_the_file_and_keep_the_cause(words, tmp_path, content, message):
+    path = tmp_path / "pairs.csv"
+    path.write_text(content)
+    with pytest.raises(InputError, match=message) as caught:
+        GateData.from_file(words, path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert isinstance(caught.value.__cause__, InputError) and str(caught.value).endswith(
+        str(caught.value.__cause__))
 
 
 def test_next_token_fingerprints_are_the_ones_recorded_before_per_position_targets():

@@ -24,7 +24,8 @@ from PIL import Image
 from chg_tlens import CHGConfig, ContrastiveConfig, fit_chg, fit_contrastive_chg
 from chg_tlens.app.report import load_run_result, render_contrastive_report, render_report, write_report
 from chg_tlens.app.runs import write_contrastive_run_folder
-from chg_tlens.core.result import META_FILE, TENSORS_FILE, CHGResult, ContrastiveResult, ResultFileError
+from chg_tlens.core.result import CHGResult, ContrastiveResult
+from chg_tlens.core.result_files import META_FILE, TENSORS_FILE, ResultFileError
 from chg_tlens.errors import InputError
 
 HOSTILE_TASK = "repeat & <b>bold</b>"

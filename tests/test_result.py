@@ -8,8 +8,11 @@ import json
 import pytest
 import torch
 
+import chg_tlens
 from chg_tlens import CHGConfig, CHGResult, ContrastiveResult, InputError, ResultFileError, fit_chg
-from chg_tlens.core.result import FORMAT_VERSION, META_FILE, TENSORS_FILE
+from chg_tlens.core.result_files import FORMAT_VERSION, META_FILE, TENSORS_FILE
+
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +31,7 @@ def test_save_load_round_trip_keeps_gates_curves_and_provenance(result, tmp_path
     assert loaded.provenance["model_name"] == "planted-recall"
     assert loaded.provenance["data_fingerprint"] == result.provenance["data_fingerprint"]
     assert loaded.provenance["versions"]["torch"] == torch.__version__
+    assert loaded.provenance["versions"]["chg_tlens"] == chg_tlens.__version__
     assert (loaded.role_labels() == result.role_labels()).all()
 
 

@@ -23,15 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from chg_tlens.app import plot
-from chg_tlens.core.result import (
-    META_FILE,
-    ROLES,
-    TENSORS_FILE,
-    UNCLASSIFIED,
-    CHGResult,
-    ContrastiveResult,
-    ResultFileError,
-)
+from chg_tlens.core.result import ROLES, UNCLASSIFIED, CHGResult, ContrastiveResult
+from chg_tlens.core.result_files import META_FILE, TENSORS_FILE, ResultFileError
 from chg_tlens.errors import InputError
 
 ROLES_FILE = "roles.csv"

@@ -1,88 +1,48 @@
 """Input checks, written once: every public function asks here, so the same mistake reads the same.
 
 Each check raises :class:`chg_tlens.InputError` naming the argument, what was expected and what was
-found, before any compute starts.
+found, before any compute starts. The checks of plain values live in :mod:`chg_tlens.core.value_checks`
+(re-exported here) so the modules this one imports can use them without a cycle; the checks below take
+a GateData, HeadGates or CHGResult and so sit above those types.
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-import torch
-from jaxtyping import Float
-from torch import Tensor
-
+from chg_tlens.core.data import GateData
+from chg_tlens.core.gates import HeadGates
+from chg_tlens.core.result import CHGResult
+from chg_tlens.core.value_checks import (
+    SeedReduce,
+    example_weights,
+    heads,
+    instance_of,
+    is_positive_number,
+    positive_int,
+    positive_number,
+    reduce_seeds,
+    seed_index,
+    sized_for_model,
+    unit_interval,
+)
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
 
-if TYPE_CHECKING:
-    from chg_tlens.core.data import GateData
-    from chg_tlens.core.gates import HeadGates
-
-SeedReduce = Literal["max", "mean", "min"]
-"""How per-seed head values become one ``[layer, head]`` map (or an int: that one seed)."""
-
-
-def positive_int(value: Any, argument: str) -> int:
-    """``value`` if it is a positive int (not a bool)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InputError(f"{argument} must be a positive integer, got {value!r}.")
-    return value
-
-
-def positive_number(value: Any, argument: str) -> float:
-    """``value`` if it is a finite number > 0 (not a bool)."""
-    if not is_positive_number(value):
-        raise InputError(f"{argument} must be a positive number, got {value!r}.")
-    return float(value)
-
-
-def is_positive_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and value > 0)
-
-
-def unit_interval(value: Any, argument: str) -> float:
-    """``value`` if it is a number within [0, 1] (a threshold or a confidence)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-        raise InputError(f"{argument} must be within [0, 1], got {value!r}.")
-    return float(value)
-
-
-def seed_index(value: Any, n_seeds: int, argument: str = "seed") -> int:
-    """A seed index into ``[0, n_seeds)``; negative indices count from the end, as in Python."""
-    if not isinstance(value, int) or isinstance(value, bool) or not -n_seeds <= value < n_seeds:
-        raise InputError(f"{argument} must be a seed index in [0, {n_seeds}), got {value!r}.")
-    return value % n_seeds
-
-
-def reduce_seeds(
-    per_seed: Float[Tensor, "seed layer head"], how: SeedReduce | int, argument: str = "seed_reduce"
-) -> Float[Tensor, "layer head"]:
-    """One map from per-seed maps: the max, mean or min over seeds, or one seed's own."""
-    if isinstance(how, int) and not isinstance(how, bool):
-        return per_seed[seed_index(how, per_seed.shape[0], argument)]
-    if how == "max":
-        return per_seed.max(dim=0).values
-    if how == "mean":
-        return per_seed.mean(dim=0)
-    if how == "min":
-        return per_seed.min(dim=0).values
-    raise InputError(f"{argument}: expected 'max', 'mean', 'min' or a seed index, got {how!r}.")
+__all__ = [
+    "SeedReduce", "chg_result", "corrupt_twin", "example_weights", "gate_data", "gates_for", "heads",
+    "instance_of", "is_positive_number", "positive_int", "positive_number", "reduce_seeds", "seed_index",
+    "unit_interval",
+]
 
 
 def gate_data(data: Any, model: Any, argument: str = "data") -> GateData:
     """``data`` if it is a GateData whose tokens and lengths fit ``model``."""
-    from chg_tlens.core.data import GateData  # data.py uses the scalar checks above
-
     return instance_of(data, GateData, argument, "chg_tlens.GateData").checked_for(model, argument)
 
 
 def corrupt_twin(data: GateData, method: str, corrupt: Any = None) -> GateData:
     """The corrupt twin patching needs: ``corrupt`` if given, else ``data.corrupt``, same token shape."""
-    from chg_tlens.core.data import GateData
-
     twin = data.corrupt if corrupt is None else corrupt
     if twin is None:
         raise InputError(
@@ -99,78 +59,17 @@ def corrupt_twin(data: GateData, method: str, corrupt: Any = None) -> GateData:
     return twin
 
 
-def heads(values: Any, layout: adapter.HeadLayout, argument: str, allow_empty: bool = True
-          ) -> list[tuple[int, int]]:
-    """``(layer, head)`` pairs within the model, in the order given, without duplicates."""
-    try:
-        pairs = [(int(layer), int(head)) for layer, head in values]
-    except (TypeError, ValueError):
-        raise InputError(f"{argument}: expected a list of (layer, head) pairs, got {values!r}.") from None
-    if not pairs and not allow_empty:
-        raise InputError(f"{argument}: expected at least one (layer, head) pair, got none.")
-    outside = [p for p in pairs if not (0 <= p[0] < layout.n_layers and 0 <= p[1] < layout.n_heads)]
-    if outside:
-        raise InputError(
-            f"{argument}: heads {outside[:5]} lie outside the model's {layout.n_layers} layers x "
-            f"{layout.n_heads} heads."
-        )
-    if len(set(pairs)) != len(pairs):
-        raise InputError(f"{argument}: a head is listed twice in {pairs}.")
-    return pairs
-
-
 def gates_for(gates: Any, layout: adapter.HeadLayout, argument: str = "gates") -> HeadGates:
     """``gates`` if it is a HeadGates sized for the model's heads."""
-    from chg_tlens.core.gates import HeadGates  # gates.py uses the scalar checks above
-
-    return _sized_for_model(
+    return sized_for_model(
         gates, HeadGates, "chg_tlens.HeadGates", layout, argument,
         "built for {found[0]} layers x {found[1]} heads, but the model has {model[0]} x {model[1]}.",
     )
 
 
-def chg_result(result: Any, layout: adapter.HeadLayout, argument: str = "result") -> Any:
+def chg_result(result: Any, layout: adapter.HeadLayout, argument: str = "result") -> CHGResult:
     """``result`` if it is a CHGResult fitted on a model with this many layers and heads."""
-    from chg_tlens.core.result import CHGResult  # result.py sits above the checks
-
-    return _sized_for_model(
+    return sized_for_model(
         result, CHGResult, "CHGResult", layout, argument,
         "gates are [layer, head] = {found}, but the model has {model}; was it fitted on another model?",
     )
-
-
-def instance_of(value: Any, kind: type, argument: str, name: str) -> Any:
-    """``value`` if it is a ``kind``; ``name`` is how the message writes the type."""
-    if not isinstance(value, kind):
-        raise InputError(f"{argument}: expected a {name}, got {type(value).__name__}.")
-    return value
-
-
-def _sized_for_model(
-    value: Any, kind: type, name: str, layout: adapter.HeadLayout, argument: str, mismatch: str
-) -> Any:
-    """``value`` if it is a ``kind`` with the model's layers and heads (``n_layers``, ``n_heads``).
-
-    ``mismatch`` is the message for another size, formatted with ``found`` and ``model``, each
-    ``[layers, heads]``.
-    """
-    instance_of(value, kind, argument, name)
-    found, model = [value.n_layers, value.n_heads], [layout.n_layers, layout.n_heads]
-    if found != model:
-        raise InputError(f"{argument}: " + mismatch.format(found=found, model=model))
-    return value
-
-
-def example_weights(weights: Tensor | None, n_seeds: int, n_examples: int) -> Tensor | None:
-    """Refuse example weights of the wrong shape, negative, non-finite, or all zero for a seed."""
-    if weights is None:
-        return None
-    weights = torch.as_tensor(weights, dtype=torch.float32).detach().cpu()
-    if list(weights.shape) != [n_seeds, n_examples]:
-        raise InputError(f"example_weights must have shape [seed, example] = {[n_seeds, n_examples]}, "
-                         f"got {list(weights.shape)}.")
-    if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise InputError("example_weights must be finite and >= 0.")
-    if (weights.sum(dim=1) <= 0).any():
-        raise InputError("example_weights: every seed needs some weight (a row sums to 0).")
-    return weights

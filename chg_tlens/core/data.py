@@ -12,9 +12,7 @@ position ``t`` is scored against ``targets[i, t]``. Every loss and metric reads 
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +23,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from chg_tlens.core.objectives import target_labels
+from chg_tlens.core.records import load_records, require_fields
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
 
@@ -224,12 +223,12 @@ class GateData:
             raise InputError("GateData.from_hf: the dataset is empty.")
         columns = set(rows[0].keys())
         if text_field is not None:
-            _require_fields(columns, [text_field])
+            require_fields(columns, [text_field])
             return cls.from_text(model, [str(r[text_field]) for r in rows], prepend_bos,
                                  {"source": "hf", "text_field": text_field})
         if target_field is None:
             raise InputError("GateData.from_hf: give target_field, or text_field for plain text.")
-        _require_fields(columns, [prompt_field, target_field])
+        require_fields(columns, [prompt_field, target_field])
         return cls.from_pairs(
             model,
             [str(r[prompt_field]) for r in rows],
@@ -295,12 +294,16 @@ class GateData:
         target_field: str | None = "target",
         text_field: str | None = None,
     ) -> GateData:
-        """A JSONL, JSON, or CSV file, or a folder saved with ``datasets.Dataset.save_to_disk``."""
+        """A JSONL, JSON, or CSV file, or a folder saved with ``datasets.Dataset.save_to_disk``.
+
+        Bad records (a missing field, a target that tokenizes to nothing, a text too long) raise an
+        InputError that also names the file; any other error, the tokenizer's own included, is a bug
+        and propagates as itself."""
         records = load_records(path)
         try:
             return cls.from_hf(model, records, prompt_field, target_field, text_field)
-        except ValueError as error:
-            raise InputError(f"{path}: {error}") from None
+        except InputError as error:
+            raise InputError(f"{path}: {error}") from error
 
     # ----------------------------------------------------------------- use
     def __len__(self) -> int:
@@ -440,56 +443,8 @@ class GateData:
         return digest.hexdigest()
 
 
-def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a data file as dicts, with errors that name the file and the line."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
-    if path.is_dir():
-        from datasets import load_from_disk
-
-        try:
-            return list(load_from_disk(str(path)))
-        except Exception as error:  # datasets raises many types for a folder it cannot read
-            raise InputError(f"{path} is not a folder written by datasets' save_to_disk: {error}") from None
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise InputError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-    elif suffix == ".json":
-        try:
-            rows = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}).") from None
-    elif suffix == ".csv":
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    else:
-        raise InputError(
-            f"{path}: unknown data format {suffix!r}; use .jsonl, .json, .csv or a datasets folder."
-        )
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise InputError(f"{path}: expected a list of records (objects with named fields).")
-    if not rows:
-        raise InputError(f"{path}: the file holds no records (the dataset is empty).")
-    return rows
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_033 + epoch * 104_729 + 7) % (2**63 - 1)
-
-
-def _require_fields(columns: set[str], fields: list[str]) -> None:
-    missing = [f for f in fields if f not in columns]
-    if missing:
-        raise InputError(
-            f"dataset has no field(s) {missing}; its fields are {sorted(columns)}."
-        )
 
 
 def _as_token_tensor(tokens: Any) -> Tensor:

@@ -15,9 +15,10 @@ from chg_tlens.models import adapter
 
 
 def provenance(model: Any, data: GateData, seconds: float) -> dict[str, Any]:
-    """What a reader needs to trust or reproduce a result: model, data, versions, time."""
-    from chg_tlens import __version__
+    """What a reader needs to trust or reproduce a result: model, data, versions, time.
 
+    chg_tlens' own version is read from the installed metadata (which pyproject takes from
+    ``chg_tlens.__version__``), not from the package's ``__init__``, which sits above core."""
     layout = adapter.require_model(model)
     return {
         "model_name": adapter.model_name(model),
@@ -29,7 +30,7 @@ def provenance(model: Any, data: GateData, seconds: float) -> dict[str, Any]:
         "n_targets": data.n_targets,
         "data_meta": {k: v for k, v in data.meta.items() if isinstance(v, (str, int, float, bool))},
         "versions": {
-            "chg_tlens": __version__,
+            "chg_tlens": package_version("chg_tlens"),
             "torch": torch.__version__,
             "transformer_lens": package_version("transformer-lens"),
             "python": platform.python_version(),

@@ -2,13 +2,11 @@
 
 Per head and seed (CHG_METHOD.md): facilitating = G-, interfering = 1 - G+, irrelevant = G+ (1 - G-).
 A head takes the role whose score is highest among those >= threshold, or none ("unclassified").
+The file format is :mod:`chg_tlens.core.result_files`, the notebook display :mod:`chg_tlens.core.result_html`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import html
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,23 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from chg_tlens.core import checks, convergence
-from chg_tlens.core.checkpoint import atomic_write_bytes
+from chg_tlens.core import convergence, result_html, value_checks
 from chg_tlens.core.convergence import ROLES, UNCLASSIFIED
+from chg_tlens.core.result_files import flatten, read_result_files, unflatten, write_result_files
 from chg_tlens.errors import InputError
 
 STAGES = ("zero", "plus", "minus")
-TENSORS_FILE = "chg_gates.safetensors"
-META_FILE = "chg_result.json"
-FORMAT_VERSION = 1
-
-
-class ResultFileError(InputError):
-    """A results file is missing, truncated, edited or of another format."""
-
 
 @dataclass
 class CHGResult:
@@ -97,11 +86,11 @@ class CHGResult:
         it unclassified, so a role that still flipped late in the fit or that other seeds do not share is
         not read as a finding.
         """
-        checks.unit_interval(threshold, "threshold")
+        value_checks.unit_interval(threshold, "threshold")
         names = np.array(ROLES + (UNCLASSIFIED,), dtype=object)
         labels = names[convergence.role_codes(self.g_plus, self.g_minus, threshold).numpy()]
         if min_confidence > 0:
-            checks.unit_interval(min_confidence, "min_confidence")
+            value_checks.unit_interval(min_confidence, "min_confidence")
             confidence = self.confidence(threshold, confidence_source)
             labels[(confidence < min_confidence).numpy()] = UNCLASSIFIED
         return labels
@@ -249,32 +238,28 @@ class CHGResult:
         The JSON records the tensors' SHA-256, so a truncated or edited file is caught on load.
         """
         tensors = {"theta_zero": self.theta_zero, "theta_plus": self.theta_plus,
-                   "theta_minus": self.theta_minus} | _flatten("losses", self.losses) \
-            | _flatten("trace", self.trace)
-        return _write_result_files(Path(path), "CHGResult", tensors,
+                   "theta_minus": self.theta_minus} | flatten("losses", self.losses) \
+            | flatten("trace", self.trace)
+        return write_result_files(Path(path), "CHGResult", tensors,
                                    [self.n_seeds, self.n_layers, self.n_heads], self.config, self.provenance)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CHGResult:
         """Read a folder written by :meth:`save`; anything inconsistent raises ResultFileError."""
-        tensors, meta = _read_result_files(Path(path), "CHGResult",
-                                           ("theta_zero", "theta_plus", "theta_minus"))
+        tensors, meta = read_result_files(Path(path), "CHGResult",
+                                          ("theta_zero", "theta_plus", "theta_minus"))
         return cls(
             tensors["theta_zero"], tensors["theta_plus"], tensors["theta_minus"],
-            losses=_unflatten("losses", tensors), config=meta.get("config", {}),
-            provenance=meta.get("provenance", {}), trace=_unflatten("trace", tensors),
+            losses=unflatten("losses", tensors), config=meta.get("config", {}),
+            provenance=meta.get("provenance", {}), trace=unflatten("trace", tensors),
         )
 
     # ----------------------------------------------------------------- notebook display
     def _repr_html_(self) -> str:
         """Role shares and a layer x head role map, so a result shows itself in a notebook cell."""
         threshold = self.config.get("role_threshold", 0.5)
-        consensus = self._consensus_roles(threshold)
-        caption = (f"CHGResult: {self.n_seeds} seed(s), {self.n_layers} layers x {self.n_heads} heads, "
-                   f"threshold {threshold}. Map: each head's role in every seed (mixed: seeds disagree).")
-        table = self.summary(threshold).to_html(float_format=lambda x: f"{x:.1%}")
-        codes = np.vectorize(_ROLE_CODES.get)(consensus)
-        return _result_html(caption, table, consensus, codes, _ROLE_COLOURS)
+        return result_html.role_map_html(self.summary(threshold), self._consensus_roles(threshold),
+                                         self.n_seeds, threshold)
 
     def _consensus_roles(self, threshold: float = 0.5) -> np.ndarray:
         """``[layer, head]`` role a head has in every seed, or "mixed"."""
@@ -304,7 +289,7 @@ def _convergence_frame(trace: dict[str, dict[str, Tensor]], losses: dict[str, di
                        config: dict[str, Any], threshold: float, open_threshold: float = 0.5) -> pd.DataFrame:
     """:func:`convergence.stage_report` as a frame; ``open_threshold`` is where a gate of a stage without
     roles counts as open (a contrastive fit's closing threshold)."""
-    checks.unit_interval(threshold, "threshold")
+    value_checks.unit_interval(threshold, "threshold")
     _require_trace(trace, tuple(losses), "convergence")
     unlogged = [stage for stage in trace if stage not in losses]
     if unlogged:
@@ -312,127 +297,6 @@ def _convergence_frame(trace: dict[str, dict[str, Tensor]], losses: dict[str, di
                          "hand?): convergence cannot be read.")
     rows = convergence.stage_report(trace, losses, config, threshold, open_threshold=open_threshold)
     return pd.DataFrame(rows)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _flatten(prefix: str, nested: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
-    """``{stage: {name: t}}`` as ``{"prefix.stage.name": t}``: safetensors holds a flat dict."""
-    return {f"{prefix}.{stage}.{name}": value for stage, curves in nested.items()
-            for name, value in curves.items()}
-
-
-def _unflatten(prefix: str, tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    nested: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            _, stage, name = key.split(".", 2)
-            nested.setdefault(stage, {})[name] = value
-    return nested
-
-
-def _write_result_files(folder: Path, kind: str, tensors: dict[str, Tensor], shape: list[int],
-                        config: dict[str, Any], provenance: dict[str, Any]) -> Path:
-    """The tensors + JSON pair every result is saved as; the JSON names the kind and the tensors' SHA-256."""
-    folder.mkdir(parents=True, exist_ok=True)
-    # clone: safetensors refuses tensors that share memory (one tensor given twice, chunks of one stage)
-    tensors = {k: (v.float() if v.is_floating_point() else v).detach().cpu()
-               .clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
-    tensor_path = folder / TENSORS_FILE
-    atomic_write_bytes(tensor_path, lambda tmp: save_file(tensors, str(tmp)))
-    meta = {
-        "format": f"chg_tlens.{kind}",
-        "format_version": FORMAT_VERSION,
-        "tensors_sha256": _sha256(tensor_path),
-        "shape": shape,
-        "config": config,
-        "provenance": provenance,
-    }
-    text = json.dumps(meta, indent=2, sort_keys=True, default=str)
-    atomic_write_bytes(folder / META_FILE, lambda tmp: Path(tmp).write_text(text))
-    return folder
-
-
-def _read_result_files(folder: Path, kind: str,
-                       gate_names: tuple[str, ...]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Tensors and JSON of a folder :func:`_write_result_files` wrote for ``kind``, every check done."""
-    meta_path, tensor_path = folder / META_FILE, folder / TENSORS_FILE
-    for required in (meta_path, tensor_path):
-        if not required.is_file():
-            raise ResultFileError(f"CHG result file missing: {required}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ResultFileError(f"CHG result file {meta_path} is not valid JSON: {error}") from None
-    found = meta.get("format") if isinstance(meta, dict) else None
-    if found != f"chg_tlens.{kind}":
-        other = found.removeprefix("chg_tlens.") if isinstance(found, str) else None
-        if other in _RESULT_KINDS:
-            raise ResultFileError(f"{meta_path} holds a {other}, not a {kind}: read it with {other}.load.")
-        raise ResultFileError(f"{meta_path} is not a chg_tlens {kind} file.")
-    _check_format_version(meta_path, meta.get("format_version"))
-    if meta.get("tensors_sha256") != _sha256(tensor_path):
-        raise ResultFileError(
-            f"{tensor_path} does not match the checksum recorded in {meta_path}: the file was "
-            "truncated, edited, or belongs to another run."
-        )
-    try:
-        tensors = load_file(str(tensor_path))
-    except Exception as error:  # safetensors raises its own error types
-        raise ResultFileError(f"cannot read {tensor_path}: {error}") from None
-    shape = list(meta.get("shape", []))
-    for name in gate_names:
-        if name not in tensors or list(tensors[name].shape) != shape:
-            raise ResultFileError(f"{tensor_path}: tensor {name!r} missing or not of shape {shape}.")
-    return tensors, meta
-
-
-def _check_format_version(meta_path: Path, found: Any) -> None:
-    """Refuse a file this version cannot read rather than misread it."""
-    supported = f"this chg_tlens reads format_version 1 to {FORMAT_VERSION}"
-    if found is None:
-        raise ResultFileError(f"{meta_path} records no format_version; {supported}.")
-    if isinstance(found, int) and not isinstance(found, bool) and found > FORMAT_VERSION:
-        raise ResultFileError(
-            f"{meta_path} has format_version {found}, newer than this chg_tlens reads ({supported}): "
-            "upgrade chg_tlens to load it."
-        )
-    if isinstance(found, bool) or not isinstance(found, int) or found < 1:
-        raise ResultFileError(f"{meta_path} has format_version {found!r}, which is not one; {supported}.")
-
-
-_RESULT_KINDS = ("CHGResult", "ContrastiveResult")
-_ROLE_COLOURS = {"facilitating": "#4c9f70", "interfering": "#d1495b", "irrelevant": "#d9d9d9",
-                 UNCLASSIFIED: "#ffffff", "mixed": "#f2d492"}
-_ROLE_CODES = {"facilitating": "F", "interfering": "X", "irrelevant": "-", UNCLASSIFIED: "?", "mixed": "~"}
-_GATE_COLOURS = {"closed in every seed": "#d1495b", "closed in some seeds": "#f2d492",
-                 "open in every seed": "#4c9f70"}
-
-
-def _result_html(caption: str, table: str, labels: np.ndarray, texts: np.ndarray,
-                 colours: dict[str, str]) -> str:
-    """Caption, a table, and a ``[layer, head]`` map coloured by label, in inline HTML (no matplotlib:
-    core draws nothing, and the cell must not depend on a plotting backend)."""
-    cell = "border:1px solid #999;min-width:1.6em;text-align:center;padding:1px 3px;font-size:85%"
-    rows = []
-    for layer in range(labels.shape[0]):
-        cells = "".join(
-            f'<td data-head="{layer}.{head}" title="layer {layer} head {head}: {html.escape(label)}"'
-            f' style="{cell};background:{colours[label]}">{html.escape(str(text))}</td>'
-            for head, (label, text) in enumerate(zip(labels[layer], texts[layer], strict=True)))
-        rows.append(f"<tr><th>{layer}</th>{cells}</tr>")
-    header = "".join(f"<th>{head}</th>" for head in range(labels.shape[1]))
-    legend = " ".join(f'<span style="background:{colour};border:1px solid #999;padding:0 4px">'
-                      f"{html.escape(name)}</span>" for name, colour in colours.items())
-    return (f"<div><p><b>{html.escape(caption)}</b></p>{table}"
-            f'<table style="border-collapse:collapse;margin-top:6px"><tr><th>layer \\ head</th>{header}</tr>'
-            f'{"".join(rows)}</table><p>{legend}</p></div>')
 
 
 @dataclass
@@ -468,7 +332,7 @@ class ContrastiveResult:
     def closed(self, threshold: float | None = None) -> Bool[Tensor, "seed layer head"]:
         """Which gates end below ``threshold`` (default: the fit's own)."""
         threshold = self.config.get("threshold", 0.5) if threshold is None else threshold
-        checks.unit_interval(threshold, "threshold")
+        value_checks.unit_interval(threshold, "threshold")
         return self.gates.detach().cpu() < threshold
 
     def closed_heads(self, threshold: float | None = None, seed: int | None = None) -> list[tuple[int, int]]:
@@ -505,36 +369,28 @@ class ContrastiveResult:
     # ----------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> Path:
         """Write theta, loss curves and metrics like :meth:`CHGResult.save` (same two files, checksummed)."""
-        tensors = ({"theta": self.theta} | _flatten("losses", self.losses) | _flatten("trace", self.trace)
+        tensors = ({"theta": self.theta} | flatten("losses", self.losses) | flatten("trace", self.trace)
                    | {f"metrics.{name}": value for name, value in self.metrics.items()})
-        return _write_result_files(Path(path), "ContrastiveResult", tensors, list(self.theta.shape),
+        return write_result_files(Path(path), "ContrastiveResult", tensors, list(self.theta.shape),
                                    self.config, self.provenance)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ContrastiveResult:
         """Read a folder written by :meth:`save`; anything inconsistent raises ResultFileError."""
-        tensors, meta = _read_result_files(Path(path), "ContrastiveResult", ("theta",))
+        tensors, meta = read_result_files(Path(path), "ContrastiveResult", ("theta",))
         metrics = {key.removeprefix("metrics."): value for key, value in tensors.items()
                    if key.startswith("metrics.")}
-        return cls(tensors["theta"], losses=_unflatten("losses", tensors), metrics=metrics,
+        return cls(tensors["theta"], losses=unflatten("losses", tensors), metrics=metrics,
                    config=meta.get("config", {}), provenance=meta.get("provenance", {}),
-                   trace=_unflatten("trace", tensors))
+                   trace=unflatten("trace", tensors))
 
     # ----------------------------------------------------------------- notebook display
     def _repr_html_(self) -> str:
         """Before/after table and a layer x head map of closed gates, so a result shows itself in a
         notebook cell."""
-        closed = self.closed()
-        every, some = closed.all(dim=0).numpy(), closed.any(dim=0).numpy()
-        labels = np.where(every, "closed in every seed", np.where(some, "closed in some seeds",
-                                                                  "open in every seed")).astype(object)
-        n_seeds, n_layers, n_heads = self.theta.shape
-        caption = (f"ContrastiveResult: {n_seeds} seed(s), {n_layers} layers x {n_heads} heads; "
-                   f"{int(every.sum())} head(s) closed in every seed, {int(some.sum())} in at least one. "
-                   "Map: mean gate over seeds.")
-        table = self.table().to_html(index=False, float_format=lambda x: f"{x:.3g}") if self.metrics else ""
-        texts = np.vectorize(lambda g: f"{g:.2f}")(self.gates.detach().cpu().mean(dim=0).numpy())
-        return _result_html(caption, table, labels, texts, _GATE_COLOURS)
+        mean_gates = self.gates.detach().cpu().mean(dim=0).numpy()
+        return result_html.closed_map_html(self.closed().numpy(), mean_gates,
+                                           self.table() if self.metrics else None)
 
 
 def require_same_model(a: CHGResult, b: CHGResult) -> None:
