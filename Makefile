@@ -5,12 +5,6 @@ VENV_TL39 ?= .venv-tl39
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.chg_tlens_installed
 STAMP_TL39 := $(VENV_TL39)/.chg_tlens_installed
-# Tests that run a second time against TransformerLens 3.9 (HookedTransformer).
-TL39_TESTS := tests/test_gates.py tests/test_objectives.py tests/test_data.py tests/test_fit.py \
-	tests/test_result.py tests/test_contrastive.py tests/test_reliability.py tests/test_models.py \
-	tests/test_forward.py tests/test_validate.py tests/test_baselines.py tests/test_compare.py \
-	tests/test_convergence.py tests/test_paper_validations.py tests/test_tracr.py tests/test_acdc.py \
-	tests/test_composite.py tests/test_symbols.py tests/test_movers.py tests/test_error_bars.py
 
 .PHONY: setup setup-tl39 browser demo test lint pytest notebooks pytest-tl39 bench clean
 
@@ -54,13 +48,15 @@ pytest: setup browser
 notebooks: setup
 	$(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=900 notebooks/
 
+# The test modules marked tl39 (pytestmark = pytest.mark.tl39) run a second time against TransformerLens 3.9.
 pytest-tl39: setup-tl39
-	$(VENV_TL39)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning $(TL39_TESTS)
+	$(VENV_TL39)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning -m tl39 tests/
 
 test: lint pytest notebooks pytest-tl39
 
+# Speed ratios, printed and written to runs/bench (a script, not part of the package).
 bench: setup
-	$(VENV)/bin/chg-tlens bench
+	$(PY) benchmarks/bench_speed.py runs/bench
 
 clean:
 	rm -rf $(VENV) $(VENV_TL39) .pytest_cache .ruff_cache

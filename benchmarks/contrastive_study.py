@@ -17,8 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from chg_tlens import ContrastiveConfig, fit_contrastive_chg, load_model
-from chg_tlens.app.cli import contrastive_data
-from chg_tlens.tasks import function_views
+from chg_tlens.tasks import contrastive_splits
 
 
 def main() -> None:
@@ -34,9 +33,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model = load_model("smollm2-135m")
     rows, records = [], {}
-    for retain in ("icl", "instruction"):
-        train, held_out = contrastive_data(function_views, model, args.function, retain, args.n,
-                                           args.n_eval, seed=0)
+    for retain, view in (("icl", "in_context"), ("instruction", "instruction")):
+        train, held_out = contrastive_splits(model, args.function, view, args.n, args.n_eval, seed=0)
         config = ContrastiveConfig(n_seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
                                    progress=False)
         started = time.time()

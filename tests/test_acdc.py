@@ -17,6 +17,8 @@ from chg_tlens.core.data import GateData
 from chg_tlens.errors import InputError
 from chg_tlens.testbeds.benchmark_models import induction_circuit, recall_benchmark
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 
 def test_acdc_keeps_the_heads_the_output_needs_and_prunes_heads_that_write_nowhere(recall_with_twin):
     circuit, data = recall_with_twin

@@ -14,6 +14,8 @@ from chg_tlens.errors import InputError
 from chg_tlens.models.adapter import legacy_model_class
 from chg_tlens.testbeds.benchmark_models import induction_circuit, interfering_circuit
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 
 def _run(name: str, model, data) -> baselines.HeadScores:
     runs = {

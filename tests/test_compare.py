@@ -21,6 +21,8 @@ from chg_tlens.testbeds.benchmark_models import (
     trained_induction,
 )
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 
 # ------------------------------------------------------------------------------ rank statistics
 def test_average_ranks_share_ties():

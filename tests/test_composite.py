@@ -14,6 +14,8 @@ from chg_tlens.core.config import CHGConfig
 from chg_tlens.core.fit import fit_chg
 from chg_tlens.testbeds import composite
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 
 @pytest.fixture(scope="module")
 def circuit():

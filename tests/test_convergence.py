@@ -15,6 +15,8 @@ from chg_tlens import CHGConfig, CHGResult, GateData, fit_chg
 from chg_tlens.core.forward import score_gates
 from chg_tlens.core.gates import HeadGates, initial_theta
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 QUICK = dict(n_seeds=2, batch_size=32, progress=False)
 
 

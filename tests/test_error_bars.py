@@ -10,6 +10,8 @@ from chg_tlens import CHGConfig, GateData, InputError, error_bars, fit_chg
 from chg_tlens.core.fit import bootstrap_weights
 from chg_tlens.core.gates import initial_theta
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 
 @pytest.fixture(scope="module")
 def varied():

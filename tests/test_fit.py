@@ -12,6 +12,8 @@ from chg_tlens import CHGConfig, ContrastiveConfig, GateData, fit_chg
 from chg_tlens.core.gates import initial_theta
 from chg_tlens.errors import InputError
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 SMALL = dict(n_seeds=3, steps=150, batch_size=32, progress=False)
 
 

@@ -11,6 +11,8 @@ from torch import nn
 from chg_tlens import CHGConfig, GateData, HeadGates, fit_chg
 from chg_tlens.core.forward import check_target_logits, on_device
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 
 class DoubledLogits(nn.Module):
     """A TransformerLens model whose forward doubles its logits after the unembedding.

@@ -11,6 +11,8 @@ from chg_tlens import HeadGates
 from chg_tlens.errors import InputError
 from chg_tlens.models.adapter import hook_z_name
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 
 def test_gates_at_one_leave_logits_unchanged():
     model = random_bridge()

@@ -8,6 +8,7 @@ only the expected class differs.
 
 from __future__ import annotations
 
+import struct
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +20,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from chg_tlens import CHGConfig, GateData, HeadGates, fit_chg
 from chg_tlens.core.forward import score_gates
+from chg_tlens.errors import HubUnavailableError, InputError
+from chg_tlens.models import gguf as chg_gguf
 from chg_tlens.models import load as chg_models
 from chg_tlens.models.adapter import hook_z_name, legacy_model_class
 from chg_tlens.models.load import (
@@ -28,6 +31,8 @@ from chg_tlens.models.load import (
     gguf_hf_folder,
     load_model,
 )
+
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
 
 EXPECTED_CLASS = "TransformerBridge" if legacy_model_class() is None else "HookedTransformer"
 """What load_model builds on the installed TransformerLens: 4.x a bridge, 3.x a HookedTransformer."""
@@ -339,6 +344,79 @@ def test_unknown_hub_name_is_a_value_error(monkeypatch: pytest.MonkeyPatch) -> N
         load_model("no-such-org/no-such-model")
 
 
+def _hub_error(name: str) -> Exception:
+    """An error huggingface_hub raises when the hub cannot serve a request (``name`` picks which)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if name == "connect":  # huggingface_hub 2.x's HTTP client: DNS, refused connection
+        httpx2 = pytest.importorskip("httpx2")
+        return httpx2.ConnectError("[Errno -2] Name or service not known")
+    return {"offline": OfflineModeIsEnabled("offline mode is enabled"),
+            "not cached": LocalEntryNotFoundError("found neither online nor in the cache")}[name]
+
+
+def _fake_hub(monkeypatch: pytest.MonkeyPatch, tiny_folder: Path, failing: str, error: Exception) -> None:
+    """huggingface_hub whose step ``failing`` (model_info, snapshot_download, or the cache lookup after
+    model_info found no hub) raises ``error``; every other step works, the cache holding nothing."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    info = SimpleNamespace(sha="c" * 40, siblings=[SimpleNamespace(rfilename=p.name)
+                                                    for p in tiny_folder.iterdir()])
+
+    def model_info(repo_id: str, timeout: float) -> SimpleNamespace:
+        if failing == "model_info":
+            raise error
+        if failing == "cache":
+            raise _hub_error("offline")
+        return info
+
+    def snapshot_download(repo_id: str, local_files_only: bool = False, **kwargs: object) -> str:
+        if failing == ("cache" if local_files_only else "snapshot_download"):
+            raise error
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in the cache")
+        return str(tiny_folder)
+
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+@pytest.mark.parametrize("failing", ["model_info", "snapshot_download", "cache"])
+@pytest.mark.parametrize("bug", [TypeError, RuntimeError, AttributeError])
+def test_a_bug_inside_the_hub_lookup_propagates_as_itself(
+    tiny_folder: Path, monkeypatch: pytest.MonkeyPatch, failing: str, bug: type[Exception]
+) -> None:
+    # Not "the hub is unreachable" nor bad input: a bug keeps its own type and traceback.
+    raised = bug("a bug inside the loader")
+    _fake_hub(monkeypatch, tiny_folder, failing, raised)
+    with pytest.raises(bug) as info:
+        load_model("some-org/tiny-llama", device="cpu")
+    assert info.value is raised and not isinstance(info.value, InputError)
+
+
+@pytest.mark.parametrize("failing, name", [("model_info", "connect"), ("model_info", "offline"),
+                                           ("snapshot_download", "connect"),
+                                           ("snapshot_download", "not cached")])
+def test_an_unreachable_hub_is_hub_unavailable_with_its_cause(
+    tiny_folder: Path, monkeypatch: pytest.MonkeyPatch, failing: str, name: str
+) -> None:
+    raised = _hub_error(name)
+    _fake_hub(monkeypatch, tiny_folder, failing, raised)
+    with pytest.raises(HubUnavailableError) as info:
+        load_model("some-org/tiny-llama", device="cpu")
+    assert info.value.__cause__ is raised
+
+
+def test_an_invalid_hub_name_is_bad_input_not_an_unreachable_hub(empty_hf_cache: Path) -> None:
+    from huggingface_hub.errors import HFValidationError
+
+    with pytest.raises(InputError, match="not a valid Hugging Face hub name") as info:
+        load_model("some-org/two..dots")
+    assert not isinstance(info.value, HubUnavailableError)
+    assert isinstance(info.value.__cause__, HFValidationError)
+
+
 def test_files_to_fetch_skips_duplicate_weight_formats() -> None:
     names = ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5",
              "consolidated.safetensors", "tokenizer.json", "onnx/model.onnx", "merges.txt"]
@@ -355,7 +433,7 @@ def test_gguf_is_converted_once_then_read_from_cache(
     fresh_cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(chg_models, "_parse_gguf", stand_in_parser(calls))
+    monkeypatch.setattr(chg_gguf, "_parse_gguf", stand_in_parser(calls))
     first = load_model(fake_gguf, device="cpu")
     assert calls == [fake_gguf.resolve()]
     assert first.cfg.model_name == "fake-model"
@@ -363,7 +441,7 @@ def test_gguf_is_converted_once_then_read_from_cache(
     files = {p.name for p in (fresh_cache / "gguf" / entry).iterdir()}
     assert {"config.json", "model.safetensors", "chg_tlens_source.json"} <= files
 
-    monkeypatch.setattr(chg_models, "_parse_gguf", refuse_to_parse)
+    monkeypatch.setattr(chg_gguf, "_parse_gguf", refuse_to_parse)
     second = load_model(fake_gguf, device="cpu")
     tokens = second.to_tokens("the cat sat")
     with torch.no_grad():
@@ -374,7 +452,7 @@ def test_changed_gguf_file_is_converted_again(
     fresh_cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(chg_models, "_parse_gguf", stand_in_parser(calls))
+    monkeypatch.setattr(chg_gguf, "_parse_gguf", stand_in_parser(calls))
     gguf_hf_folder(fake_gguf)
     fake_gguf.write_bytes(fake_gguf.read_bytes() + b"more")
     gguf_hf_folder(fake_gguf)
@@ -390,7 +468,7 @@ def test_interrupted_cache_write_leaves_nothing(
     def fail(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk pulled out mid-write")
 
-    monkeypatch.setattr(chg_models, "_parse_gguf", stand_in_parser([]))
+    monkeypatch.setattr(chg_gguf, "_parse_gguf", stand_in_parser([]))
     monkeypatch.setattr(safetensors.torch, "save_model", fail)
     with pytest.raises(RuntimeError, match="disk pulled out"):
         load_model(fake_gguf, device="cpu")
@@ -413,11 +491,49 @@ def test_garbage_after_gguf_header_is_rejected_by_name(fresh_cache: Path, tmp_pa
     assert cache_entries(fresh_cache) == []
 
 
+@pytest.mark.parametrize("bug", [TypeError, RuntimeError, AttributeError])
+def test_a_bug_inside_the_gguf_reader_propagates_as_itself(
+    fresh_cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch, bug: type[Exception]
+) -> None:
+    import transformers
+
+    raised = bug("a bug inside the loader")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", broken)
+    with pytest.raises(bug) as info:
+        load_model(fake_gguf)
+    assert info.value is raised and not isinstance(info.value, InputError)
+    assert cache_entries(fresh_cache) == []
+
+
+@pytest.mark.parametrize("raised", [
+    struct.error("unpack_from requires a buffer of at least 2008 bytes"),  # a truncated file
+    KeyError("tokens"),  # a metadata key missing
+    ValueError("GGUF model with architecture foo is not supported yet."),
+], ids=["struct.error", "KeyError", "ValueError"])
+def test_an_unreadable_gguf_is_bad_input_with_its_cause(
+    fresh_cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch, raised: Exception
+) -> None:
+    import transformers
+
+    def unreadable(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", unreadable)
+    with pytest.raises(InputError, match="fake-model.gguf: could not read this GGUF file") as info:
+        load_model(fake_gguf)
+    assert info.value.__cause__ is raised
+    assert cache_entries(fresh_cache) == []
+
+
 def test_missing_gguf_package_is_named(
     fresh_cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "gguf", None)  # find_spec then reports it absent
-    monkeypatch.setattr(chg_models, "_parse_gguf", refuse_to_parse)
+    monkeypatch.setattr(chg_gguf, "_parse_gguf", refuse_to_parse)
     with pytest.raises(ImportError, match="pip install gguf"):
         load_model(fake_gguf)
     assert cache_entries(fresh_cache) == []
@@ -535,7 +651,7 @@ def test_token_tensor_input_masks_nothing(smol, smol_reference) -> None:
 
 @pytest.mark.real_model
 def test_second_embedded_load_reads_the_cache(smol, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chg_models, "_parse_gguf", refuse_to_parse)
+    monkeypatch.setattr(chg_gguf, "_parse_gguf", refuse_to_parse)
     entry = gguf_hf_folder(embedded_gguf_path())
     assert entry.parent.parent == cache_dir()
     assert entry.name.startswith("SmolLM2-135M-Instruct.Q4_1-")

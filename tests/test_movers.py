@@ -15,6 +15,8 @@ from chg_tlens.errors import InputError
 from chg_tlens.testbeds import composite
 from tests.models_for_tests import random_bridge, randomize_final_norm
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 
 @pytest.fixture(scope="module")
 def circuit():

@@ -18,6 +18,8 @@ from chg_tlens.core.objectives import (
     target_nll,
 )
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 
 def reference_nll(logits, tokens, target_mask):
     """The slow obvious way: full log-softmax, masked mean per example, mean over the batch."""

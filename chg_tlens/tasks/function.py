@@ -9,7 +9,8 @@ answers (50%, 83%).
 
 ``function_views`` returns both views of the same items in the same order, the matched pair that
 contrastive CHG needs (retain one view, forget the other). Items are split into train and test by a
-hash of the query word, so a held-out query never appears in another split, whatever the seed.
+hash of the query word, so a held-out query never appears in another split, whatever the seed;
+``contrastive_splits`` gives a fit's training data and its held-out data from the two splits.
 
 ``corrupt="shuffled_labels"`` attaches to the in-context view the twin that function-vector patching
 (Todd et al., 2024) runs on: the same demonstrations and query, the demonstration labels permuted so no
@@ -133,6 +134,19 @@ def function_views(model: Any, n: int = 64, seed: int = 0, *, function: str = "p
                                     corruption=corrupt),
         instruction=examples_to_data(model, task, posed, seed, {**options, "view": "instruction"}),
     )
+
+
+def contrastive_splits(model: Any, function: str = "plural", retain: str = "in_context", n: int = 64,
+                       n_eval: int = 32, seed: int = 0) -> tuple[GateData, GateData]:
+    """Training and held-out contrastive data for ``function``: the ``retain`` view (``in_context`` or
+    ``instruction``) with the other attached as its forget twin.
+
+    The held-out items are drawn from the test split with ``seed + 1``, so accuracies after gating are
+    read on queries the fit never saw.
+    """
+    train = function_views(model, n=n, seed=seed, function=function, split="train")
+    held_out = function_views(model, n=n_eval, seed=seed + 1, function=function, split="test")
+    return train.contrastive(retain), held_out.contrastive(retain)
 
 
 def in_context_prompt(shots: list[tuple[str, str]], query: str) -> str:
