@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import io
 import json
 from pathlib import Path
@@ -21,12 +22,13 @@ import torch
 from chg_tlens.app import report
 from chg_tlens.app.cli import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, UsageError, build_parser, main
 from chg_tlens.core.checkpoint import CheckpointError
-from chg_tlens.core.result import ContrastiveResult, ResultFileError
+from chg_tlens.core.result import ContrastiveResult
+from chg_tlens.core.result_files import ResultFileError
 from chg_tlens.errors import InputError
 
-SUBCOMMANDS = ["fit", "contrastive", "validate", "compare", "report", "demo", "bench"]
+SUBCOMMANDS = ["fit", "contrastive", "validate", "compare", "report", "demo"]
 REQUIRED = {"fit": ["--task", "sva", "--out", "x"], "contrastive": ["--out", "x"], "validate": ["x"],
-            "compare": ["--out", "x"], "report": ["x"], "demo": [], "bench": []}
+            "compare": ["--out", "x"], "report": ["x"], "demo": []}
 """The least each subcommand's parser needs."""
 
 
@@ -107,7 +109,8 @@ def contrastive_run(tmp_path_factory) -> tuple[Path, str, object]:
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
         patch.setattr("chg_tlens.models.load.load_model", lambda name, device=None, dtype=None: circuit.model)
-        patch.setattr("chg_tlens.tasks.function_views", views)
+        # the module by import: the name chg_tlens.tasks.function is the task function, not its module
+        patch.setattr(importlib.import_module("chg_tlens.tasks.function"), "function_views", views)
         torch.set_num_threads(1)
         try:
             code = main(["contrastive", "--n", "128", "--n-eval", "64", "--n-seeds", "2", "--steps", "150",
@@ -324,3 +327,54 @@ def test_a_real_file_error_under_the_users_folder_exits_2(planted_run, tmp_path,
     assert main(["report", str(folder), "--quiet"]) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "report.html" in err
+
+
+def _raising(error: BaseException):
+    def broken(*args, **kwargs):
+        raise error
+
+    return broken
+
+
+def test_out_dot_and_a_file_missing_from_the_package_is_a_bug_not_bad_input(monkeypatch, capsys):
+    """``--out .`` names the working folder, not everything beneath it: a file error two levels down
+    (here inside the installed package) is a bug and keeps its traceback."""
+    import chg_tlens
+    from chg_tlens.analysis import compare
+
+    package = Path(chg_tlens.__file__).parent
+    monkeypatch.chdir(package.parent)
+    missing = package / "app" / "missing_template.json"
+    monkeypatch.setattr(compare, "compare_methods",
+                        _raising(FileNotFoundError(errno.ENOENT, "No such file or directory", str(missing))))
+    assert main(["compare", "--out", ".", "--no-trained", "--methods", "random", "--quiet"]) == EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "missing_template.json" in err
+    assert "internal error" in err.splitlines()[-1]
+
+
+def test_a_string_argument_is_not_a_path(monkeypatch, tmp_path, capsys):
+    """``--task sva`` is a task name: a file error about ``./sva`` is not the user's to fix."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("chg_tlens.models.load.load_model", _raising(
+        FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "sva"))))
+    assert main(["fit", "--task", "sva", "--out", str(tmp_path / "run"), "--quiet"]) == EXIT_INTERNAL
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_a_missing_input_file_the_user_named_exits_2_naming_it(monkeypatch, tmp_path, capsys):
+    weights = tmp_path / "weights.gguf"  # e.g. removed between the command and its reading
+    monkeypatch.setattr("chg_tlens.models.load.load_model", _raising(
+        FileNotFoundError(errno.ENOENT, "No such file or directory", str(weights))))
+    code = main(["fit", "--task", "sva", "--model", str(weights), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_USAGE
+    assert len(err.splitlines()) == 1 and str(weights) in err and "Traceback" not in err
+
+
+def test_a_file_error_deeper_than_the_users_run_folder_is_a_bug(monkeypatch, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    deeper = tmp_path / "run" / "cache" / "entry.pt"  # not a file the CLI keeps directly in the folder
+    _report_raising(monkeypatch, FileNotFoundError(errno.ENOENT, "No such file", str(deeper)))
+    assert main(["report", str(tmp_path / "run")]) == EXIT_INTERNAL
+    assert "Traceback (most recent call last)" in capsys.readouterr().err

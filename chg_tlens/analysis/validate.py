@@ -21,7 +21,8 @@
   and retrieval heads on ABA/ABB (``analysis/symbols.py``); ``mediation_test`` is the paper's Welch t-test
   (``analysis/mediation.py``).
 
-Figures of these frames are in ``chg_tlens.plot``; ``chg-tlens validate`` runs the standard set.
+Figures of these frames are in ``chg_tlens.plot``; ``chg-tlens validate`` runs the standard set. (A
+config's ``validate()`` is another thing: it checks settings, not roles; see ``chg_tlens``' docstring.)
 """
 
 from chg_tlens.analysis.ablation import (

@@ -1,7 +1,7 @@
 """``chg-tlens``: the command line. Library code stays silent; the words live here.
 
-Exit codes: 0 ok; 2 bad input (one line on stderr): an ``InputError`` or a file error about a path the
-user gave; 1 anything else, a bug, with its full traceback.
+Exit codes: 0 ok; 2 bad input (one line on stderr): an ``InputError``, or an ``OSError`` about a path the
+user named (see ``is_user_error``); 1 anything else, a bug, with its full traceback.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(contrastive)
     contrastive.add_argument("--function", default="plural",
                              help="function task: plural, antonym, capital (default plural)")
-    contrastive.add_argument("--retain", choices=["icl", "instruction"], default="icl",
+    contrastive.add_argument("--retain", choices=list(RETAIN_VIEWS), default="icl",
                              help="the view to keep; the other is removed (default icl)")
     contrastive.add_argument("--n", type=int, default=64, help="training items (default 64)")
     contrastive.add_argument("--n-eval", type=int, default=32, help="held-out items (default 32)")
@@ -136,18 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--planted", action="store_true",
                       help="run on a planted-circuit toy model instead (seconds, known answer)")
     _finish(demo, run_demo, device=MODEL_DEVICE)
-    bench = commands.add_parser(
-        "bench", help="speed benchmarks: gate overhead, target-only logits, masks per pass, end to end",
-        description="Run the benchmarks side by side in one process, print a table of ratios and "
-        "write it as JSON. Never a pass/fail: numbers for the README.")
-    bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for JSON/Markdown")
-    bench.add_argument("--skip-real", action="store_true", help="toy models only (no SmolLM2-135M)")
-    bench.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default 5)")
-    _finish(bench, run_bench, device="torch device (default cpu)")
     return parser
 
 
 MODEL_DEVICE = "torch device: cpu, cuda, cuda:1, mps ... (default: the model's)"
+RETAIN_VIEWS = {"icl": "in_context", "instruction": "instruction"}
+"""``contrastive --retain`` choices and the function-task view each keeps (``tasks.contrastive_splits``)."""
 COMMON_FIELDS = {"progress", "device"}
 """Config fields set by the common flags (``--quiet``, ``--device``), not by a flag of their own."""
 
@@ -291,12 +285,12 @@ def run_contrastive(args: argparse.Namespace) -> int:
     from chg_tlens import ContrastiveConfig, fit_contrastive_chg
     from chg_tlens.app.runs import write_contrastive_run_folder, write_json
     from chg_tlens.models.load import load_model
-    from chg_tlens.tasks import function_views
+    from chg_tlens.tasks import contrastive_splits
 
     config = config_from_args(ContrastiveConfig, args)
     model = load_model(args.model, device=config.device, dtype=args.dtype)
-    train, held_out = contrastive_data(function_views, model, args.function, args.retain, args.n,
-                                       args.n_eval, config.seed)
+    train, held_out = contrastive_splits(model, args.function, RETAIN_VIEWS[args.retain], args.n,
+                                         args.n_eval, config.seed)
     started = time.time()
     result = fit_contrastive_chg(model, train, config, eval_data=held_out, run_dir=args.out,
                                  resume=args.resume)
@@ -317,16 +311,9 @@ def run_contrastive(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def contrastive_data(function_views: Callable, model: Any, function: str, retain: str, n: int, n_eval: int,
-                     seed: int) -> tuple[Any, Any]:
-    """Training items and held-out items (queries never seen in training) for one function task."""
-    keep = "in_context" if retain == "icl" else "instruction"
-    train = function_views(model, n=n, seed=seed, function=function, split="train")
-    held_out = function_views(model, n=n_eval, seed=seed + 1, function=function, split="test")
-    return train.contrastive(keep), held_out.contrastive(keep)
-
-
 def run_validate(args: argparse.Namespace) -> int:
+    """``chg-tlens validate``: ``chg_tlens.validate``'s standard set on a run folder (the roles' causal
+    checks; ``config_from_args``' ``validate()`` only checks settings, a name shared on purpose)."""
     import json
 
     from chg_tlens.app.plot import ablation_curves, figure_png
@@ -550,15 +537,6 @@ def run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    from chg_tlens.app.bench import run_benchmarks
-
-    table = run_benchmarks(args.out, skip_real=args.skip_real, repeats=args.repeats, device=args.device)
-    print(table.to_string(index=False))
-    print(f"\nwrote {args.out}")
-    return EXIT_OK
-
-
 # ----------------------------------------------------------------------------------- output
 def _print_roles(result: Any, threshold: float, out: Path) -> None:
     summary = result.summary(threshold)
@@ -617,32 +595,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
-FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
-"""File errors that are the user's to fix when they name a path the user gave."""
+PATH_ARGUMENTS = ("run_dir", "out", "data", "model")
+"""Arguments whose value is a path the user names. ``--model`` is a path only when it names a local folder
+or .gguf; as a hub name it matches no file. Other strings (``--task sva``) are never paths."""
+
+FOLDER_ARGUMENTS = ("run_dir", "out")
+"""Folders the CLI reads and writes its own files directly in (``run.json``, ``chg_result.json``,
+``report.html``, ``results.json``, ``pictures``, ...); ``--chg-fit``'s RESULT_DIR is one too."""
 
 
 def is_user_error(error: BaseException, args: argparse.Namespace) -> bool:
-    """True for bad input (exit 2): an ``InputError``, or a file error about a path in ``args``."""
+    """True for bad input (exit 2): an ``InputError``, or an ``OSError`` whose filename is a path the
+    user named (``user_paths``) or a file directly inside a folder the user named for the CLI's own files.
+
+    Deliberately narrow: a file error anywhere deeper (``--out .`` and a file missing from the installed
+    package, a cache entry under ``OUT/cache/...``) or about a path no argument named is a bug, so it
+    keeps its traceback (exit 1) instead of reading as the user's mistake.
+    """
     if isinstance(error, InputError):
         return True
-    if not isinstance(error, FILE_ERRORS):
+    if not isinstance(error, OSError):
         return False
     named = [_absolute(name) for name in (error.filename, error.filename2)
-             if isinstance(name, (str, bytes, os.PathLike))]
-    given = argument_paths(args)
-    return any(path == user or user in path.parents for path in named for user in given)
+             if isinstance(name, (str, bytes, os.PathLike)) and name]
+    paths, folders = user_paths(args)
+    return any(path in paths or path.parent in folders for path in named)
 
 
-def argument_paths(args: argparse.Namespace) -> list[Path]:
-    """Every path or string value of the parsed arguments, made absolute (a string may be a path)."""
-    paths = []
-    for key, value in vars(args).items():
-        if key in ("command", "handler"):
-            continue
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, Path) or (isinstance(item, str) and item):
-                paths.append(_absolute(item))
-    return paths
+def user_paths(args: argparse.Namespace) -> tuple[set[Path], set[Path]]:
+    """The paths the user named on the command line, and those of them that are folders the CLI keeps
+    its own files in; both absolute. Only ``PATH_ARGUMENTS`` and ``--chg-fit``'s RESULT_DIR count."""
+    paths: set[Path] = set()
+    folders: set[Path] = set()
+    for key in PATH_ARGUMENTS:
+        value = getattr(args, key, None)
+        if isinstance(value, (str, os.PathLike)) and str(value):
+            paths.add(_absolute(value))
+            if key in FOLDER_ARGUMENTS:
+                folders.add(_absolute(value))
+    for spec in getattr(args, "chg_fit", None) or []:
+        folder = str(spec).partition("=")[2]
+        if folder:
+            paths.add(_absolute(folder))
+            folders.add(_absolute(folder))
+    return paths, folders
 
 
 def _absolute(path: str | bytes | os.PathLike) -> Path:

@@ -83,7 +83,8 @@ class GateFitConfig:
     def validate(self) -> GateFitConfig:
         """Reject impossible settings before any compute, naming the field; return a copy with the fields
         left at None set to their optimiser's defaults (this config stays as it was, so it can be reused
-        with another optimiser)."""
+        with another optimiser). Checks settings only: checking a fit's roles is ``chg_tlens.validate``
+        (the name is shared on purpose; see ``chg_tlens``' docstring)."""
         name = type(self).__name__
         if self.optimizer not in OPTIMIZER_DEFAULTS:
             raise InputError(f"{name}.optimizer must be 'adam' or 'lbfgs', got {self.optimizer!r}.")

@@ -44,11 +44,12 @@ from chg_tlens.core.provenance import provenance
 from chg_tlens.core.result import CHGResult, ContrastiveResult
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 
 # ----------------------------------------------------------------------------------- CHG
 def fit_chg(
-    model: Any,
+    model: TransformerLensModel,
     data: GateData,
     config: CHGConfig | None = None,
     init_theta: Float[Tensor, "seed layer head"] | None = None,
@@ -94,7 +95,7 @@ def bootstrap_weights(n_examples: int, n_resamples: int, seed: int = 0) -> Float
     return torch.zeros(n_resamples, n_examples).scatter_add_(1, draws, torch.ones(n_resamples, n_examples))
 
 
-def nll_objective(model: Any, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
+def nll_objective(model: TransformerLensModel, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
     """Eq. 1's data term: each example's target NLL under each mask's gates (twice: it is also the NLL)."""
     device = gates.theta.device
     tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
@@ -106,7 +107,7 @@ def nll_objective(model: Any, gates: HeadGates, batch: GateData) -> tuple[Tensor
 
 # ----------------------------------------------------------------------------------- contrastive
 def fit_contrastive_chg(
-    model: Any,
+    model: TransformerLensModel,
     data: GateData,
     config: ContrastiveConfig | None = None,
     eval_data: GateData | None = None,
@@ -154,7 +155,7 @@ def contrastive_objective(config: ContrastiveConfig) -> Objective:
     """Per example: retain NLL + the (forget - stopgrad retain) log-prob gap, clamped at
     ``-logprob_clamp`` so a forget item already far below its retain twin stops pulling."""
 
-    def objective(model: Any, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
+    def objective(model: TransformerLensModel, gates: HeadGates, batch: GateData) -> tuple[Tensor, Tensor]:
         device = gates.theta.device
         both = GateData.stack_padded([batch, batch.forget])
         tokens, target_mask = both.tokens.to(device), both.target_mask.to(device)
@@ -168,7 +169,7 @@ def contrastive_objective(config: ContrastiveConfig) -> Objective:
 
 
 # ----------------------------------------------------------------------------------- the loop
-Objective = Callable[[Any, HeadGates, GateData], tuple[Tensor, Tensor]]
+Objective = Callable[[TransformerLensModel, HeadGates, GateData], tuple[Tensor, Tensor]]
 """(model, gates, batch) -> (data term per mask and example, task NLL per mask and example); the
 regulariser is added per mask by the loop, so its gradient is known apart from the data's."""
 
@@ -212,7 +213,7 @@ class StagesFit:
 
 
 def run_stages(
-    model: Any,
+    model: TransformerLensModel,
     data: GateData,
     config: GateFitConfig,
     stages: list[Stage],
