@@ -5,9 +5,11 @@
 
 EAP-IG (Hanna et al. 2024) is offered as a more faithful stand-in for activation patching: attribution
 patching (a first-order estimate of denoising patching, each head's clean output patched into the corrupt
-run) with gradients averaged along inputs interpolated from the corrupt prompt to the clean one; one step
-is attribution patching itself. Every step count here comes from one run of the largest
-(``baselines.eap_ig_sweep``: the left Riemann sums' points nest). Per benchmark and step count: ROC AUC
+run) with gradients averaged along inputs interpolated from the corrupt prompt to the clean one. This study
+reads the *left* Riemann sums (alpha = k/m, k = 0..m-1; ``riemann="left"``), whose one step is attribution
+patching at the corrupt run, the row every other count is read against; the library's default is Hanna et
+al.'s right sum (k = 1..m, whose one step is EAP at the clean run). Every step count here comes from one run
+of the largest (``baselines.eap_ig_sweep``: the points nest). Per benchmark and step count: ROC AUC
 against the reference heads, Pearson and Spearman correlation with denoising activation patching over all
 heads, Spearman with the most steps, and each count's own passes and seconds.
 
@@ -74,7 +76,8 @@ def main() -> None:
             patching, attribution = (torch.tensor(stored_scores[method]) for method in
                                      ("activation_patching_denoise", "attribution_patching"))
             gap = same_data_gap(benchmark, attribution, args.batch_size, name)
-        sweep = baselines.eap_ig_sweep(benchmark.model, benchmark.fit_data, args.steps, args.batch_size)
+        sweep = baselines.eap_ig_sweep(benchmark.model, benchmark.fit_data, args.steps, args.batch_size,
+                                       riemann="left")
         rows = step_rows(benchmark, sweep, patching)
         for row in rows:
             row.update(benchmark=name, one_step_vs_attribution_patching=gap)
@@ -156,7 +159,8 @@ def write_tables(out: Path, args: argparse.Namespace) -> None:
                                 "forward_passes", "backward_passes", "seconds"]]
     text = ("# EAP-IG against its step count\n\n"
             f"`python benchmarks/eap_ig_steps.py {out}`; every count read off one run of the largest "
-            "(`baselines.eap_ig_sweep`); passes and seconds are each count's own. AUC against the reference "
+            "(`baselines.eap_ig_sweep(..., riemann='left')`: left sums, 1 step = attribution patching); "
+            "passes and seconds are each count's own. AUC against the reference "
             "heads; correlations with denoising activation patching over all heads.\n\n"
             + markdown_table(frame) + "\n")
     (out / "results.md").write_text(text)

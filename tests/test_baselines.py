@@ -20,21 +20,23 @@ pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-
 def _run(name: str, model, data) -> baselines.HeadScores:
     runs = {
         "gradient_importance": lambda: baselines.gradient_importance(model, data),
+        "hisp_raw": lambda: baselines.gradient_importance(model, data, normalize=False),
         "gradient_signed": lambda: baselines.gradient_importance(model, data, absolute=False),
         "ablation_zero": lambda: baselines.ablation_scores(model, data, "zero"),
         "ablation_mean": lambda: baselines.ablation_scores(model, data, "mean"),
         "patching_denoise": lambda: baselines.activation_patching(model, data, "denoise"),
         "patching_noise": lambda: baselines.activation_patching(model, data, "noise"),
         "attribution": lambda: baselines.attribution_patching(model, data),
+        "eap_clean": lambda: baselines.attribution_patching(model, data, endpoint="clean"),
         "subnetwork_probing": lambda: baselines.subnetwork_probing(model, data, steps=80, batch_size=16),
     }
     return runs[name]()
 
 
-ALL = ["gradient_importance", "gradient_signed", "ablation_zero", "ablation_mean", "patching_denoise",
-       "patching_noise", "attribution", "subnetwork_probing"]
+ALL = ["gradient_importance", "hisp_raw", "gradient_signed", "ablation_zero", "ablation_mean",
+       "patching_denoise", "patching_noise", "attribution", "eap_clean", "subnetwork_probing"]
 SIGNED = ["gradient_signed", "ablation_zero", "ablation_mean", "patching_denoise", "patching_noise",
-          "attribution"]
+          "attribution", "eap_clean"]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -57,10 +59,12 @@ def test_signed_methods_score_the_interfering_head_negative_and_irrelevant_heads
 
 
 def test_gradient_importance_is_the_gate_value_derivative_per_example():
-    """mean_x |d logprob(x) / d g| against central finite differences taken example by example.
+    """mean_x |d logprob(x) / d g| against central finite differences taken example by example, raw
+    (``hisp_raw``) and divided by each layer's L2 norm after averaging (``hisp``, Michel et al.).
 
     On a random model the examples disagree in sign, so |mean of grads| is far below mean of |grads|:
-    an implementation that took one batch-level gradient (or averaged before the absolute value) fails.
+    an implementation that took one batch-level gradient (or averaged before the absolute value) fails,
+    and so does one that normalised each example before averaging.
     """
     model = random_bridge()
     generator = torch.Generator().manual_seed(0)
@@ -68,7 +72,8 @@ def test_gradient_importance_is_the_gate_value_derivative_per_example():
     mask = torch.zeros(6, 8, dtype=torch.bool)
     mask[:, 5:] = True
     data = GateData.from_tokens(tokens, mask)
-    result = baselines.gradient_importance(model, data, batch_size=4)  # batches of 4 and 2
+    result = baselines.gradient_importance(model, data, batch_size=4, normalize=False)  # batches of 4, 2
+    published = baselines.gradient_importance(model, data, batch_size=4)
     signed = baselines.gradient_importance(model, data, batch_size=4, absolute=False)
     eps = 1e-3
 
@@ -90,6 +95,11 @@ def test_gradient_importance_is_the_gate_value_derivative_per_example():
     torch.testing.assert_close(signed.scores, mean, atol=1e-3, rtol=0)
     assert not torch.allclose(result.scores, mean.abs(), atol=1e-2)
     assert result.forward_passes == 6 and result.backward_passes == 6
+    assert (result.method, published.method, signed.method) == ("hisp_raw", "hisp", "gradient_signed")
+    normalised = magnitude / magnitude.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(published.scores, normalised, atol=3e-3, rtol=0)  # FD noise, rescaled
+    per_example = (derivative.abs() / derivative.abs().norm(dim=1, keepdim=True)).mean(dim=-1)
+    assert not torch.allclose(published.scores, per_example, atol=1e-2)  # normalise after averaging
 
 
 def test_denoising_patching_equals_patching_one_head_by_hand(recall_with_twin):
@@ -268,23 +278,35 @@ def _random_twins(n: int = 5, seq: int = 8, seed: int = 0) -> GateData:
     return GateData.from_tokens(tokens, mask).with_corrupt(GateData.from_tokens(corrupt, mask))
 
 
-def test_eap_ig_with_one_step_is_attribution_patching_and_more_steps_move_it():
+def test_eap_ig_with_one_step_is_attribution_patching_at_its_endpoint_and_more_steps_move_it():
+    """Right sum (Hanna et al., the default), one step: the gradient at the clean run, i.e. EAP at the clean
+    endpoint; left sum, one step: at the corrupt run, i.e. attribution patching."""
     model = random_bridge()
     data = _random_twins()
     one = baselines.eap_ig(model, data, steps=1, batch_size=3)
+    clean_end = baselines.attribution_patching(model, data, backend="hooks", batch_size=3, endpoint="clean")
+    torch.testing.assert_close(one.scores, clean_end.scores, atol=1e-6, rtol=0)
+    left = baselines.eap_ig(model, data, steps=1, batch_size=3, riemann="left")
     attribution = baselines.attribution_patching(model, data, backend="hooks", batch_size=3)
-    torch.testing.assert_close(one.scores, attribution.scores, atol=1e-6, rtol=0)
+    torch.testing.assert_close(left.scores, attribution.scores, atol=1e-6, rtol=0)
+    assert (one.scores - left.scores).abs().max() > 1e-3  # the endpoints are not one point
+    assert (one.method, left.method, clean_end.method) == ("eap_ig", "eap_ig_left", "eap_clean")
     several = baselines.eap_ig(model, data, steps=4)
     assert (several.scores - one.scores).abs().max() > 1e-3  # the interpolation changes the gradient
-    assert several.forward_passes == 5 * len(data) and several.backward_passes == 4 * len(data)
+    for item in (several, baselines.eap_ig(model, data, steps=4, riemann="left")):
+        assert item.forward_passes == 5 * len(data) and item.backward_passes == 4 * len(data)
     assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(InputError, match="riemann"):
+        baselines.eap_ig(model, data, riemann="middle")
 
 
-def test_eap_ig_averages_gradients_along_the_interpolated_embeddings():
-    """steps=2 is the mean of the gradients at alpha = 0 and alpha = 1/2, taken here by hand."""
+@pytest.mark.parametrize(("riemann", "alphas"), [("right", (0.5, 1.0)), ("left", (0.0, 0.5))])
+def test_eap_ig_averages_gradients_along_the_interpolated_embeddings(riemann, alphas):
+    """steps=2 is the mean of the gradients at alpha = 1/2 and 1 (right, Hanna et al.) or 0 and 1/2 (left),
+    taken here by hand."""
     model = random_bridge()
     data = _random_twins(n=3)
-    result = baselines.eap_ig(model, data, steps=2)
+    result = baselines.eap_ig(model, data, steps=2, riemann=riemann)
     metric = baselines.target_logprob_metric(data)
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(data.tokens)
@@ -297,7 +319,7 @@ def test_eap_ig_averages_gradients_along_the_interpolated_embeddings():
         return lambda z, hook: z + probe[None, None, :, None] * difference
 
     expected = torch.zeros(2, 4)
-    for alpha in (0.0, 0.5):
+    for alpha in alphas:
         # d metric / d (a shift of each head's z along its clean - corrupt difference), at this alpha
         per_head = [torch.zeros(4, requires_grad=True) for _ in range(2)]
         hooks = [("hook_embed", lambda e, hook, a=alpha: corrupt_embed + a * (clean_embed - corrupt_embed))]
@@ -325,17 +347,20 @@ def test_eap_ig_finds_the_planted_heads_of_a_composition(recall_with_twin):
         baselines.eap_ig(recall_circuit.model, clean_only)
 
 
-def test_eap_ig_sweep_reads_every_step_count_off_one_run_and_each_equals_its_own_run():
+@pytest.mark.parametrize("riemann", ["right", "left"])
+def test_eap_ig_sweep_reads_every_step_count_off_one_run_and_each_equals_its_own_run(riemann):
     model = random_bridge()
     data = _random_twins()
-    sweep = baselines.eap_ig_sweep(model, data, steps=(1, 2, 4), batch_size=3)
+    sweep = baselines.eap_ig_sweep(model, data, steps=(1, 2, 4), batch_size=3, riemann=riemann)
     assert [item.details["steps"] for item in sweep] == [1, 2, 4]
+    assert all(item.details["riemann"] == riemann for item in sweep)
     for item in sweep:
-        alone = baselines.eap_ig(model, data, steps=item.details["steps"], batch_size=3)
+        alone = baselines.eap_ig(model, data, steps=item.details["steps"], batch_size=3, riemann=riemann)
         torch.testing.assert_close(item.scores, alone.scores, atol=1e-6, rtol=0)
         assert (item.forward_passes, item.backward_passes) == (alone.forward_passes, alone.backward_passes)
         assert item.details["shared_run"]["forward_passes"] == 5 * len(data)  # what the shared run cost
-    attribution = baselines.attribution_patching(model, data, backend="hooks", batch_size=3)
+    endpoint = "clean" if riemann == "right" else "corrupt"
+    attribution = baselines.attribution_patching(model, data, "hooks", batch_size=3, endpoint=endpoint)
     torch.testing.assert_close(sweep[0].scores, attribution.scores, atol=1e-6, rtol=0)
     assert (sweep[2].scores - sweep[1].scores).abs().max() > 1e-4  # the counts are not one number
     assert sweep[0].seconds <= sweep[1].seconds <= sweep[2].seconds  # more points never cost less

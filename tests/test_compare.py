@@ -274,3 +274,20 @@ def test_trained_model_learns_induction_and_its_labelled_heads_carry_the_task():
     assert full > 0.7
     assert only_labelled > full - 0.05
     assert without_labelled < 0.2
+
+
+def test_a_method_whose_published_form_replaced_an_older_one_does_not_read_the_older_cache(tmp_path,
+                                                                                        monkeypatch):
+    """Rejects a cache key without the method's version: scores of un-normalised HISP (or the left EAP-IG
+    sum) cached before the change would be read back as the published form."""
+    circuit = redundant_circuit()
+    benchmark = compare.Benchmark("redundant", circuit.model, circuit.data(8, 0), circuit.data(8, 1),
+                                  circuit.true_roles(), 2, compare.MethodSettings())
+    cache = compare._cache_folder(tmp_path, benchmark)
+    before = {name: cache(name) for name in ("hisp", "random")}
+    monkeypatch.setitem(compare.METHOD_VERSIONS, "hisp", compare.METHOD_VERSIONS["hisp"] + 1)
+    cache = compare._cache_folder(tmp_path, benchmark)
+    assert cache("hisp") != before["hisp"]
+    assert cache("random") == before["random"]  # methods whose form did not change keep their caches
+    monkeypatch.setitem(compare.METHOD_VERSIONS, "random", 1)
+    assert compare._cache_folder(tmp_path, benchmark)("random") == before["random"]  # version 1: old key

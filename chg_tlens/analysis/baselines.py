@@ -4,10 +4,12 @@ Every method answers the same question CHG does ("which heads matter for this ta
 per head, higher = more important, so the results line up with ``CHGResult.facilitating`` and with
 each other (see ``chg_tlens.compare``):
 
-    gradient_importance   |d loss / d gate| at every gate = 1 ("hisp")   (Michel et al., 2019)
+    gradient_importance   |d loss / d gate| at every gate = 1, normalised per layer ("hisp";
+                          "hisp_raw" without the normalisation)   (Michel et al., 2019)
     ablation_scores       task metric lost when one head is zeroed or mean-ablated
     activation_patching   transformer_lens.patching on hook_z, clean <-> corrupt twin
-    attribution_patching  (clean z - corrupt z) . d metric / d z, summed per head (Nanda; Syed et al.)
+    attribution_patching  (clean z - corrupt z) . d metric / d z, summed per head, the gradient taken at
+                          the corrupt run (Nanda) or at the clean run ("eap_clean": Syed et al., 2023)
     eap_ig                the same with integrated gradients along the input embeddings (Hanna et al., 2024)
     eap_ig_sweep          eap_ig at several step counts from one run of the largest
                           (eap_ig_step_counts: the counts it accepts)
@@ -40,10 +42,15 @@ from chg_tlens.core.gates import HeadGates
 from chg_tlens.core.objectives import target_logprobs
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 AblationKind = Literal["zero", "mean"]
 PatchDirection = Literal["denoise", "noise"]
 AttributionBackend = Literal["auto", "transformer_lens", "hooks"]
+AttributionEndpoint = Literal["corrupt", "clean"]
+"""Where attribution patching takes its gradient: the corrupt run (Nanda) or the clean run (Syed et al.)."""
+Riemann = Literal["right", "left"]
+"""EAP-IG's points: alpha = k/m for k = 1..m (Hanna et al., ending at the clean input) or k = 0..m-1."""
 
 EAP_IG_STEPS = 5
 """Default integrated-gradient steps of :func:`eap_ig` (Hanna et al. find a handful already close)."""
@@ -90,20 +97,29 @@ class HeadScores:
 
 # ------------------------------------------------------------------------------ methods
 def gradient_importance(
-    model: Any, data: GateData, batch_size: int = 32, absolute: bool = True
+    model: TransformerLensModel, data: GateData, batch_size: int = 32, absolute: bool = True,
+    normalize: bool | None = None,
 ) -> HeadScores:
-    """Michel et al. (2019): ``E_x |d NLL(x) / d g_h|`` at every gate ``g = 1`` (the gate value, not
-    its logit). Named ``hisp`` in tables, as the ACDC paper calls it ("head importance score for
-    pruning"), so figures line up with theirs.
+    """Michel et al. (2019): ``I_h = E_x |d NLL(x) / d g_h|`` at every gate ``g = 1`` (the gate value, not
+    its logit), then divided by the L2 norm of its layer's ``I`` (their Sec. 4.2, which finds the
+    normalisation essential; ACDC's HISP keeps it). Named ``hisp`` in tables, as the ACDC paper calls it
+    ("head importance score for pruning"), so figures line up with theirs.
 
-    Each example gets its own copy of the gates (one mask per example), so a single backward gives
-    every per-example gradient and the absolute value is taken before averaging, as in the paper.
-    ``absolute=False`` instead returns the signed mean ``d logprob / d g``: positive when opening the
-    head helps. Michel's per-layer normalisation is left out so scores compare across layers as is.
+    ``normalize=False`` keeps the raw ``I_h`` (``hisp_raw``), comparable across layers as is: the
+    normalisation puts every layer on one scale, so a layer with one large head and a layer with
+    several moderate ones can swap places. Each example gets its own copy of the gates (one mask per
+    example), so a single backward gives every per-example gradient and the absolute value is taken
+    before averaging, as in the paper. ``absolute=False`` instead returns the signed mean
+    ``d logprob / d g`` (``gradient_signed``, never normalised): positive when opening the head helps.
+    A layer whose heads all score 0 stays 0.
     """
     layout = adapter.require_model(model)
     data = checks.gate_data(data, model)
     checks.positive_int(batch_size, "batch_size")
+    normalize = absolute if normalize is None else normalize
+    if normalize and not absolute:
+        raise InputError("gradient_importance: normalize=True needs absolute=True (Michel et al. normalise "
+                         "magnitudes; a signed layer norm would mix helping and hurting heads).")
     device = adapter.model_device(model)
     started = time.time()
     total = torch.zeros(layout.n_layers, layout.n_heads)
@@ -117,13 +133,22 @@ def gradient_importance(
             logprob = target_logprobs(logits, tokens, target_mask, targets=batch.targets_to(device))
             (grad,) = torch.autograd.grad(logprob.sum(), values)
             total += (grad.abs() if absolute else grad).sum(dim=0).float().cpu()
-    name = "hisp" if absolute else "gradient_signed"
-    return HeadScores(total / len(data), name, len(data), len(data), time.time() - started,
-                      signed=not absolute, details={"absolute": absolute})
+    scores = total / len(data)
+    name = "gradient_signed" if not absolute else "hisp" if normalize else "hisp_raw"
+    return HeadScores(layer_normalized(scores) if normalize else scores, name, len(data), len(data),
+                      time.time() - started, signed=not absolute,
+                      details={"absolute": absolute, "normalized": normalize})
+
+
+def layer_normalized(scores: Float[Tensor, "layer head"]) -> Float[Tensor, "layer head"]:
+    """Each layer's scores divided by their L2 norm (Michel et al.'s normalisation); an all-zero layer
+    stays zero rather than becoming NaN."""
+    norms = scores.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, scores / norms.clamp(min=torch.finfo(scores.dtype).tiny), scores)
 
 
 def ablation_scores(
-    model: Any,
+    model: TransformerLensModel,
     data: GateData,
     kind: AblationKind = "zero",
     batch_size: int = 32,
@@ -162,7 +187,7 @@ def ablation_scores(
                       details={"metric_all_heads": full})
 
 
-def activation_patching(model: Any, data: GateData, direction: PatchDirection = "denoise",
+def activation_patching(model: TransformerLensModel, data: GateData, direction: PatchDirection = "denoise",
                         batch_size: int = 32) -> HeadScores:
     """Per-head activation patching of ``hook_z`` at all positions, via ``transformer_lens.patching``
     (through :func:`chg_tlens.validate.patching_scores`, one chunk of ``batch_size`` examples at a time).
@@ -200,16 +225,25 @@ def activation_patching(model: Any, data: GateData, direction: PatchDirection = 
                                "backend": "transformer_lens.patching"})
 
 
-def attribution_patching(model: Any, data: GateData, backend: AttributionBackend = "auto",
-                         batch_size: int = 32) -> HeadScores:
-    """Attribution patching: ``sum_{pos, d} (z_clean - z_corrupt) * d metric / d z`` at the corrupt run.
+def attribution_patching(model: TransformerLensModel, data: GateData, backend: AttributionBackend = "auto",
+                         batch_size: int = 32, endpoint: AttributionEndpoint = "corrupt") -> HeadScores:
+    """Attribution patching: ``sum_{pos, d} (z_clean - z_corrupt) * d metric / d z``, summed per head, the
+    gradient taken at the ``endpoint`` run, in two forwards and one backward.
 
-    The first-order estimate of denoising activation patching in two forwards and one backward.
+    ``corrupt`` (Nanda's attribution patching; ``attribution_patching`` in tables) is the first-order
+    estimate of denoising activation patching, ``metric(corrupt + clean head) - metric(corrupt)``.
+    ``clean`` (Syed, Rager & Conmy, 2023, EAP; ``eap_clean``) is the first-order estimate of noising,
+    ``metric(clean) - metric(clean + corrupt head)``. Syed et al. write it ``(z_corrupt - z_clean) . d L
+    / d z`` for a loss; with our metric (target log-prob, higher = better) that is its negation, so
+    here positive = the head helps the task at both endpoints, as in every method. The two agree where
+    the metric is linear in the heads' outputs and differ where it bends (a saturated softmax, heads
+    that only act together: the corrupt endpoint misses the first head of an AND, the clean one does not).
+
     ``transformer_lens`` uses TransformerLens 4's ``tools.analysis.attribution_patch`` (node level,
-    one example at a time, head nodes summed over positions); it needs ``hook_mlp_out`` on every
-    layer, so attention-only models and TransformerLens 3.9 use ``hooks``: the same estimate from our
-    own hooks on ``hook_z``, batched. ``auto`` picks TransformerLens' when it can run. Needs
-    ``data.corrupt``.
+    one example at a time, head nodes summed over positions; the clean endpoint by swapping its two
+    prompts and negating); it needs ``hook_mlp_out`` on every layer, so attention-only models and
+    TransformerLens 3.9 use ``hooks``: the same estimate from our own hooks on ``hook_z``, batched.
+    ``auto`` picks TransformerLens' when it can run. Needs ``data.corrupt``.
     """
     layout = adapter.require_model(model)
     data = checks.gate_data(data, model)
@@ -218,6 +252,8 @@ def attribution_patching(model: Any, data: GateData, backend: AttributionBackend
         raise InputError(
             f"attribution_patching: backend must be 'auto', 'transformer_lens' or 'hooks', got {backend!r}."
         )
+    if endpoint not in ("corrupt", "clean"):
+        raise InputError(f"attribution_patching: endpoint must be 'corrupt' or 'clean', got {endpoint!r}.")
     checks.positive_int(batch_size, "batch_size")
     available, why_not = transformer_lens_attribution_available(model)
     if backend == "transformer_lens" and not available:
@@ -226,66 +262,84 @@ def attribution_patching(model: Any, data: GateData, backend: AttributionBackend
     started = time.time()
     if use_tl:
         with adapter.frozen(model, track_weights=True):
-            scores = _attribution_transformer_lens(model, data, layout)
+            scores = _attribution_transformer_lens(model, data, layout, endpoint)
     else:
         with adapter.frozen(model):
-            per_point, _ = _attribution_hooks(model, data, layout, batch_size)
+            per_point, _ = _attribution_hooks(model, data, layout, batch_size,
+                                              [1.0 if endpoint == "clean" else 0.0])
             scores = per_point[0]
-    return HeadScores(scores, "attribution_patching", 2 * len(data), len(data), time.time() - started,
-                      signed=True,
-                      details={"backend": "transformer_lens" if use_tl else "hooks",
+    return HeadScores(scores, "eap_clean" if endpoint == "clean" else "attribution_patching", 2 * len(data),
+                      len(data), time.time() - started, signed=True,
+                      details={"backend": "transformer_lens" if use_tl else "hooks", "endpoint": endpoint,
                                "fallback_reason": None if use_tl else why_not})
 
 
-def eap_ig(model: Any, data: GateData, steps: int = EAP_IG_STEPS, batch_size: int = 32) -> HeadScores:
+def eap_ig(model: TransformerLensModel, data: GateData, steps: int = EAP_IG_STEPS,
+           batch_size: int = 32, riemann: Riemann = "right") -> HeadScores:
     """EAP-IG at node level (Hanna, Pezzelle & Belinkov, 2024, "Have Faith in Faithfulness").
 
     Attribution patching with integrated gradients: the gradient of the task metric at each head's
     ``hook_z`` is averaged over ``steps`` runs whose input embeddings are interpolated from the
-    corrupt prompt (alpha = 0) towards the clean one (alpha = k / steps), then dotted with
-    ``(clean z - corrupt z)`` and summed per head. ``steps=1`` is exactly :func:`attribution_patching`
-    (the gradient at the corrupt run); more steps correct its linearisation where the metric bends
-    (a saturated softmax, heads that only act together). Positive = the head helps the task, as in
-    every method here. Needs ``data.corrupt``; costs ``1 + steps`` forwards and ``steps`` backwards
-    per example.
+    corrupt prompt (alpha = 0) to the clean one (alpha = 1), then dotted with ``(clean z - corrupt z)``
+    and summed per head. ``riemann="right"`` (the default) takes alpha = k / steps for k = 1..steps, as
+    Hanna et al. do, ending at the clean input, so ``steps=1`` is :func:`attribution_patching` at the
+    clean endpoint (``eap_clean``); ``"left"`` takes k = 0..steps-1 (this package's earlier default,
+    ``eap_ig_left`` in tables), starting at the corrupt run, so ``steps=1`` is attribution patching at
+    the corrupt endpoint. More steps correct the linearisation where the metric bends (a saturated
+    softmax, heads that only act together), and the two sums meet. Positive = the head helps the task,
+    as in every method here. Needs ``data.corrupt``; costs ``1 + steps`` forwards (the endpoint the sum
+    leaves out is one forward without gradients) and ``steps`` backwards per example.
     """
-    return eap_ig_sweep(model, data, (steps,), batch_size)[0]
+    return eap_ig_sweep(model, data, (steps,), batch_size, riemann)[0]
 
 
-def eap_ig_sweep(model: Any, data: GateData, steps: int | Sequence[int] = EAP_IG_STEP_SWEEP,
-                 batch_size: int = 32) -> list[HeadScores]:
+def eap_ig_sweep(model: TransformerLensModel, data: GateData, steps: int | Sequence[int] = EAP_IG_STEP_SWEEP,
+                 batch_size: int = 32, riemann: Riemann = "right") -> list[HeadScores]:
     """:func:`eap_ig` at several step counts for the price of the largest: one :class:`HeadScores` each,
     from fewest steps to most (repeated counts once).
 
-    EAP-IG's left Riemann sum with ``m`` steps evaluates the gradient at alpha = k / m, a subset of
-    the points of any ``M`` that ``m`` divides, so every count is read off one run of ``M = max(steps)``
-    and equals a separate ``eap_ig(steps=m)`` (tested). Each entry carries the passes a separate run
-    would cost and the seconds its own points took plus the run's shared time (the largest count's
-    seconds are the run's); ``details["shared_run"]`` the run's actual passes. Use it to see how many steps a
-    model and task need before the scores stop moving.
+    With ``m`` steps the gradient is taken at alpha = k / m (k = 1..m right, 0..m-1 left), a subset of
+    the points of any ``M`` that ``m`` divides (point k of ``m`` is point k * M / m of ``M``), so every
+    count is read off one run of ``M = max(steps)`` and equals a separate ``eap_ig(steps=m)`` (tested
+    for both sums). Each entry carries the passes a separate run would cost and the seconds its own
+    points took plus the run's shared time (the largest count's seconds are the run's);
+    ``details["shared_run"]`` the run's actual passes. Use it to see how many steps a model and task
+    need before the scores stop moving.
     """
     layout = adapter.require_model(model)
     data = checks.gate_data(data, model)
     checks.corrupt_twin(data, "eap_ig")
     counts = eap_ig_step_counts(steps)
     checks.positive_int(batch_size, "batch_size")
+    if riemann not in ("right", "left"):
+        raise InputError(f"eap_ig: riemann must be 'right' or 'left', got {riemann!r}.")
     if EMBEDDING_HOOK not in model.hook_dict:
         raise InputError(f"eap_ig: the model has no {EMBEDDING_HOOK} hook to interpolate its inputs at.")
     most = counts[-1]
     started = time.time()
     with adapter.frozen(model):
-        per_point, point_seconds = _attribution_hooks(model, data, layout, batch_size, steps=most)
-    shared_seconds = time.time() - started - sum(point_seconds)  # clean runs, batching, freezing
+        per_point, point_seconds = _attribution_hooks(model, data, layout, batch_size,
+                                                      riemann_points(most, riemann))
+    shared_seconds = time.time() - started - sum(point_seconds)  # endpoint runs, batching, freezing
     scored = []
     for count in counts:
-        points = slice(None, None, most // count)  # alpha = k / count is point k * (most / count)
+        stride = most // count
+        points = slice(stride - 1 if riemann == "right" else 0, None, stride)
         shared_run = {"steps": most, "forward_passes": (1 + most) * len(data),
                       "backward_passes": most * len(data)}
-        scored.append(HeadScores(per_point[points].mean(dim=0), "eap_ig", (1 + count) * len(data),
+        name = "eap_ig" if riemann == "right" else "eap_ig_left"
+        scored.append(HeadScores(per_point[points].mean(dim=0), name, (1 + count) * len(data),
                                  count * len(data), shared_seconds + sum(point_seconds[points]), signed=True,
-                                 details={"steps": count, "path": "input embeddings, corrupt -> clean",
+                                 details={"steps": count, "riemann": riemann,
+                                          "path": "input embeddings, corrupt -> clean",
                                           "shared_run": shared_run}))
     return scored
+
+
+def riemann_points(steps: int, riemann: Riemann = "right") -> list[float]:
+    """EAP-IG's interpolation points alpha = k / steps: k = 1..steps (right, Hanna et al.) or 0..steps-1."""
+    first = 1 if riemann == "right" else 0
+    return [k / steps for k in range(first, first + steps)]
 
 
 def eap_ig_step_counts(steps: int | Sequence[int]) -> list[int]:
@@ -307,7 +361,8 @@ def eap_ig_step_counts(steps: int | Sequence[int]) -> list[int]:
     return counts
 
 
-def subnetwork_probing(model: Any, data: GateData, steps: int = 300, lr: float = 0.1, l0_weight: float = 1.0,
+def subnetwork_probing(model: TransformerLensModel, data: GateData, steps: int = 300, lr: float = 0.1,
+                       l0_weight: float = 1.0,
                        batch_size: int = 32, init_log_alpha: float = 3.0, seed: int = 0) -> HeadScores:
     """Cao et al. (2021): hard-concrete L0 masks on heads trained on task NLL + sparsity.
 
@@ -353,7 +408,7 @@ def subnetwork_probing(model: Any, data: GateData, steps: int = 300, lr: float =
                                "l0_weight": l0_weight, "lr": lr})
 
 
-def random_scores(model: Any, seed: int = 0) -> HeadScores:
+def random_scores(model: TransformerLensModel, seed: int = 0) -> HeadScores:
     """Seeded standard-normal scores: the floor every method must beat."""
     layout = adapter.require_model(model)
     generator = torch.Generator().manual_seed(seed)
@@ -395,7 +450,7 @@ def one_head_off(n_layers: int, n_heads: int) -> Float[Tensor, "mask layer head"
 
 
 def mean_head_activations(
-    model: Any, data: GateData, batch_size: int = 32
+    model: TransformerLensModel, data: GateData, batch_size: int = 32
 ) -> list[Float[Tensor, "pos head d_head"]]:
     """Per layer, each head's ``hook_z`` averaged over the examples that reach each position."""
     layout = adapter.require_model(model)
@@ -414,7 +469,7 @@ def mean_head_activations(
     return [total / counts.clamp(min=1)[:, None, None] for total in sums]
 
 
-def transformer_lens_attribution_available(model: Any) -> tuple[bool, str]:
+def transformer_lens_attribution_available(model: TransformerLensModel) -> tuple[bool, str]:
     """Whether TransformerLens' own node-level attribution patching can run on ``model``, and why not."""
     try:
         from transformer_lens.tools.analysis import attribution_patch  # noqa: F401
@@ -431,62 +486,90 @@ def transformer_lens_attribution_available(model: Any) -> tuple[bool, str]:
     return True, ""
 
 
-def _attribution_transformer_lens(model: Any, data: GateData, layout: adapter.HeadLayout) -> Tensor:
+def _attribution_transformer_lens(model: TransformerLensModel, data: GateData,
+                                  layout: adapter.HeadLayout, endpoint: AttributionEndpoint) -> Tensor:
     from transformer_lens.tools.analysis import attribution_patch
 
     device = adapter.model_device(model)
     total = torch.zeros(layout.n_layers, layout.n_heads)
+    sign = -1.0 if endpoint == "clean" else 1.0  # swapped prompts: (corrupt - clean) . grad at the clean run
     for index in range(len(data)):
         example = data.subset([index])
-        result = attribution_patch(model, example.tokens.to(device), example.corrupt.tokens.to(device),
-                                   target_logprob_metric(example))
+        clean, corrupt = example.tokens.to(device), example.corrupt.tokens.to(device)
+        if endpoint == "clean":
+            clean, corrupt = corrupt, clean
+        result = attribution_patch(model, clean, corrupt, target_logprob_metric(example))
         for node, score in result.node_scores.items():
             if node.kind == "attn_head_out":
-                total[node.layer, node.head] += score
+                total[node.layer, node.head] += sign * score
     return total / len(data)
 
 
 def _attribution_hooks(
-    model: Any, data: GateData, layout: adapter.HeadLayout, batch_size: int, steps: int = 1
-) -> tuple[Float[Tensor, "step layer head"], list[float]]:
-    """``(clean z - corrupt z) . d metric / d z`` per head at each of ``steps`` points whose input
-    embeddings go from the corrupt prompt towards the clean one (alpha = 0, 1/steps, ...), with the
-    seconds each point's forward and backward took.
+    model: TransformerLensModel, data: GateData, layout: adapter.HeadLayout, batch_size: int,
+    alphas: Sequence[float],
+) -> tuple[Float[Tensor, "point layer head"], list[float]]:
+    """``(clean z - corrupt z) . d metric / d z`` per head at each point ``alpha`` of the path whose input
+    embeddings go from the corrupt prompt (0) to the clean one (1), with the seconds each point took.
 
-    Point 0 is attribution patching (the gradient at the corrupt run); the mean over points is EAP-IG's
-    integrated gradients, as a left Riemann sum. Each hook returns ``z + probe`` with a zero
-    ``probe`` leaf, so ``d metric / d probe`` is the total derivative at ``hook_z`` on either
-    TransformerLens (a bridge's hook sees a reshaped view whose own ``.grad`` never fills).
+    Alpha 0 is the corrupt run and alpha 1 the clean run themselves (the endpoints of attribution
+    patching); they run first, as they give both runs' ``z`` and the clean embedding the inner points
+    interpolate to; an endpoint that is not a point is one forward without gradients. The mean over
+    points is EAP-IG's integrated gradients. Each gradient is taken at a zero ``probe`` leaf added to
+    ``hook_z``, the total derivative there on either TransformerLens.
     """
     device = adapter.model_device(model)
-    total = torch.zeros(steps, layout.n_layers, layout.n_heads)
-    point_seconds = [0.0] * steps
+    layers = list(range(layout.n_layers))
+    total = torch.zeros(len(alphas), layout.n_layers, layout.n_heads)
+    point_seconds = [0.0] * len(alphas)
     for batch, clean, _ in on_device(data, batch_size, device):
         corrupt = batch.corrupt.tokens.to(device)
-        with torch.no_grad():
-            _, cache = model.run_with_cache(
-                clean, names_filter=lambda name: adapter.is_hook_z(name) or name == EMBEDDING_HOOK)
         metric_of = target_logprob_metric(batch)
-        delta: dict[int, Tensor] = {}  # clean z - corrupt z, from the corrupt run at point 0
-        for step in range(steps):
+        z, grads = {}, {}
+        clean_embedding = None
+        for alpha, tokens in ((1.0, clean), (0.0, corrupt)):
+            point = alphas.index(alpha) if alpha in alphas else None
             began = time.time()
-            hooks, captured = interventions.record(range(layout.n_layers))
-            probe_hooks, probes = interventions.probe(range(layout.n_layers))
-            hooks += probe_hooks
-            if step > 0:  # alpha = 0 is the corrupt run itself
-                hooks.append((EMBEDDING_HOOK, _interpolate_hook(cache[EMBEDDING_HOOK], step / steps)))
-            with model.hooks(fwd_hooks=hooks):
-                metric = metric_of(model(corrupt))
-            layers = sorted(probes)
-            grads = torch.autograd.grad(metric, [probes[layer] for layer in layers], allow_unused=True)
-            if step == 0:
-                delta = {layer: cache[adapter.hook_z_name(layer)] - captured[layer] for layer in layers}
-            for layer, grad in zip(layers, grads, strict=True):
-                if grad is not None:
-                    contribution = (delta[layer] * grad).float().sum(dim=(0, 1, 3)).cpu()
-                    total[step, layer] += contribution * len(batch)
-            point_seconds[step] += time.time() - began
+            z[alpha], embedding, grad = _attribution_point(model, tokens, metric_of, layers, None,
+                                                           gradient=point is not None)
+            if alpha == 1.0:
+                clean_embedding = embedding
+            if point is not None:
+                grads[point] = grad
+                point_seconds[point] += time.time() - began
+        delta = {layer: z[1.0][layer] - z[0.0][layer] for layer in layers}
+        for point, alpha in enumerate(alphas):
+            began = time.time()
+            if point not in grads:
+                _, _, grads[point] = _attribution_point(model, corrupt, metric_of, layers,
+                                                        _interpolate_hook(clean_embedding, alpha))
+            for layer, grad in grads.pop(point).items():
+                total[point, layer] += (delta[layer] * grad).float().sum(dim=(0, 1, 3)).cpu() * len(batch)
+            point_seconds[point] += time.time() - began
     return total / len(data), point_seconds
+
+
+def _attribution_point(
+    model: TransformerLensModel, tokens: Tensor, metric_of: Callable[[Tensor], Tensor], layers: list[int],
+    interpolate: Callable[..., Tensor] | None, gradient: bool = True,
+) -> tuple[dict[int, Tensor], Tensor | None, dict[int, Tensor]]:
+    """One run of the path: each layer's ``z``, the input embedding it saw, and (with ``gradient``) the
+    gradient of the metric at each layer's ``hook_z`` (layers the metric does not reach are left out)."""
+    hooks, captured = interventions.record(layers)
+    seen: list[Tensor] = []
+    if interpolate is not None:
+        hooks.append((EMBEDDING_HOOK, interpolate))
+    hooks.append((EMBEDDING_HOOK, lambda embedding, hook: seen.append(embedding.detach()) or embedding))
+    if not gradient:
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            model(tokens)
+        return captured, seen[0] if seen else None, {}
+    probe_hooks, probes = interventions.probe(layers)
+    with model.hooks(fwd_hooks=hooks + probe_hooks):
+        metric = metric_of(model(tokens))
+    grads = torch.autograd.grad(metric, [probes[layer] for layer in layers], allow_unused=True)
+    return captured, seen[0] if seen else None, {
+        layer: grad for layer, grad in zip(layers, grads, strict=True) if grad is not None}
 
 
 def _interpolate_hook(clean_embedding: Tensor, alpha: float) -> Callable[..., Tensor]:
@@ -497,7 +580,7 @@ def _interpolate_hook(clean_embedding: Tensor, alpha: float) -> Callable[..., Te
     return interpolate
 
 
-def _metric_with_hooks(model: Any, data: GateData, hooks: list, batch_size: int) -> float:
+def _metric_with_hooks(model: TransformerLensModel, data: GateData, hooks: list, batch_size: int) -> float:
     device = adapter.model_device(model)
     total = 0.0
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):

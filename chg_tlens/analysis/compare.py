@@ -3,7 +3,9 @@
     spearman, top_k_overlap        do two methods rank heads alike?
     roc_auc, precision_at_k        does a method find the heads known to matter?
     faithfulness_curve             how much of the task do a method's top-k heads carry on their own?
+    ablated_faithfulness_curve     the same with the other heads mean- or corrupt-ablated, not zeroed
     chg_head_scores, run_chg       CHG facilitation as one more ``HeadScores``
+    chg_head_scores_both           ... ranked both ways: max and mean of G- over seeds
     run_methods                    every method of ``chg_tlens.baselines`` plus CHG on one model and task
     Benchmark, compare_methods     many methods on many benchmarks -> one table (+ Markdown)
 
@@ -24,6 +26,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
 
 from chg_tlens.analysis import acdc, baselines
 from chg_tlens.analysis.ablation import evaluate_gates
@@ -36,20 +40,27 @@ from chg_tlens.analysis.metrics import (
     truth_metrics,
 )
 from chg_tlens.analysis.movers import MOVER_ATTENTION, MOVER_EFFECT_SHARE, mover_roles
-from chg_tlens.core import checks
+from chg_tlens.analysis.patching import logit_diff_metric, target_logprob_metric
+from chg_tlens.core import checks, interventions
 from chg_tlens.core.config import CHGConfig
 from chg_tlens.core.data import GateData
 from chg_tlens.core.fit import fit_chg
+from chg_tlens.core.forward import on_device
 from chg_tlens.core.result import CHGResult
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 SeedReduce = Literal["max", "mean"]
+SEED_REDUCTIONS: tuple[SeedReduce, ...] = ("max", "mean")
+"""CHG is read both ways: ``max`` (a head some seed needs) and ``mean`` (a head every seed needs)."""
+ComplementAblation = Literal["mean", "corrupt"]
+FaithfulnessMetric = Literal["logprob", "logit_diff"]
 
 
 # ------------------------------------------------------------------------------ faithfulness
 def faithfulness_curve(
-    model: Any,
+    model: TransformerLensModel,
     data: GateData,
     scores: ScoresLike,
     ks: Sequence[int] | None = None,
@@ -62,25 +73,8 @@ def faithfulness_curve(
     = they do better than the full model (the interfering heads are out).
     """
     layout = adapter.require_model(model)
-    flat = flat_scores(scores)
-    n_total = layout.n_layers * layout.n_heads
-    if len(flat) != n_total:
-        raise InputError(
-            f"faithfulness_curve: scores hold {len(flat)} heads, the model has {n_total} "
-            f"({layout.n_layers} layers x {layout.n_heads} heads)."
-        )
-    ks = list(range(n_total + 1)) if ks is None else [int(k) for k in ks]
-    for k in ks:
-        if not 0 <= k <= n_total:
-            raise InputError(f"faithfulness_curve: every k must be within [0, {n_total}], got {k}.")
-    order = np.argsort(-flat, kind="stable")
-    settings = [torch.ones(n_total), torch.zeros(n_total)]
-    for k in ks:
-        keep = torch.zeros(n_total)
-        keep[torch.as_tensor(order[:k].copy(), dtype=torch.long)] = 1.0
-        settings.append(keep)
-    values = torch.stack(settings).reshape(-1, layout.n_layers, layout.n_heads)
-    logprob, accuracy = evaluate_gates(model, data, values, batch_size)
+    ks, kept = top_k_kept(scores, ks, layout, "faithfulness_curve")
+    logprob, accuracy = evaluate_gates(model, data, kept.float(), batch_size)
     full, none = float(logprob[0]), float(logprob[1])
     gap = full - none
     rows = []
@@ -90,6 +84,125 @@ def faithfulness_curve(
                      "faithfulness": (value - none) / gap if abs(gap) > 1e-12 else float("nan"),
                      "logprob_all": full, "logprob_none": none})
     return pd.DataFrame(rows)
+
+
+def ablated_faithfulness_curve(
+    model: TransformerLensModel,
+    data: GateData,
+    scores: ScoresLike,
+    ks: Sequence[int] | None = None,
+    ablation: ComplementAblation = "mean",
+    metric: FaithfulnessMetric = "logprob",
+    reference: GateData | None = None,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """The task with only a method's top-k heads kept and every other head mean- or corrupt-ablated.
+
+    Zeroing the other heads (:func:`faithfulness_curve`) also removes what they write on every prompt
+    alike, which the kept heads may rely on, so a circuit can look unfaithful for a reason that has
+    nothing to do with the task. Here each other head's ``hook_z`` is replaced by its mean over
+    ``reference`` (default ``data``) at each position (``ablation="mean"``), or by its value on the
+    example's corrupt twin (``"corrupt"``, needs ``data.corrupt``). ``metric`` is the mean target
+    log-prob or the logit difference clean answer - corrupt answer (``"logit_diff"``, needs the twin).
+
+    Columns: k, metric (its mean over examples), faithfulness = (metric - none) / (all - none), where
+    "all" keeps every head (1) and "none" ablates every head (0), metric_all, metric_none, ablation,
+    metric_name.
+    """
+    layout = adapter.require_model(model)
+    data = checks.gate_data(data, model)
+    if ablation not in ("mean", "corrupt"):
+        raise InputError(
+            f"ablated_faithfulness_curve: ablation must be 'mean' or 'corrupt', got {ablation!r}.")
+    if metric not in ("logprob", "logit_diff"):
+        raise InputError(
+            f"ablated_faithfulness_curve: metric must be 'logprob' or 'logit_diff', got {metric!r}.")
+    if ablation == "corrupt" or metric == "logit_diff":
+        checks.corrupt_twin(data, f"ablated_faithfulness_curve (ablation={ablation!r}, metric={metric!r})")
+    checks.positive_int(batch_size, "batch_size")
+    ks, kept = top_k_kept(scores, ks, layout, "ablated_faithfulness_curve")
+    means = None
+    if ablation == "mean":
+        reference = data if reference is None else checks.gate_data(reference, model, "reference")
+        if reference.tokens.shape[1] < data.tokens.shape[1]:
+            raise InputError(f"reference: its prompts ({reference.tokens.shape[1]} positions) must be at "
+                             f"least as long as data's ({data.tokens.shape[1]}) (a mean per position).")
+        means = baselines.mean_head_activations(model, reference, batch_size)
+    values = _metric_with_complement_replaced(model, data, kept, means, metric, batch_size)
+    full, none = float(values[0]), float(values[1])
+    gap = full - none
+    return pd.DataFrame([
+        {"k": k, "metric": float(values[2 + i]),
+         "faithfulness": (float(values[2 + i]) - none) / gap if abs(gap) > 1e-12 else float("nan"),
+         "metric_all": full, "metric_none": none, "ablation": ablation, "metric_name": metric}
+        for i, k in enumerate(ks)
+    ])
+
+
+def top_k_kept(
+    scores: ScoresLike, ks: Sequence[int] | None, layout: adapter.HeadLayout, function: str
+) -> tuple[list[int], Bool[Tensor, "setting layer head"]]:
+    """The faithfulness curves' head sets: every head, no head, then a method's top k for each k
+    (ties to the earlier head, row-major); ``ks`` defaults to every k from 0 to all heads."""
+    flat = flat_scores(scores)
+    n_total = layout.n_layers * layout.n_heads
+    if len(flat) != n_total:
+        raise InputError(
+            f"{function}: scores hold {len(flat)} heads, the model has {n_total} "
+            f"({layout.n_layers} layers x {layout.n_heads} heads)."
+        )
+    ks = list(range(n_total + 1)) if ks is None else [int(k) for k in ks]
+    for k in ks:
+        if not 0 <= k <= n_total:
+            raise InputError(f"{function}: every k must be within [0, {n_total}], got {k}.")
+    order = torch.as_tensor(np.argsort(-flat, kind="stable").copy(), dtype=torch.long)
+    kept = torch.zeros(2 + len(ks), n_total, dtype=torch.bool)
+    kept[0] = True
+    for i, k in enumerate(ks):
+        kept[2 + i, order[:k]] = True
+    return ks, kept.reshape(-1, layout.n_layers, layout.n_heads)
+
+
+def _metric_with_complement_replaced(
+    model: TransformerLensModel,
+    data: GateData,
+    kept: Bool[Tensor, "setting layer head"],
+    means: list[Float[Tensor, "pos head d_head"]] | None,
+    metric: FaithfulnessMetric,
+    batch_size: int,
+) -> Float[Tensor, " setting"]:
+    """Mean metric under each kept set, every other head's ``hook_z`` replaced by ``means`` or, when
+    ``means`` is None, by the corrupt twin's. Several settings share a pass as replicas of the batch
+    (``batch_size`` bounds examples x settings), each replica with its own replace hooks."""
+    layout = adapter.require_model(model)
+    device = adapter.model_device(model)
+    examples_per_pass = min(len(data), batch_size)
+    settings_per_pass = max(1, batch_size // examples_per_pass)
+    totals = torch.zeros(len(kept))
+    with adapter.frozen(model), torch.no_grad():
+        for batch, tokens, _ in on_device(data, examples_per_pass, device):
+            n = len(batch)
+            measure = (target_logprob_metric(batch) if metric == "logprob"
+                       else logit_diff_metric(batch, batch.corrupt))
+            corrupt: dict[int, Tensor] = {}
+            if means is None:
+                record_hooks, corrupt = interventions.record(range(layout.n_layers))
+                with model.hooks(fwd_hooks=record_hooks):
+                    model(batch.corrupt.tokens.to(device))
+            for first in range(0, len(kept), settings_per_pass):
+                chunk = kept[first : first + settings_per_pass]
+                replicas = len(chunk)
+                value = means if means is not None else [corrupt[layer].repeat(replicas, 1, 1, 1)
+                                                          for layer in range(layout.n_layers)]
+                hooks = [interventions.replace(layer, value[layer], heads=~heads,
+                                               rows=slice(s * n, (s + 1) * n))
+                         for s, setting in enumerate(chunk) for layer, heads in enumerate(setting)
+                         if not heads.all()]
+                with model.hooks(fwd_hooks=hooks):
+                    logits = model(tokens.repeat(replicas, 1))
+                for s in range(replicas):
+                    totals[first + s] += float(measure(logits[s * n : (s + 1) * n])) * n
+    return totals / len(data)
 
 
 # ------------------------------------------------------------------------------ CHG as a method
@@ -110,6 +223,12 @@ def chg_head_scores(result: CHGResult, reduce: SeedReduce = "max") -> HeadScores
                       float(result.provenance.get("seconds", 0.0)), signed=False,
                       details={"n_seeds": result.n_seeds, "reduce": reduce,
                                "role_labels": result.role_labels()})
+
+
+def chg_head_scores_both(result: CHGResult) -> list[HeadScores]:
+    """CHG ranked both ways, ``chg_max`` then ``chg_mean``: a head one seed needs can rank high by max
+    and low by mean (seeds that found another circuit), and a comparison should show both readings."""
+    return [chg_head_scores(result, reduce) for reduce in SEED_REDUCTIONS]
 
 
 def chg_budget_label(result: CHGResult) -> str:
@@ -133,22 +252,21 @@ def fitted_chg_scores(results: Sequence[CHGResult], data: GateData) -> list[Head
                 f"a CHG fit ({chg_budget_label(result)}) was made on other data (fingerprint {made_on}) "
                 f"than this benchmark's ({fingerprint}): fit it on the same task, n and seed."
             )
-        for reduce in ("max", "mean"):
-            item = chg_head_scores(result, reduce)
+        for item in chg_head_scores_both(result):
             item.method = f"{item.method} ({chg_budget_label(result)})" if len(results) > 1 else item.method
             scored.append(item)
     return scored
 
 
 def run_chg(
-    model: Any, data: GateData, config: CHGConfig | None = None
+    model: TransformerLensModel, data: GateData, config: CHGConfig | None = None
 ) -> tuple[list[HeadScores], CHGResult]:
     """Fit CHG once and read it both ways (max and mean over seeds); the fit is returned too."""
     config = config or CHGConfig(n_seeds=4, steps=150, batch_size=32, progress=False)
     started = time.time()
     result = fit_chg(model, data, config)
     seconds = time.time() - started
-    scored = [chg_head_scores(result, reduce) for reduce in ("max", "mean")]
+    scored = chg_head_scores_both(result)
     for item in scored:
         item.seconds = seconds
     return scored, result
@@ -182,7 +300,7 @@ MethodFn = Callable[[Any, GateData, MethodSettings], list[HeadScores]]
 
 
 def _single(fn: Callable[..., HeadScores], **kwargs: Any) -> MethodFn:
-    def run(model: Any, data: GateData, settings: MethodSettings) -> list[HeadScores]:
+    def run(model: TransformerLensModel, data: GateData, settings: MethodSettings) -> list[HeadScores]:
         return [fn(model, data, **kwargs, batch_size=settings.batch_size)]
 
     return run
@@ -192,11 +310,13 @@ METHODS: dict[str, tuple[MethodFn, bool | Callable[[MethodSettings], bool]]] = {
     "chg": (lambda model, data, settings: fitted_chg_scores(settings.chg_fits, data) if settings.chg_fits
             else run_chg(model, data, settings.chg)[0], False),
     "hisp": (_single(baselines.gradient_importance), False),
+    "hisp_raw": (_single(baselines.gradient_importance, normalize=False), False),
     "ablation_zero": (_single(baselines.ablation_scores, kind="zero"), False),
     "ablation_mean": (_single(baselines.ablation_scores, kind="mean"), False),
     "activation_patching_denoise": (_single(baselines.activation_patching, direction="denoise"), True),
     "activation_patching_noise": (_single(baselines.activation_patching, direction="noise"), True),
     "attribution_patching": (_single(baselines.attribution_patching), True),
+    "eap_clean": (_single(baselines.attribution_patching, endpoint="clean"), True),
     "eap_ig": (lambda model, data, settings: [baselines.eap_ig(
         model, data, steps=settings.eap_ig_steps, batch_size=settings.batch_size)], True),
     "acdc": (lambda model, data, settings: [acdc.acdc(
@@ -213,7 +333,14 @@ METHODS: dict[str, tuple[MethodFn, bool | Callable[[MethodSettings], bool]]] = {
     "random": (lambda model, data, settings: [baselines.random_scores(model, settings.random_seed)], False),
 }
 """Name -> (runner, needs a corrupt twin: a bool or a rule on the settings). A runner may return
-several readings (CHG: max and mean). ``hisp``: Michel et al.'s head importance, as ACDC names it."""
+several readings (CHG: max and mean). ``hisp``: Michel et al.'s head importance, as ACDC names it,
+normalised per layer as published (``hisp_raw``: without). ``attribution_patching`` takes its gradient at
+the corrupt run (Nanda), ``eap_clean`` at the clean run (Syed et al.'s EAP); ``eap_ig`` is Hanna et al.'s
+right Riemann sum."""
+METHOD_VERSIONS = {"hisp": 2, "eap_ig": 2}
+"""Bumped when a method's published form replaces an earlier one under the same name (``hisp`` gained
+Michel et al.'s per-layer normalisation, ``eap_ig`` Hanna et al.'s k = 1..m points), so scores cached
+by the earlier form are not read back as the new one. Methods not listed are at version 1."""
 METHOD_ALIASES = {"gradient_importance": "hisp"}
 """Older names still accepted by :func:`run_methods`."""
 
@@ -229,7 +356,7 @@ def method_names(names: Sequence[str] | None = None) -> list[str]:
 
 
 def run_methods(
-    model: Any,
+    model: TransformerLensModel,
     data: GateData,
     names: Sequence[str] | None = None,
     settings: MethodSettings | None = None,
@@ -268,7 +395,7 @@ class Benchmark:
     """
 
     name: str
-    model: Any
+    model: TransformerLensModel
     fit_data: GateData
     eval_data: GateData
     roles: np.ndarray | None
@@ -310,7 +437,7 @@ def tracr_benchmarks(n: int = 64) -> list[Benchmark]:
     return suite
 
 
-def task_benchmark(model: Any, model_name: str, task: str, n: int = 8, steps: int = 20,
+def task_benchmark(model: TransformerLensModel, model_name: str, task: str, n: int = 8, steps: int = 20,
                    n_seeds: int = 2, seed: int = 0, chg_batch: int | None = None,
                    chg_fits: Sequence[CHGResult] = ()) -> Benchmark:
     """A built-in task on a real model; ``induction`` and ``ioi`` get reference roles from attention
@@ -340,7 +467,7 @@ def task_benchmark(model: Any, model_name: str, task: str, n: int = 8, steps: in
     return Benchmark(f"{model_name}/{task}", model, fit_data, eval_data, roles, k, settings, note)
 
 
-def ioi_reference(model: Any, data: GateData) -> tuple[np.ndarray | None, str]:
+def ioi_reference(model: TransformerLensModel, data: GateData) -> tuple[np.ndarray | None, str]:
     """Name movers (:func:`.movers.mover_roles` against the subject, each prompt's distractor), and a
     note that says how they were found; no roles when no head qualifies."""
     names = data.meta["distractors"]  # one token each: ioi keeps only single-token names
@@ -355,7 +482,7 @@ def ioi_reference(model: Any, data: GateData) -> tuple[np.ndarray | None, str]:
                    f"{found['interfering']} negative name movers are interfering")
 
 
-def induction_reference(model: Any, data: GateData) -> np.ndarray:
+def induction_reference(model: TransformerLensModel, data: GateData) -> np.ndarray:
     """Heads whose attention goes to the token after the current token's earlier occurrence."""
     from chg_tlens.testbeds import benchmark_models
 
@@ -426,7 +553,9 @@ def _cache_folder(folder: Path, benchmark: Benchmark) -> Callable[[str], Path]:
     slug = "".join(c if c.isalnum() else "_" for c in benchmark.name)
 
     def cache_file(method: str) -> Path:
-        key = json.dumps([benchmark.name, fingerprint, method, settings, fits], sort_keys=True, default=str)
+        version = METHOD_VERSIONS.get(method, 1)
+        key = [benchmark.name, fingerprint, method, settings, fits] + ([version] if version > 1 else [])
+        key = json.dumps(key, sort_keys=True, default=str)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return folder / slug / f"{method}-{digest}.pt"
 

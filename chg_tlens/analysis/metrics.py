@@ -3,8 +3,11 @@
     spearman, top_k_overlap        do two methods rank heads alike?
     roc_auc, precision_at_k        does a method find the heads known to matter?
     sweep_roc                      the same for a method that returns kept sets over a threshold sweep (ACDC)
+    rank_rows, roc_auc_rows, spearman_rows   the same statistics for many score tables at once
+                                   (one per row: bootstrap resamples, ``chg_tlens.analysis.statistics``)
 
-Written out in numpy (average ranks for ties) and checked on hand-made examples in the tests.
+Written out in numpy (average ranks for ties) and checked on hand-made examples in the tests. The
+single-table functions call the row-wise ones, so each statistic is computed one way.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from chg_tlens.analysis.baselines import HeadScores
@@ -26,28 +29,49 @@ ScoresLike = HeadScores | Tensor | np.ndarray
 # ------------------------------------------------------------------------------ rank statistics
 def average_ranks(values: ScoresLike) -> np.ndarray:
     """Ranks 1..n of the flattened values, ties sharing the mean of the ranks they span."""
-    flat = flat_scores(values)
-    order = np.argsort(flat, kind="stable")
-    sorted_values = flat[order]
-    ranks = np.empty(len(flat))
-    start = 0
-    while start < len(flat):
-        stop = start
-        while stop + 1 < len(flat) and sorted_values[stop + 1] == sorted_values[start]:
-            stop += 1
-        ranks[order[start : stop + 1]] = (start + stop) / 2 + 1
-        start = stop + 1
+    return rank_rows(flat_scores(values)[None])[0]
+
+
+def rank_rows(values: Float[np.ndarray, "row n"]) -> Float[np.ndarray, "row n"]:
+    """Average ranks (1..n, ties share the mean of the ranks they span) of each row on its own.
+
+    Vectorised over rows so thousands of bootstrap resamples rank in one call: after sorting, each
+    entry's tie group runs from the last group start at or before it to the first group end at or
+    after it, and its rank is the middle of that run.
+    """
+    values = np.asarray(values, dtype=float)
+    n = values.shape[1]
+    order = np.argsort(values, axis=1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=1)
+    index = np.broadcast_to(np.arange(n), ordered.shape)
+    starts = np.ones(ordered.shape, dtype=bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ends = np.ones(ordered.shape, dtype=bool)
+    ends[:, :-1] = starts[:, 1:]
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    last = np.minimum.accumulate(np.where(ends, index, n - 1)[:, ::-1], axis=1)[:, ::-1]
+    ranks = np.empty(ordered.shape)
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=1)
     return ranks
 
 
 def spearman(a: ScoresLike, b: ScoresLike) -> float:
     """Spearman rank correlation of two score tables (Pearson on average ranks); NaN if one is flat."""
-    ra, rb = average_ranks(a), average_ranks(b)
-    if len(ra) != len(rb):
-        raise InputError(f"spearman: the score tables hold {len(ra)} and {len(rb)} heads.")
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = np.sqrt((ra**2).sum() * (rb**2).sum())
-    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
+    fa, fb = flat_scores(a), flat_scores(b)
+    if len(fa) != len(fb):
+        raise InputError(f"spearman: the score tables hold {len(fa)} and {len(fb)} heads.")
+    return float(spearman_rows(fa[None], fb[None])[0])
+
+
+def spearman_rows(a: Float[np.ndarray, "row n"], b: Float[np.ndarray, "row n"]) -> Float[np.ndarray, " row"]:
+    """Spearman correlation of ``a[i]`` with ``b[i]`` for every row; NaN where a row is flat."""
+    ra, rb = rank_rows(a), rank_rows(b)
+    if ra.shape != rb.shape:
+        raise InputError(f"spearman: the score tables are {list(ra.shape)} and {list(rb.shape)}.")
+    ra, rb = ra - ra.mean(axis=1, keepdims=True), rb - rb.mean(axis=1, keepdims=True)
+    denominator = np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
+    flat = denominator <= 0
+    return np.where(flat, np.nan, (ra * rb).sum(axis=1) / np.where(flat, 1.0, denominator))
 
 
 def top_k_heads(scores: ScoresLike, k: int) -> list[tuple[int, int]]:
@@ -69,15 +93,22 @@ def roc_auc(scores: ScoresLike, positives: Bool[Tensor, "layer head"] | np.ndarr
 
     The Mann-Whitney form: ``(sum of positive ranks - P(P+1)/2) / (P N)`` with average ranks.
     """
-    flat = flat_scores(scores)
-    labels = _labels(positives, len(flat), "roc_auc")
+    return float(roc_auc_rows(flat_scores(scores)[None], positives)[0])
+
+
+def roc_auc_rows(
+    scores: Float[np.ndarray, "row n"], positives: Bool[Tensor, "layer head"] | np.ndarray
+) -> Float[np.ndarray, " row"]:
+    """:func:`roc_auc` of every row of ``scores`` against the same positives."""
+    scores = np.asarray(scores, dtype=float)
+    labels = _labels(positives, scores.shape[1], "roc_auc")
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         raise InputError(
             f"roc_auc: needs at least one positive and one negative head, got {n_pos} and {n_neg}."
         )
-    ranks = average_ranks(flat)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    ranks = rank_rows(scores)
+    return (ranks[:, labels].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def precision_at_k(

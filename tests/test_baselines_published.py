@@ -1,0 +1,147 @@
+"""Baselines as their papers publish them: Michel et al.'s per-layer normalised HISP, attribution patching at
+both endpoints (Nanda: corrupt run; Syed et al.'s EAP: clean run), each checked against the number it
+estimates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models_for_tests import random_bridge
+
+from chg_tlens.analysis import baselines
+from chg_tlens.core import interventions
+from chg_tlens.core.data import GateData
+from chg_tlens.errors import InputError
+from chg_tlens.models.adapter import legacy_model_class
+from chg_tlens.testbeds.benchmark_models import induction_circuit
+
+pytestmark = pytest.mark.tl39
+
+
+# ------------------------------------------------------------------------------ HISP
+def test_layer_normalisation_lifts_a_layer_of_several_moderate_heads_over_a_layer_with_one_big_head():
+    """Layer 0: one big head and a runner-up; layer 1: four moderate heads. Raw, the runner-up (0, 1)
+    outranks every layer-1 head; normalised by each layer's L2 norm (Michel et al.), the big head takes
+    most of layer 0's unit norm and the layer-1 heads (1/2 each) pass the runner-up (2/sqrt(20))."""
+    raw = torch.tensor([[4.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    normalised = baselines.layer_normalized(raw)
+    assert raw[0, 1] > raw[1].max()
+    assert normalised[1].min() > normalised[0, 1]
+    assert normalised[0, 0] == normalised.max()  # the big head stays first
+    torch.testing.assert_close(normalised.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(normalised[1], torch.full((4,), 0.5))
+    silent = baselines.layer_normalized(torch.tensor([[0.0, 0.0], [3.0, 4.0]]))
+    assert torch.equal(silent, torch.tensor([[0.0, 0.0], [0.6, 0.8]]))  # a silent layer stays 0, no NaN
+
+
+def test_hisp_is_the_raw_importance_normalised_per_layer_on_a_model():
+    model = random_bridge()
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 20, (6, 8), generator=generator)
+    mask = torch.zeros(6, 8, dtype=torch.bool)
+    mask[:, 5:] = True
+    data = GateData.from_tokens(tokens, mask)
+    published = baselines.gradient_importance(model, data)
+    raw = baselines.gradient_importance(model, data, normalize=False)
+    assert (published.method, raw.method) == ("hisp", "hisp_raw")
+    assert published.details["normalized"] and not raw.details["normalized"]
+    torch.testing.assert_close(published.scores.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(published.scores, raw.scores / raw.scores.norm(dim=1, keepdim=True))
+    assert not torch.allclose(published.scores, raw.scores / raw.scores.norm(), atol=1e-3)  # not global
+    with pytest.raises(InputError, match="normalize"):
+        baselines.gradient_importance(model, data, absolute=False, normalize=True)
+
+
+# ------------------------------------------------------------------------------ attribution endpoints
+def _directional_derivative(model, data: GateData, endpoint: str, layer: int, head: int,
+                            eps: float = 1e-3) -> float:
+    """d/de metric(endpoint run with head's z moved by e * (z_clean - z_corrupt)) at e = 0, by central
+    differences: the quantity attribution patching at that endpoint estimates with one backward."""
+    metric = baselines.target_logprob_metric(data)
+    name = interventions.head_hook_name(layer)
+    with torch.no_grad():
+        _, clean = model.run_with_cache(data.tokens, names_filter=name)
+        _, corrupt = model.run_with_cache(data.corrupt.tokens, names_filter=name)
+        delta = clean[name] - corrupt[name]
+        at_clean = endpoint == "clean"
+        base = clean[name] if at_clean else corrupt[name]
+        tokens = data.tokens if at_clean else data.corrupt.tokens
+
+        def at(shift: float) -> float:
+            with model.hooks(fwd_hooks=[interventions.replace(layer, base + shift * delta, heads=head)]):
+                return float(metric(model(tokens)))
+
+        return (at(eps) - at(-eps)) / (2 * eps)
+
+
+def test_each_endpoint_equals_its_own_directional_derivative_and_they_differ_where_the_metric_bends(
+        recall_with_twin):
+    """On the recall circuit the log-softmax bends between the two runs, so the gradient at the clean run
+    (EAP) and at the corrupt run (attribution patching) give different numbers: each is checked against
+    the finite difference at its own endpoint, so a swap of the endpoints (or a sign flip) fails."""
+    circuit, data = recall_with_twin
+    data = data.subset(list(range(16)))
+    corrupt_end = baselines.attribution_patching(circuit.model, data, endpoint="corrupt")
+    clean_end = baselines.attribution_patching(circuit.model, data, endpoint="clean")
+    assert (corrupt_end.method, clean_end.method) == ("attribution_patching", "eap_clean")
+    assert clean_end.details["endpoint"] == "clean" and clean_end.signed
+    for layer, head in ((0, 0), (0, 1)):
+        for result, endpoint in ((corrupt_end, "corrupt"), (clean_end, "clean")):
+            expected = _directional_derivative(circuit.model, data, endpoint, layer, head)
+            assert result.scores[layer, head] == pytest.approx(expected, abs=2e-3)
+    gap = (corrupt_end.scores - clean_end.scores).abs().max()
+    assert gap > 0.2 * corrupt_end.scores.abs().max()
+    assert clean_end.scores[0, 0] > 0 > clean_end.scores[0, 1]  # helps / hurts, read as in every method
+    with pytest.raises(InputError, match="endpoint"):
+        baselines.attribution_patching(circuit.model, data, endpoint="middle")
+
+
+def test_endpoints_agree_where_the_metric_is_linear_in_the_head_outputs(recall_with_twin):
+    """One attention-only layer without LayerNorm: the logits are linear in every head's output, and with
+    the residual scaled down 1000-fold the log-softmax is linear to first order, so the gradient is the
+    same at both runs and the two endpoints give one answer (at full scale they differ by ~40%)."""
+    circuit, data = recall_with_twin
+    model = circuit.model
+    assert model.cfg.n_layers == 1 and model.cfg.normalization_type is None
+    shrink = [("blocks.0.hook_resid_post", lambda resid, hook: resid * 1e-3)]
+    with model.hooks(fwd_hooks=shrink):
+        corrupt_end = baselines.attribution_patching(model, data, endpoint="corrupt")
+        clean_end = baselines.attribution_patching(model, data, endpoint="clean")
+    assert corrupt_end.scores.abs().max() > 1e-4
+    gap = (corrupt_end.scores - clean_end.scores).abs().max()
+    assert gap < 1e-2 * corrupt_end.scores.abs().max()
+
+
+def test_the_clean_endpoint_sees_a_saturated_softmax_the_corrupt_endpoint_does_not():
+    """The induction circuit (an AND) answers the clean prompt with near certainty: at the clean run the
+    log-prob gradient vanishes and EAP scores every head near 0, while the corrupt run's gradient finds
+    both heads. Each again equals its finite difference."""
+    circuit = induction_circuit()
+    data = circuit.data(16, 0)
+    corrupt_end = baselines.attribution_patching(circuit.model, data, endpoint="corrupt")
+    clean_end = baselines.attribution_patching(circuit.model, data, endpoint="clean")
+    previous_token, induction = (0, 0), (1, 1)
+    assert corrupt_end.scores[induction] > 1.0 and corrupt_end.scores[previous_token] > 0.5
+    assert clean_end.scores.abs().max() < 0.2 * corrupt_end.scores[induction]
+    for result, endpoint in ((corrupt_end, "corrupt"), (clean_end, "clean")):
+        expected = _directional_derivative(circuit.model, data, endpoint, *induction)
+        assert float(result.scores[induction]) == pytest.approx(expected, abs=1e-2)
+
+
+def test_transformer_lens_backend_gives_the_clean_endpoint_too():
+    """TransformerLens' attribution_patch at the clean run (its prompts swapped, negated) equals our hooks."""
+    if legacy_model_class() is not None:
+        pytest.skip("TransformerLens 3.9 has no tools.analysis.attribution_patch")
+    model = random_bridge()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 20, (4, 8), generator=generator)
+    corrupt = torch.randint(0, 20, (4, 8), generator=generator)
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    mask[:, 4:] = True
+    data = GateData.from_tokens(tokens, mask).with_corrupt(GateData.from_tokens(corrupt, mask))
+    ours = baselines.attribution_patching(model, data, backend="hooks", endpoint="clean")
+    theirs = baselines.attribution_patching(model, data, backend="transformer_lens", endpoint="clean")
+    assert ours.scores.abs().max() > 1e-3
+    torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-5, rtol=0)
+    nanda = baselines.attribution_patching(model, data, backend="hooks")
+    assert (nanda.scores - ours.scores).abs().max() > 1e-3
