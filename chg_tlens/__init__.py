@@ -5,7 +5,7 @@ irrelevant for a task (Nam et al., 2025).
 
 Layers, each importing only those below it: ``app`` > ``analysis`` > ``testbeds`` > ``tasks`` > ``core``
 > ``models``. The names notebooks use are re-exported here, so a notebook needs no deeper import for them;
-the tool modules (``validate``, ``plot``, ``compare``, ``baselines``) and the analysis functions
+the tool modules (``validate``, ``plot``, ``compare``, ``baselines``, ``metrics``) and the analysis functions
 (``task_accuracy``, ``error_bars``, ``evaluate_gates``) load on first use so ``import chg_tlens`` stays
 light, and ``dir(chg_tlens)`` lists them before they are loaded.
 
@@ -37,6 +37,7 @@ _TOOL_MODULES = {
     "validate": "chg_tlens.analysis.validate",
     "baselines": "chg_tlens.analysis.baselines",
     "compare": "chg_tlens.analysis.compare",
+    "metrics": "chg_tlens.analysis.metrics",
     "plot": "chg_tlens.app.plot",
 }
 

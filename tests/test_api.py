@@ -22,7 +22,8 @@ from chg_tlens.models.protocol import HeadConfig, TransformerLensModel
 pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-LAZY = ["validate", "baselines", "compare", "plot", "task_accuracy", "error_bars", "evaluate_gates"]
+LAZY = ["validate", "baselines", "compare", "metrics", "plot", "task_accuracy", "error_bars",
+        "evaluate_gates"]
 
 
 def test_dir_lists_the_lazy_names_before_they_are_loaded():
@@ -52,8 +53,12 @@ def test_every_exported_name_resolves_to_the_defining_object():
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda path: path.name)
 def test_notebooks_import_the_top_level_names_not_their_modules(notebook):
-    """Names chg_tlens exports (or tool modules it loads) are imported from chg_tlens, not from deeper."""
-    exported = set(chg_tlens.__all__) | {"validate", "baselines", "compare", "plot"}
+    """Names chg_tlens exports (or tool modules it loads) are imported from chg_tlens, not from deeper, and
+    nothing is imported from a module chg_tlens offers as a namespace (``chg_tlens.compare``, not
+    ``chg_tlens.analysis.compare``)."""
+    tool_modules = dict(chg_tlens._TOOL_MODULES)
+    exported = set(chg_tlens.__all__) | set(tool_modules)
+    namespaces = {module: name for name, module in tool_modules.items()}
     cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
     for cell in cells:
         if cell["cell_type"] != "code":
@@ -63,6 +68,8 @@ def test_notebooks_import_the_top_level_names_not_their_modules(notebook):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("chg_tlens."):
                 deep = [alias.name for alias in node.names if alias.name in exported]
                 assert not deep, f"{notebook.name}: from {node.module} import {deep}; use chg_tlens"
+                namespace = namespaces.get(node.module)
+                assert namespace is None, f"{notebook.name}: {node.module}; use chg_tlens.{namespace}"
 
 
 def test_the_installed_transformer_lens_model_satisfies_the_protocol():

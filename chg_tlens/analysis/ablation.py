@@ -23,12 +23,13 @@ from chg_tlens.core.gates import HeadGates
 from chg_tlens.core.result import ROLES, CHGResult
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 Head = tuple[int, int]
 
 
 def evaluate_gates(
-    model: Any,
+    model: TransformerLensModel,
     data: GateData,
     gate_values: Float[Tensor, "*config layer head"],
     batch_size: int = 64,
@@ -67,7 +68,7 @@ def evaluate_gates(
 
 
 def ablation_curve(
-    model: Any,
+    model: TransformerLensModel,
     data: GateData,
     result: CHGResult,
     score: str | Sequence[str] | Float[Tensor, "layer head"] = "facilitating",
@@ -178,7 +179,7 @@ heads, already closed in G+, help when removed from the full model and hurt when
 
 
 def targeted_ablation(
-    model: Any,
+    model: TransformerLensModel,
     data: GateData,
     result: CHGResult,
     seed: int = 0,
@@ -260,7 +261,7 @@ def ablation_summary(frame: pd.DataFrame, k: int | None = None, tolerance: float
     return pd.DataFrame(rows)
 
 
-def sufficiency(model: Any, data: GateData, result: CHGResult | None = None, seed: int = 0,
+def sufficiency(model: TransformerLensModel, data: GateData, result: CHGResult | None = None, seed: int = 0,
                 threshold: float = 0.5, heads: Sequence[Head] | None = None, n_random: int = 10,
                 rng_seed: int = 0, batch_size: int = 64) -> pd.DataFrame:
     """Performance with only the circuit kept (every other head gated to 0).
@@ -273,7 +274,7 @@ def sufficiency(model: Any, data: GateData, result: CHGResult | None = None, see
                          rng_seed, batch_size)
 
 
-def necessity(model: Any, data: GateData, result: CHGResult | None = None, seed: int = 0,
+def necessity(model: TransformerLensModel, data: GateData, result: CHGResult | None = None, seed: int = 0,
               threshold: float = 0.5, heads: Sequence[Head] | None = None, n_random: int = 10,
               rng_seed: int = 0, batch_size: int = 64) -> pd.DataFrame:
     """Performance with only the circuit removed (gated to 0, every other head at 1).
@@ -286,7 +287,8 @@ def necessity(model: Any, data: GateData, result: CHGResult | None = None, seed:
 
 
 def _circuit_test(
-    test: str, model: Any, data: GateData, result: CHGResult | None, seed: int, threshold: float,
+    test: str, model: TransformerLensModel, data: GateData, result: CHGResult | None, seed: int,
+    threshold: float,
     heads: Sequence[Head] | None, n_random: int, rng_seed: int, batch_size: int,
 ) -> pd.DataFrame:
     layout = adapter.require_model(model)

@@ -18,10 +18,11 @@ from chg_tlens.core.forward import gated_logits, on_device
 from chg_tlens.core.gates import HeadGates
 from chg_tlens.core.objectives import target_accuracy, target_labels, target_logprobs, target_positions
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 
 def task_accuracy(
-    model: Any, data: GateData, batch_size: int = 32, gates: HeadGates | None = None
+    model: TransformerLensModel, data: GateData, batch_size: int = 32, gates: HeadGates | None = None
 ) -> dict[str, Any]:
     """Top-1 accuracy and mean target log-prob of ``model`` on ``data``, without gradients, in batches.
 

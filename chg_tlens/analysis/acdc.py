@@ -43,6 +43,7 @@ from chg_tlens.core.forward import logits_at, on_device
 from chg_tlens.core.objectives import target_positions
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 AcdcAblation = Literal["corrupt", "zero"]
 AcdcDistance = Literal["kl", "l2"]
@@ -52,7 +53,7 @@ DEFAULT_TAU = 0.01
 
 
 def acdc(
-    model: Any,
+    model: TransformerLensModel,
     data: GateData,
     tau: float = DEFAULT_TAU,
     taus: Sequence[float] | None = None,
@@ -106,7 +107,8 @@ def acdc(
 class _Pruner:
     """Holds the reference outputs and corrupt values once, then prunes at any threshold."""
 
-    def __init__(self, model: Any, data: GateData, layout: adapter.HeadLayout, ablation: AcdcAblation,
+    def __init__(self, model: TransformerLensModel, data: GateData, layout: adapter.HeadLayout,
+                 ablation: AcdcAblation,
                  distance: AcdcDistance, batch_size: int, store: _Store | None = None,
                  measured: dict[bytes, float] | None = None) -> None:
         self.started = time.time()

@@ -25,6 +25,7 @@ from chg_tlens.core.data import GateData
 from chg_tlens.core.result import CHGResult
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 Head = tuple[int, int]
 
@@ -125,7 +126,7 @@ def seed_circuits(result: CHGResult, threshold: float = 0.5) -> SeedCircuits:
 
 
 def sufficient_circuits(
-    model: Any,
+    model: TransformerLensModel,
     data: GateData,
     result: CHGResult,
     threshold: float = 0.5,

@@ -33,6 +33,7 @@ from chg_tlens.core.gates import initial_theta
 from chg_tlens.core.result import CHGResult
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 SOURCES = ("seeds", "prompts")
 
@@ -81,7 +82,8 @@ class RoleErrorBars:
         return pd.DataFrame(rows).set_index("source")
 
 
-def error_bars(model: Any, data: GateData, config: CHGConfig | None = None, n_resamples: int = 3,
+def error_bars(model: TransformerLensModel, data: GateData, config: CHGConfig | None = None,
+               n_resamples: int = 3,
                resample_seed: int = 0) -> RoleErrorBars:
     """Fit ``config.n_seeds`` gate sets from their own initial draws on every prompt, and ``n_resamples``
     from seed 0's draw on bootstrap resamples of the prompts, in one pass; return both views."""

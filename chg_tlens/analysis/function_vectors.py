@@ -32,6 +32,7 @@ from chg_tlens.core.objectives import target_labels, target_positions
 from chg_tlens.core.result import CHGResult
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 Head = tuple[int, int]
 
@@ -90,7 +91,7 @@ class FunctionVectorHeads:
 
 
 def function_vector_heads(
-    model: Any,
+    model: TransformerLensModel,
     data: GateData,
     corrupt: GateData | None = None,
     top_k: int = 10,
@@ -148,7 +149,7 @@ def function_vector_heads(
     )
 
 
-def _mean_last_z(model: Any, layout: adapter.HeadLayout, clean: GateData, batch_size: int,
+def _mean_last_z(model: TransformerLensModel, layout: adapter.HeadLayout, clean: GateData, batch_size: int,
                  device: torch.device) -> tuple[Float[Tensor, "layer head d_head"], float]:
     """Each head's ``hook_z`` at the last prompt position, averaged over the clean prompts, and the
     summed P(answer's first token) of those prompts."""

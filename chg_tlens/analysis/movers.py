@@ -33,6 +33,7 @@ from chg_tlens.core.forward import on_device
 from chg_tlens.core.objectives import target_positions
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 MOVER_ATTENTION = 0.4
 """A mover's mean attention on its answer exceeds this (the bar of the attention-pattern induction
@@ -62,7 +63,7 @@ class FinalReadout:
         return vectors / scale[..., None]
 
 
-def final_readout(model: Any, tokens: Int[Tensor, "batch pos"]) -> FinalReadout:
+def final_readout(model: TransformerLensModel, tokens: Int[Tensor, "batch pos"]) -> FinalReadout:
     """One clean forward caching what :class:`FinalReadout` holds."""
     layout = adapter.require_model(model)
     last = f"blocks.{layout.n_layers - 1}.hook_resid_post"
@@ -80,7 +81,8 @@ def final_readout(model: Any, tokens: Int[Tensor, "batch pos"]) -> FinalReadout:
                         residual, scale, norm == "LN")
 
 
-def answer_attention(model: Any, data: GateData, batch_size: int = 32) -> Float[Tensor, "layer head"]:
+def answer_attention(model: TransformerLensModel, data: GateData, batch_size: int = 32) -> Float[Tensor,
+                     "layer head"]:
     """Per head, mean attention from the scored position to every position up to it holding the
     answer token, over the scored answers that occur there (the others cannot be copied).
 
@@ -110,7 +112,8 @@ def answer_attention(model: Any, data: GateData, batch_size: int = 32) -> Float[
 
 
 def direct_logit_attribution(
-    model: Any, data: GateData, contrast: Int[Tensor, " target"] | None = None, batch_size: int = 32,
+    model: TransformerLensModel, data: GateData, contrast: Int[Tensor, " target"] | None = None,
+    batch_size: int = 32,
 ) -> Float[Tensor, "layer head"]:
     """Per head, mean direct effect on ``logit(answer) - logit(contrast)`` over the scored logits.
 
@@ -123,7 +126,8 @@ def direct_logit_attribution(
 
 
 def residual_logit_attribution(
-    model: Any, data: GateData, contrast: Int[Tensor, " target"] | None = None, batch_size: int = 32,
+    model: TransformerLensModel, data: GateData, contrast: Int[Tensor, " target"] | None = None,
+    batch_size: int = 32,
 ) -> Float[Tensor, " target"]:
     """The same readout of the whole final residual, per scored logit: what the head effects are shares
     of. It equals the model's logit difference less the unembedding's and the final norm's biases
@@ -133,7 +137,7 @@ def residual_logit_attribution(
 
 
 def _readout_effects(
-    model: Any, data: GateData, contrast: Int[Tensor, " target"] | None, batch_size: int,
+    model: TransformerLensModel, data: GateData, contrast: Int[Tensor, " target"] | None, batch_size: int,
 ) -> tuple[Float[Tensor, "layer head"], Float[Tensor, " target"]]:
     """Both readouts from one clean forward per batch: the heads' mean direct effects and the whole
     residual's effect per scored logit."""
@@ -155,7 +159,7 @@ def _readout_effects(
 
 
 def mover_roles(
-    model: Any, data: GateData, contrast: Int[Tensor, " target"] | None = None,
+    model: TransformerLensModel, data: GateData, contrast: Int[Tensor, " target"] | None = None,
     attention: float = MOVER_ATTENTION, effect_share: float = MOVER_EFFECT_SHARE, batch_size: int = 32,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """``[layer, head]`` roles: attention on the answer above ``attention`` and a direct effect of at
@@ -174,7 +178,7 @@ def mover_roles(
 
 
 # ------------------------------------------------------------------------------ pieces
-def _checked(model: Any, data: Any, batch_size: Any, caller: str) -> GateData:
+def _checked(model: TransformerLensModel, data: Any, batch_size: Any, caller: str) -> GateData:
     data = checks.gate_data(data, model)
     checks.positive_int(batch_size, "batch_size")
     if data.per_position:
@@ -187,7 +191,7 @@ def _checked(model: Any, data: Any, batch_size: Any, caller: str) -> GateData:
 
 
 def _readout_directions(
-    model: Any, answer: Int[Tensor, " target"], contrast: Int[Tensor, " target"] | None
+    model: TransformerLensModel, answer: Int[Tensor, " target"], contrast: Int[Tensor, " target"] | None
 ) -> Float[Tensor, "target d_model"]:
     """``W_U[:, answer] - W_U[:, contrast]``, times the final norm's weight when it has one."""
     unembed = model.W_U.detach().float().cpu()

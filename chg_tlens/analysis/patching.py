@@ -19,6 +19,7 @@ from chg_tlens.core.data import GateData
 from chg_tlens.core.objectives import target_logprobs, target_positions
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 Head = tuple[int, int]
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
@@ -61,7 +62,7 @@ def logit_diff_metric(clean: GateData, corrupt: GateData) -> Metric:
     return mean_logit_diff
 
 
-def patching_scores(model: Any, clean: GateData, corrupt: GateData | None = None,
+def patching_scores(model: TransformerLensModel, clean: GateData, corrupt: GateData | None = None,
                     metric: Metric | None = None, normalize: bool = True) -> Float[Tensor, "layer head"]:
     """Head-level activation patching through TransformerLens' own ``patching`` module.
 
@@ -112,7 +113,7 @@ class PathPatchingResult:
 
 
 def path_patching(
-    model: Any,
+    model: TransformerLensModel,
     clean: GateData,
     corrupt: GateData | None,
     senders: Sequence[Head],
@@ -166,7 +167,7 @@ def path_patching(
 
 
 def path_patching_scores(
-    model: Any,
+    model: TransformerLensModel,
     clean: GateData,
     corrupt: GateData | None,
     senders: Sequence[Head],
@@ -204,7 +205,8 @@ def path_patching_scores(
 class _PathPatchingRun:
     """The three forward passes of path patching, sharing the clean and corrupt caches."""
 
-    def __init__(self, model: Any, clean: GateData, corrupt: GateData, metric: Metric) -> None:
+    def __init__(self, model: TransformerLensModel, clean: GateData, corrupt: GateData,
+                 metric: Metric) -> None:
         self.model = model
         self.metric = metric
         device = adapter.model_device(model)
@@ -247,7 +249,7 @@ class _PathPatchingRun:
             return float(self.metric(self.model(self.clean_tokens)))
 
 
-def _require_receiver_input(model: Any, receiver_input: str) -> None:
+def _require_receiver_input(model: TransformerLensModel, receiver_input: str) -> None:
     if receiver_input not in ("q", "k", "v", "z"):
         raise InputError(f"receiver_input: expected 'q', 'k', 'v' or 'z', got {receiver_input!r}.")
     n_kv = getattr(model.cfg, "n_key_value_heads", None)
@@ -259,7 +261,7 @@ def _require_receiver_input(model: Any, receiver_input: str) -> None:
         )
 
 
-def clean_and_corrupt(model: Any, clean: Any, corrupt: Any, method: str = "corrupt"
+def clean_and_corrupt(model: TransformerLensModel, clean: Any, corrupt: Any, method: str = "corrupt"
                       ) -> tuple[GateData, GateData]:
     """Clean data and its corrupt twin (given, or ``clean.corrupt``), both fitting the model, same shape."""
     clean = checks.gate_data(clean, model, "clean")

@@ -41,6 +41,7 @@ from chg_tlens.core.objectives import target_labels, target_positions
 from chg_tlens.core.result import CHGResult
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 from chg_tlens.tasks.aba_abb import PairedContexts, paired_contexts
 
 Head = tuple[int, int]
@@ -121,7 +122,7 @@ class SymbolHeads:
 
 
 def symbol_heads(
-    model: Any,
+    model: TransformerLensModel,
     contexts: Mapping[str, PairedContexts] | None = None,
     *,
     head_types: Sequence[str] = tuple(HEAD_TYPES),
@@ -188,7 +189,7 @@ def symbol_heads(
 
 
 def symbol_task_accuracy(
-    model: Any,
+    model: TransformerLensModel,
     contexts: Mapping[str, PairedContexts] | None = None,
     *,
     n: int = 32,
@@ -220,7 +221,8 @@ def symbol_task_accuracy(
 
 
 # ---------------------------------------------------------------------------- pieces
-def _contexts(model: Any, given: Mapping[str, PairedContexts] | None, head_types: Sequence[str], n: int,
+def _contexts(model: TransformerLensModel, given: Mapping[str, PairedContexts] | None,
+              head_types: Sequence[str], n: int,
               seed: int, n_shots: int, rule: str, words: Sequence[str] | None) -> dict[str, PairedContexts]:
     """The pairs each kind the head types need: given ones (checked against the model), the rest built."""
     given = {} if given is None else given
@@ -254,7 +256,8 @@ def _require_types(head_types: Any, known: list[str]) -> list[str]:
     return chosen
 
 
-def _answered(model: Any, data: GateData, batch_size: int, device: torch.device) -> Bool[Tensor, " example"]:
+def _answered(model: TransformerLensModel, data: GateData, batch_size: int,
+              device: torch.device) -> Bool[Tensor, " example"]:
     """Whether the model's top-1 token at the answer position is the answer, per example."""
     right = []
     for _, tokens, target_mask in on_device(data, batch_size, device):
@@ -265,7 +268,8 @@ def _answered(model: Any, data: GateData, batch_size: int, device: torch.device)
 
 
 def _patch_every_head(
-    model: Any, layout: adapter.HeadLayout, pairs: PairedContexts, wheres: list[str], batch_size: int,
+    model: TransformerLensModel, layout: adapter.HeadLayout, pairs: PairedContexts, wheres: list[str],
+    batch_size: int,
     device: torch.device, bar: Any,
 ) -> tuple[dict[str, Float[Tensor, "layer head"]], float]:
     """Summed over pairs, per patch site in ``wheres``: each head's rise in the target's logit difference

@@ -21,13 +21,15 @@ from chg_tlens.core import checks
 from chg_tlens.core.data import GateData
 from chg_tlens.core.result import CHGResult
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 ROLE_DIRECTIONS = tuple(d for d in PAPER_DIRECTIONS if d.value == 0.0)
 """One targeted-ablation curve per role, each removing heads: facilitating and irrelevant from G+,
 interfering from the full model (in G+ they are already closed)."""
 
 
-def validate_run(model: Any, data: GateData, result: CHGResult, seed: int = 0, threshold: float = 0.5,
+def validate_run(model: TransformerLensModel, data: GateData, result: CHGResult, seed: int = 0,
+                 threshold: float = 0.5,
                  max_heads: int = 20, n_random: int = 10, top_k: int = 10, patching: bool = True,
                  batch_size: int = 16, random_orders: int = 3) -> tuple[dict[str, Any], pd.DataFrame]:
     """Sufficiency, necessity, targeted ablation and (with a corrupt twin) activation patching vs CHG.

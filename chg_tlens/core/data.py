@@ -26,6 +26,7 @@ from chg_tlens.core.objectives import target_labels
 from chg_tlens.core.records import load_records, require_fields
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,7 +139,7 @@ class GateData:
     @classmethod
     def from_pairs(
         cls,
-        model: Any,
+        model: TransformerLensModel,
         prompts: Sequence[str],
         targets: Sequence[str],
         prepend_bos: bool | None = None,
@@ -173,7 +174,7 @@ class GateData:
     @classmethod
     def from_text(
         cls,
-        model: Any,
+        model: TransformerLensModel,
         texts: Sequence[str],
         prepend_bos: bool | None = None,
         meta: dict[str, Any] | None = None,
@@ -196,7 +197,7 @@ class GateData:
     @classmethod
     def _from_encoded(
         cls,
-        model: Any,
+        model: TransformerLensModel,
         encoded: Sequence[tuple[list[int], list[bool]]],
         source: str,
         meta: dict[str, Any] | None,
@@ -210,7 +211,7 @@ class GateData:
     @classmethod
     def from_hf(
         cls,
-        model: Any,
+        model: TransformerLensModel,
         dataset: Any,
         prompt_field: str = "prompt",
         target_field: str | None = "target",
@@ -288,7 +289,7 @@ class GateData:
     @classmethod
     def from_file(
         cls,
-        model: Any,
+        model: TransformerLensModel,
         path: str | Path,
         prompt_field: str = "prompt",
         target_field: str | None = "target",
@@ -327,7 +328,7 @@ class GateData:
         """Every scored id, example by example: the answers, whichever way the data scores them."""
         return target_labels(self.tokens, self.target_mask, self.targets)
 
-    def checked_for(self, model: Any, argument: str = "data") -> GateData:
+    def checked_for(self, model: TransformerLensModel, argument: str = "data") -> GateData:
         """Fail early if a sequence exceeds the model's context or a token is outside its vocabulary."""
         layout = adapter.require_model(model)
         longest = int(self.lengths.max())

@@ -298,7 +298,7 @@ def _split_outputs(stages: list[Stage], state: dict[str, Any], seconds: float) -
 class StageRun:
     """One stage of one fit: evaluates its objective on the data and runs Adam or L-BFGS on it."""
 
-    def __init__(self, model: Any, data: GateData, stage: Stage, config: GateFitConfig,
+    def __init__(self, model: TransformerLensModel, data: GateData, stage: Stage, config: GateFitConfig,
                  state: dict[str, Any], folder: Path | None, started: float, device: torch.device,
                  n_gates: int, weights: Tensor | None = None) -> None:
         self.model, self.data, self.stage, self.config = model, data, stage, config

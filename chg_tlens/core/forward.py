@@ -24,6 +24,7 @@ from chg_tlens.core.data import GateData
 from chg_tlens.core.gates import HeadGates
 from chg_tlens.core.objectives import picked_accuracy, picked_logprobs, target_positions
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 _CHECKED_MODELS: weakref.WeakSet = weakref.WeakSet()
 """Models whose target-only logits have been checked against their full logits in this process."""
@@ -42,7 +43,7 @@ def on_device(
 
 
 def gated_logits(
-    model: Any, gates: HeadGates, tokens: Int[Tensor, "batch pos"]
+    model: TransformerLensModel, gates: HeadGates, tokens: Int[Tensor, "batch pos"]
 ) -> Float[Tensor, "mask_batch pos vocab"]:
     """Full logits of the batch repeated once per mask, each replica under its own gates."""
     with model.hooks(fwd_hooks=gates.hooks()):
@@ -50,7 +51,7 @@ def gated_logits(
 
 
 def gated_target_logits(
-    model: Any,
+    model: TransformerLensModel,
     gates: HeadGates,
     tokens: Int[Tensor, "batch pos"],
     target_mask: Bool[Tensor, "batch pos"],
@@ -67,7 +68,7 @@ def gated_target_logits(
 
 @torch.no_grad()
 def score_gates(
-    model: Any, data: GateData, gates: HeadGates, batch_size: int = 32
+    model: TransformerLensModel, data: GateData, gates: HeadGates, batch_size: int = 32
 ) -> tuple[Float[Tensor, "mask example"], Float[Tensor, "mask example"]]:
     """Mean target log-prob and top-1 accuracy of every example under each mask's gates."""
     device = gates.theta.device
@@ -82,7 +83,7 @@ def score_gates(
 
 
 def logits_at(
-    model: Any,
+    model: TransformerLensModel,
     tokens: Int[Tensor, "batch pos"],
     example: Int[Tensor, " n"],
     position: Int[Tensor, " n"],
@@ -117,7 +118,7 @@ def logits_at(
 
 @torch.no_grad()
 def check_target_logits(
-    model: Any,
+    model: TransformerLensModel,
     gates: HeadGates,
     tokens: Int[Tensor, "batch pos"],
     target_mask: Bool[Tensor, "batch pos"],
@@ -157,7 +158,7 @@ def check_target_logits(
     _CHECKED_MODELS.add(model)
 
 
-def _param_dtype(model: Any) -> torch.dtype:
+def _param_dtype(model: TransformerLensModel) -> torch.dtype:
     for parameter in model.parameters():
         return parameter.dtype
     return torch.float32

@@ -12,9 +12,10 @@ import torch
 
 from chg_tlens.core.data import GateData
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 
-def provenance(model: Any, data: GateData, seconds: float) -> dict[str, Any]:
+def provenance(model: TransformerLensModel, data: GateData, seconds: float) -> dict[str, Any]:
     """What a reader needs to trust or reproduce a result: model, data, versions, time.
 
     chg_tlens' own version is read from the installed metadata (which pyproject takes from

@@ -15,6 +15,7 @@ from typing import Any
 
 from chg_tlens.core.data import GateData
 from chg_tlens.errors import InputError
+from chg_tlens.models.protocol import TransformerLensModel
 from chg_tlens.tasks.aba_abb import aba_abb
 from chg_tlens.tasks.arithmetic import arithmetic
 from chg_tlens.tasks.function import FunctionViews, contrastive_splits, function, function_views
@@ -35,7 +36,7 @@ TASKS: tuple[str, ...] = tuple(_GENERATORS)
 """Names ``make_task`` accepts."""
 
 
-def make_task(name: str, model: Any, n: int = 64, seed: int = 0, **options: Any) -> GateData:
+def make_task(name: str, model: TransformerLensModel, n: int = 64, seed: int = 0, **options: Any) -> GateData:
     """The task ``name`` for ``model``: ``n`` examples drawn with ``seed``; ``options`` go to the task."""
     if name not in _GENERATORS:
         raise InputError(f"make_task: unknown task {name!r}; the tasks are {list(TASKS)}.")

@@ -28,6 +28,7 @@ from chg_tlens.core.data import GateData
 from chg_tlens.core.objectives import target_positions
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 from chg_tlens.tasks.examples import (
     TextExample,
     examples_to_data,
@@ -48,7 +49,7 @@ PAIR_RULES = ("aba", "abb", "both")
 rule's literal layout (a head copying the last word) cancel out."""
 
 
-def aba_abb(model: Any, n: int = 64, seed: int = 0, *, rule: str = "aba", n_shots: int = 4,
+def aba_abb(model: TransformerLensModel, n: int = 64, seed: int = 0, *, rule: str = "aba", n_shots: int = 4,
             words: Sequence[str] | None = None) -> GateData:
     """Pattern-completion prompts with ``n_shots`` example lines; the target is the last word.
 
@@ -153,7 +154,8 @@ class PairedContexts:
                        rules=[self.rules[i] for i in index.tolist()] if self.rules else [])
 
 
-def paired_contexts(model: Any, n: int = 32, seed: int = 0, *, kind: str = "abstract", rule: str = "both",
+def paired_contexts(model: TransformerLensModel, n: int = 32, seed: int = 0, *, kind: str = "abstract",
+                    rule: str = "both",
                     n_shots: int = 4, words: Sequence[str] | None = None) -> PairedContexts:
     """Yang et al.'s (2025) context pairs on this task's prompts, for patching symbol heads.
 
@@ -223,12 +225,13 @@ def _with_other_answer(pairs: list[tuple[str, str]], rule: str) -> TextExample:
                        distractor=other)
 
 
-def _prompt_length(model: Any, pairs: list[tuple[str, str]], rule: str, bos: bool) -> int:
+def _prompt_length(model: TransformerLensModel, pairs: list[tuple[str, str]], rule: str, bos: bool) -> int:
     """Tokens in ``_prompt(pairs, rule)``: source and target must put the answer at the same position."""
     return len(adapter.encode(model, _prompt(pairs, rule), prepend_bos=bos))
 
 
-def _third_word_positions(model: Any, pairs: list[tuple[str, str]], rule: str, bos: bool) -> list[int] | None:
+def _third_word_positions(model: TransformerLensModel, pairs: list[tuple[str, str]], rule: str,
+                          bos: bool) -> list[int] | None:
     """Token position of each example line's third word in ``_prompt(pairs, rule)``, or None when the
     tokenizer merges across a word boundary or splits a third word."""
     text = _prompt(pairs, rule)
@@ -244,7 +247,8 @@ def _third_word_positions(model: Any, pairs: list[tuple[str, str]], rule: str, b
     return positions
 
 
-def _word_pool(model: Any, n: int, seed: int, n_shots: int, words: Sequence[str] | None) -> list:
+def _word_pool(model: TransformerLensModel, n: int, seed: int, n_shots: int,
+               words: Sequence[str] | None) -> list:
     """The checked counts and the single-token words both prompt builders draw from (two per line)."""
     task = "aba_abb"
     require_tokenizer(model, task)

@@ -7,18 +7,18 @@ format. The twin changes the second operand so the sum changes, keeping every to
 from __future__ import annotations
 
 import random
-from typing import Any
 
 from chg_tlens.core.data import GateData
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 from chg_tlens.tasks.examples import TextExample, examples_to_data, require_count, require_tokenizer
 
 _MAX_REDRAWS = 200
 
 
 def arithmetic(
-    model: Any,
+    model: TransformerLensModel,
     n: int = 64,
     seed: int = 0,
     *,

@@ -13,6 +13,7 @@ from typing import Any
 from chg_tlens.core.data import GateData
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class TextExample:
 
 
 def examples_to_data(
-    model: Any, task: str, examples: Sequence[TextExample], seed: int, options: dict[str, Any],
+    model: TransformerLensModel, task: str, examples: Sequence[TextExample], seed: int, options: dict[str,
+    Any],
     corruption: str | None = None, extra_meta: dict[str, Any] | None = None,
 ) -> GateData:
     """Tokenize the examples (prompt and answer separately) and attach the corrupt twin if there is one.
@@ -100,7 +102,7 @@ def require_choice(task: str, name: str, value: Any, choices: Sequence[str]) -> 
     return value
 
 
-def require_tokenizer(model: Any, task: str) -> None:
+def require_tokenizer(model: TransformerLensModel, task: str) -> None:
     """Text tasks need the model's tokenizer; say so before doing anything else."""
     adapter.require_model(model)
     adapter.tokenizer_of(model, f"The {task!r} task (it builds prompts from words)")

@@ -25,10 +25,11 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from chg_tlens.core.data import GateData
 from chg_tlens.errors import InputError
+from chg_tlens.models.protocol import TransformerLensModel
 from chg_tlens.tasks.examples import (
     TextExample,
     examples_to_data,
@@ -82,7 +83,8 @@ class FunctionViews(NamedTuple):
         return GateData.contrastive(retain=kept, forget=dropped)
 
 
-def function_views(model: Any, n: int = 64, seed: int = 0, *, function: str = "plural", n_shots: int = 5,
+def function_views(model: TransformerLensModel, n: int = 64, seed: int = 0, *, function: str = "plural",
+                   n_shots: int = 5,
                    split: str = "train", test_fraction: float = 0.3,
                    corrupt: str | None = None) -> FunctionViews:
     """Both views of ``n`` items of ``function``: matched pairs for contrastive CHG.
@@ -136,7 +138,8 @@ def function_views(model: Any, n: int = 64, seed: int = 0, *, function: str = "p
     )
 
 
-def contrastive_splits(model: Any, function: str = "plural", retain: str = "in_context", n: int = 64,
+def contrastive_splits(model: TransformerLensModel, function: str = "plural", retain: str = "in_context",
+                       n: int = 64,
                        n_eval: int = 32, seed: int = 0) -> tuple[GateData, GateData]:
     """Training and held-out contrastive data for ``function``: the ``retain`` view (``in_context`` or
     ``instruction``) with the other attached as its forget twin.
@@ -169,7 +172,7 @@ def shuffled_labels(shots: list[tuple[str, str]], rng: random.Random) -> list[tu
 
 
 def function(
-    model: Any,
+    model: TransformerLensModel,
     n: int = 64,
     seed: int = 0,
     *,

@@ -7,18 +7,17 @@ tokens ``2 .. len(r)`` of the second copy can be predicted by looking back (``le
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from chg_tlens.core.data import GateData
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 from chg_tlens.tasks.examples import require_count
 
 
 def induction(
-    model: Any,
+    model: TransformerLensModel,
     n: int = 64,
     seed: int = 0,
     *,
@@ -66,7 +65,7 @@ def induction(
     return clean.with_corrupt(corrupt).checked_for(model)
 
 
-def _bos_id(model: Any) -> int:
+def _bos_id(model: TransformerLensModel) -> int:
     tokenizer = getattr(model, "tokenizer", None)
     for attribute in ("bos_token_id", "eos_token_id"):
         value = getattr(tokenizer, attribute, None)
@@ -75,7 +74,7 @@ def _bos_id(model: Any) -> int:
     return 0
 
 
-def _ordinary_ids(model: Any, d_vocab: int, bos: int) -> torch.Tensor:
+def _ordinary_ids(model: TransformerLensModel, d_vocab: int, bos: int) -> torch.Tensor:
     """Token ids to draw from: the vocabulary without special tokens (and never the BOS id)."""
     excluded = {bos}
     tokenizer = getattr(model, "tokenizer", None)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
 
 from chg_tlens.core.data import GateData
 from chg_tlens.errors import InputError
+from chg_tlens.models.protocol import TransformerLensModel
 from chg_tlens.tasks.examples import (
     TextExample,
     examples_to_data,
@@ -41,7 +41,7 @@ CORRUPTIONS = ("swap_subject", "third_name")
 
 
 def ioi(
-    model: Any,
+    model: TransformerLensModel,
     n: int = 64,
     seed: int = 0,
     *,

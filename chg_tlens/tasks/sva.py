@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
 
 from chg_tlens.core.data import GateData
+from chg_tlens.models.protocol import TransformerLensModel
 from chg_tlens.tasks.examples import (
     TextExample,
     examples_to_data,
@@ -26,7 +26,7 @@ ATTRACTOR_NUMBERS = ("opposite", "same", "random", "none")
 
 
 def sva(
-    model: Any,
+    model: TransformerLensModel,
     n: int = 64,
     seed: int = 0,
     *,

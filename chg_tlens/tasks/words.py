@@ -13,6 +13,7 @@ from typing import Any
 
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 
 
 def _pairs(text: str) -> list[tuple[str, str]]:
@@ -114,12 +115,12 @@ PATTERN_WORDS = [
 ]
 
 
-def token_ids(model: Any, word: str) -> list[int]:
+def token_ids(model: TransformerLensModel, word: str) -> list[int]:
     """The model's token ids for ``word`` exactly as written (no BOS)."""
     return adapter.encode(model, word, prepend_bos=False)
 
 
-def splits_or_unknown(model: Any, word: str) -> str | None:
+def splits_or_unknown(model: TransformerLensModel, word: str) -> str | None:
     """Why ``word`` is not one known token for the model (None when it is)."""
     ids = token_ids(model, word)
     if len(ids) != 1:
@@ -133,7 +134,7 @@ def splits_or_unknown(model: Any, word: str) -> str | None:
 
 
 def single_token_words(
-    model: Any, words: Sequence[str], task: str, what: str, minimum: int, strict: bool
+    model: TransformerLensModel, words: Sequence[str], task: str, what: str, minimum: int, strict: bool
 ) -> list[str]:
     """The words of ``words`` that are one known token each for the model's tokenizer.
 
@@ -145,14 +146,16 @@ def single_token_words(
 
 
 def single_token_pairs(
-    model: Any, pairs: Sequence[tuple[str, str]], task: str, what: str, minimum: int, strict: bool
+    model: TransformerLensModel, pairs: Sequence[tuple[str, str]], task: str, what: str, minimum: int,
+    strict: bool
 ) -> list[tuple[str, str]]:
     """The pairs whose two words are each one known token (same rules as ``single_token_words``)."""
     return _single_token_items(model, pairs, task, what, minimum, strict)
 
 
 def _single_token_items(
-    model: Any, items: Sequence[tuple[str, ...]], task: str, what: str, minimum: int, strict: bool
+    model: TransformerLensModel, items: Sequence[tuple[str, ...]], task: str, what: str, minimum: int,
+    strict: bool
 ) -> list[Any]:
     items = list(dict.fromkeys(tuple(item) for item in items))
     problems = {word: splits_or_unknown(model, word) for item in items for word in item}

@@ -21,7 +21,6 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ from chg_tlens.core.data import GateData
 from chg_tlens.core.objectives import target_nll
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
+from chg_tlens.models.protocol import TransformerLensModel
 from chg_tlens.testbeds import surgery
 from chg_tlens.testbeds.planted import (
     GroundTruthCircuit,
@@ -328,7 +328,8 @@ def repeated_blocks(
 
 
 def attention_diagnostics(
-    model: Any, tokens: Int[Tensor, "n pos"], sizes: Int[Tensor, " n"], starts: Int[Tensor, " n"]
+    model: TransformerLensModel, tokens: Int[Tensor, "n pos"], sizes: Int[Tensor, " n"], starts: Int[Tensor,
+    " n"]
 ) -> dict[str, Float[Tensor, "layer head"]]:
     """Per head, mean attention on ``t-1`` (previous token), and in the repeat on the current token's
     earlier occurrence (duplicate token) and on the position after it (induction)."""

@@ -230,11 +230,6 @@ def load_program(name: str, check: bool = True) -> CompiledProgram:
     return compiled
 
 
-def all_programs(names: Sequence[str] = tuple(RECIPES)) -> list[CompiledProgram]:
-    """Every compiled program (or those named), loaded and checked."""
-    return [load_program(name) for name in names]
-
-
 @functools.cache
 def compile_program(name: str) -> tuple[Any, Any]:
     """(RASP program, tracr's ``AssembledTransformerModel``) for a recipe, compiled once per process
