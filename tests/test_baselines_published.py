@@ -145,3 +145,40 @@ def test_transformer_lens_backend_gives_the_clean_endpoint_too():
     torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-5, rtol=0)
     nanda = baselines.attribution_patching(model, data, backend="hooks")
     assert (nanda.scores - ours.scores).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------ per-example scores
+@pytest.mark.parametrize("method", ["hisp_raw", "attribution_hooks", "eap_clean_hooks", "eap_ig"])
+def test_each_examples_row_is_the_method_run_on_that_example_alone(method):
+    """The rows a bootstrap over prompts resamples: row i must be the method on example i alone, so
+    a resample's mean is the method on the resampled prompts. Rejects rows that drop the batch-mean
+    factor (len(batch) x too small), rows written in another order than the examples, and rows of
+    another batch; batch_size 5 over 12 examples leaves a short last batch. A random model, so every
+    example's row differs."""
+    model = random_bridge()
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 20, (12, 8), generator=generator)
+    corrupt = torch.randint(0, 20, (12, 8), generator=generator)
+    mask = torch.zeros(12, 8, dtype=torch.bool)
+    mask[:, 5:] = True
+    data = GateData.from_tokens(tokens, mask).with_corrupt(GateData.from_tokens(corrupt, mask))
+    run = {
+        "hisp_raw": lambda d: baselines.gradient_importance(model, d, batch_size=5, normalize=False),
+        "attribution_hooks": lambda d: baselines.attribution_patching(model, d, "hooks", 5),
+        "eap_clean_hooks": lambda d: baselines.attribution_patching(model, d, "hooks", 5, "clean"),
+        "eap_ig": lambda d: baselines.eap_ig(model, d, steps=2, batch_size=5),
+    }[method]
+    scored = run(data)
+    rows = scored.details[baselines.PER_EXAMPLE]
+    assert rows.shape == (12, *scored.scores.shape)
+    assert torch.allclose(rows.mean(dim=0), scored.scores, atol=1e-6)
+    for index in (0, 6, 11):
+        alone = run(data.subset([index])).scores
+        assert torch.allclose(rows[index], alone, atol=1e-5), (index, rows[index], alone)
+    assert not torch.allclose(rows[0], rows[6], atol=1e-5)  # the examples differ, so order is tested
+
+
+def test_normalised_hisp_keeps_no_per_example_rows(recall_with_twin):
+    """A per-layer norm of the mean is not the mean of any rows, so none are offered for resampling."""
+    circuit, data = recall_with_twin
+    assert baselines.PER_EXAMPLE not in baselines.gradient_importance(circuit.model, data).details

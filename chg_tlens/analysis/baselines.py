@@ -66,6 +66,12 @@ HARD_CONCRETE_ZETA = 1.1
 """Upper end of the stretched interval, so a mask can be exactly 1."""
 
 
+PER_EXAMPLE = "per_example"
+"""``HeadScores.details`` key of a method's ``[example, layer, head]`` scores, whose mean over examples is
+its ``scores``: methods that are means over prompts keep them, so a comparison can resample prompts
+(``chg_tlens.analysis.statistics``)."""
+
+
 @dataclass
 class HeadScores:
     """One method's verdict on every head, ``[layer, head]``, higher = more important for the task.
@@ -122,7 +128,7 @@ def gradient_importance(
                          "magnitudes; a signed layer norm would mix helping and hurting heads).")
     device = adapter.model_device(model)
     started = time.time()
-    total = torch.zeros(layout.n_layers, layout.n_heads)
+    rows = []
     with adapter.frozen(model):
         for batch, tokens, target_mask in on_device(data, batch_size, device):
             values = torch.ones(len(batch), layout.n_layers, layout.n_heads, device=device,
@@ -132,12 +138,15 @@ def gradient_importance(
                 logits = model(tokens)  # mask m gates example m
             logprob = target_logprobs(logits, tokens, target_mask, targets=batch.targets_to(device))
             (grad,) = torch.autograd.grad(logprob.sum(), values)
-            total += (grad.abs() if absolute else grad).sum(dim=0).float().cpu()
-    scores = total / len(data)
+            rows.append((grad.abs() if absolute else grad).float().cpu())
+    per_example = torch.cat(rows)
+    scores = per_example.mean(dim=0)
     name = "gradient_signed" if not absolute else "hisp" if normalize else "hisp_raw"
+    details: dict[str, Any] = {"absolute": absolute, "normalized": normalize}
+    if not normalize:  # a per-layer norm of the mean is no mean of per-example rows
+        details[PER_EXAMPLE] = per_example
     return HeadScores(layer_normalized(scores) if normalize else scores, name, len(data), len(data),
-                      time.time() - started, signed=not absolute,
-                      details={"absolute": absolute, "normalized": normalize})
+                      time.time() - started, signed=not absolute, details=details)
 
 
 def layer_normalized(scores: Float[Tensor, "layer head"]) -> Float[Tensor, "layer head"]:
@@ -262,16 +271,16 @@ def attribution_patching(model: TransformerLensModel, data: GateData, backend: A
     started = time.time()
     if use_tl:
         with adapter.frozen(model, track_weights=True):
-            scores = _attribution_transformer_lens(model, data, layout, endpoint)
+            per_example = _attribution_transformer_lens(model, data, layout, endpoint)
     else:
         with adapter.frozen(model):
             per_point, _ = _attribution_hooks(model, data, layout, batch_size,
                                               [1.0 if endpoint == "clean" else 0.0])
-            scores = per_point[0]
-    return HeadScores(scores, "eap_clean" if endpoint == "clean" else "attribution_patching", 2 * len(data),
-                      len(data), time.time() - started, signed=True,
+            per_example = per_point[0]
+    return HeadScores(per_example.mean(dim=0), "eap_clean" if endpoint == "clean" else "attribution_patching",
+                      2 * len(data), len(data), time.time() - started, signed=True,
                       details={"backend": "transformer_lens" if use_tl else "hooks", "endpoint": endpoint,
-                               "fallback_reason": None if use_tl else why_not})
+                               "fallback_reason": None if use_tl else why_not, PER_EXAMPLE: per_example})
 
 
 def eap_ig(model: TransformerLensModel, data: GateData, steps: int = EAP_IG_STEPS,
@@ -328,11 +337,12 @@ def eap_ig_sweep(model: TransformerLensModel, data: GateData, steps: int | Seque
         shared_run = {"steps": most, "forward_passes": (1 + most) * len(data),
                       "backward_passes": most * len(data)}
         name = "eap_ig" if riemann == "right" else "eap_ig_left"
-        scored.append(HeadScores(per_point[points].mean(dim=0), name, (1 + count) * len(data),
+        per_example = per_point[points].mean(dim=0)
+        scored.append(HeadScores(per_example.mean(dim=0), name, (1 + count) * len(data),
                                  count * len(data), shared_seconds + sum(point_seconds[points]), signed=True,
                                  details={"steps": count, "riemann": riemann,
                                           "path": "input embeddings, corrupt -> clean",
-                                          "shared_run": shared_run}))
+                                          "shared_run": shared_run, PER_EXAMPLE: per_example}))
     return scored
 
 
@@ -487,11 +497,12 @@ def transformer_lens_attribution_available(model: TransformerLensModel) -> tuple
 
 
 def _attribution_transformer_lens(model: TransformerLensModel, data: GateData,
-                                  layout: adapter.HeadLayout, endpoint: AttributionEndpoint) -> Tensor:
+                                  layout: adapter.HeadLayout,
+                                  endpoint: AttributionEndpoint) -> Float[Tensor, "example layer head"]:
     from transformer_lens.tools.analysis import attribution_patch
 
     device = adapter.model_device(model)
-    total = torch.zeros(layout.n_layers, layout.n_heads)
+    per_example = torch.zeros(len(data), layout.n_layers, layout.n_heads)
     sign = -1.0 if endpoint == "clean" else 1.0  # swapped prompts: (corrupt - clean) . grad at the clean run
     for index in range(len(data)):
         example = data.subset([index])
@@ -501,16 +512,17 @@ def _attribution_transformer_lens(model: TransformerLensModel, data: GateData,
         result = attribution_patch(model, clean, corrupt, target_logprob_metric(example))
         for node, score in result.node_scores.items():
             if node.kind == "attn_head_out":
-                total[node.layer, node.head] += sign * score
-    return total / len(data)
+                per_example[index, node.layer, node.head] += sign * score
+    return per_example
 
 
 def _attribution_hooks(
     model: TransformerLensModel, data: GateData, layout: adapter.HeadLayout, batch_size: int,
     alphas: Sequence[float],
-) -> tuple[Float[Tensor, "point layer head"], list[float]]:
-    """``(clean z - corrupt z) . d metric / d z`` per head at each point ``alpha`` of the path whose input
-    embeddings go from the corrupt prompt (0) to the clean one (1), with the seconds each point took.
+) -> tuple[Float[Tensor, "point example layer head"], list[float]]:
+    """``(clean z - corrupt z) . d metric / d z`` per example and head at each point ``alpha`` of the path
+    whose input embeddings go from the corrupt prompt (0) to the clean one (1), with the seconds each point
+    took.
 
     Alpha 0 is the corrupt run and alpha 1 the clean run themselves (the endpoints of attribution
     patching); they run first, as they give both runs' ``z`` and the clean embedding the inner points
@@ -520,9 +532,12 @@ def _attribution_hooks(
     """
     device = adapter.model_device(model)
     layers = list(range(layout.n_layers))
-    total = torch.zeros(len(alphas), layout.n_layers, layout.n_heads)
+    per_example = torch.zeros(len(alphas), len(data), layout.n_layers, layout.n_heads)
     point_seconds = [0.0] * len(alphas)
+    start = 0
     for batch, clean, _ in on_device(data, batch_size, device):
+        rows = slice(start, start + len(batch))
+        start += len(batch)
         corrupt = batch.corrupt.tokens.to(device)
         metric_of = target_logprob_metric(batch)
         z, grads = {}, {}
@@ -544,9 +559,11 @@ def _attribution_hooks(
                 _, _, grads[point] = _attribution_point(model, corrupt, metric_of, layers,
                                                         _interpolate_hook(clean_embedding, alpha))
             for layer, grad in grads.pop(point).items():
-                total[point, layer] += (delta[layer] * grad).float().sum(dim=(0, 1, 3)).cpu() * len(batch)
+                # the metric is a mean over the batch, so each example's own term is len(batch) x its share
+                term = (delta[layer] * grad).float().sum(dim=(1, 3)).cpu()
+                per_example[point, rows, layer] = term * len(batch)
             point_seconds[point] += time.time() - began
-    return total / len(data), point_seconds
+    return per_example, point_seconds
 
 
 def _attribution_point(

@@ -27,14 +27,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from chg_tlens.analysis.baselines import HeadScores
+from chg_tlens.analysis.baselines import PER_EXAMPLE, HeadScores
 from chg_tlens.analysis.metrics import flat_scores, roc_auc_rows, spearman_rows
 from chg_tlens.core import checks
 from chg_tlens.errors import InputError
-
-PER_EXAMPLE = "per_example"
-"""The ``HeadScores.details`` key holding a method's ``[example, layer, head]`` scores, whose mean over
-examples is ``HeadScores.scores``."""
 
 Resampler = Callable[[Int[np.ndarray, " example"]], Any]
 Source = HeadScores | Tensor | np.ndarray | Resampler
