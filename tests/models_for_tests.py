@@ -7,6 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
+from chg_tlens.core.data import GateData
 from chg_tlens.models.adapter import build_native_model
 
 WORDS = ["<bos>", "<pad>", "<unk>", "when", "mary", "and", "john", "went", "to", "the", "store",
@@ -26,6 +27,18 @@ def random_bridge(n_layers: int = 2, n_heads: int = 4, d_head: int = 8, n_ctx: i
         d_vocab=d_vocab, attn_only=attn_only, normalization_type=normalization, act_fn="relu",
         d_mlp=4 * n_heads * d_head, **grouped,
     )
+
+
+def random_twins(n: int = 5, seq: int = 8, seed: int = 0, first_target: int = 4,
+                 d_vocab: int = 20) -> GateData:
+    """Random prompts of ``random_bridge``'s vocabulary, each with a random corrupt twin, targets from
+    ``first_target`` on: data on which every example has its own clean-vs-corrupt difference."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, d_vocab, (n, seq), generator=generator)
+    corrupt = torch.randint(0, d_vocab, (n, seq), generator=generator)
+    mask = torch.zeros(n, seq, dtype=torch.bool)
+    mask[:, first_target:] = True
+    return GateData.from_tokens(tokens, mask).with_corrupt(GateData.from_tokens(corrupt, mask))
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models_for_tests import random_bridge
+from models_for_tests import random_bridge, random_twins
 
 from chg_tlens.analysis import baselines
 from chg_tlens.core.data import GateData
@@ -125,12 +125,7 @@ def test_denoising_patching_equals_patching_one_head_by_hand(recall_with_twin):
 
 def test_attribution_patching_hooks_match_transformer_lens_on_a_model_with_mlps():
     model = random_bridge()
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 20, (5, 8), generator=generator)
-    corrupt = torch.randint(0, 20, (5, 8), generator=generator)
-    mask = torch.zeros(5, 8, dtype=torch.bool)
-    mask[:, 4:] = True
-    data = GateData.from_tokens(tokens, mask).with_corrupt(GateData.from_tokens(corrupt, mask))
+    data = random_twins()
     ours = baselines.attribution_patching(model, data, backend="hooks")
     assert ours.scores.abs().max() > 1e-3
     if legacy_model_class() is not None:
@@ -269,20 +264,11 @@ def test_bad_input_fails_early_naming_the_argument(recall_with_twin):
 
 
 # ------------------------------------------------------------------------------ EAP-IG
-def _random_twins(n: int = 5, seq: int = 8, seed: int = 0) -> GateData:
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 20, (n, seq), generator=generator)
-    corrupt = torch.randint(0, 20, (n, seq), generator=generator)
-    mask = torch.zeros(n, seq, dtype=torch.bool)
-    mask[:, 4:] = True
-    return GateData.from_tokens(tokens, mask).with_corrupt(GateData.from_tokens(corrupt, mask))
-
-
 def test_eap_ig_with_one_step_is_attribution_patching_at_its_endpoint_and_more_steps_move_it():
     """Right sum (Hanna et al., the default), one step: the gradient at the clean run, i.e. EAP at the clean
     endpoint; left sum, one step: at the corrupt run, i.e. attribution patching."""
     model = random_bridge()
-    data = _random_twins()
+    data = random_twins()
     one = baselines.eap_ig(model, data, steps=1, batch_size=3)
     clean_end = baselines.attribution_patching(model, data, backend="hooks", batch_size=3, endpoint="clean")
     torch.testing.assert_close(one.scores, clean_end.scores, atol=1e-6, rtol=0)
@@ -305,7 +291,7 @@ def test_eap_ig_averages_gradients_along_the_interpolated_embeddings(riemann, al
     """steps=2 is the mean of the gradients at alpha = 1/2 and 1 (right, Hanna et al.) or 0 and 1/2 (left),
     taken here by hand."""
     model = random_bridge()
-    data = _random_twins(n=3)
+    data = random_twins(n=3)
     result = baselines.eap_ig(model, data, steps=2, riemann=riemann)
     metric = baselines.target_logprob_metric(data)
     with torch.no_grad():
@@ -350,7 +336,7 @@ def test_eap_ig_finds_the_planted_heads_of_a_composition(recall_with_twin):
 @pytest.mark.parametrize("riemann", ["right", "left"])
 def test_eap_ig_sweep_reads_every_step_count_off_one_run_and_each_equals_its_own_run(riemann):
     model = random_bridge()
-    data = _random_twins()
+    data = random_twins()
     sweep = baselines.eap_ig_sweep(model, data, steps=(1, 2, 4), batch_size=3, riemann=riemann)
     assert [item.details["steps"] for item in sweep] == [1, 2, 4]
     assert all(item.details["riemann"] == riemann for item in sweep)

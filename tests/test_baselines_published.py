@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models_for_tests import random_bridge
+from models_for_tests import random_bridge, random_twins
 
 from chg_tlens.analysis import baselines
 from chg_tlens.core import interventions
@@ -133,12 +133,7 @@ def test_transformer_lens_backend_gives_the_clean_endpoint_too():
     if legacy_model_class() is not None:
         pytest.skip("TransformerLens 3.9 has no tools.analysis.attribution_patch")
     model = random_bridge()
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 20, (4, 8), generator=generator)
-    corrupt = torch.randint(0, 20, (4, 8), generator=generator)
-    mask = torch.zeros(4, 8, dtype=torch.bool)
-    mask[:, 4:] = True
-    data = GateData.from_tokens(tokens, mask).with_corrupt(GateData.from_tokens(corrupt, mask))
+    data = random_twins(4)
     ours = baselines.attribution_patching(model, data, backend="hooks", endpoint="clean")
     theirs = baselines.attribution_patching(model, data, backend="transformer_lens", endpoint="clean")
     assert ours.scores.abs().max() > 1e-3
@@ -156,12 +151,7 @@ def test_each_examples_row_is_the_method_run_on_that_example_alone(method):
     another batch; batch_size 5 over 12 examples leaves a short last batch. A random model, so every
     example's row differs."""
     model = random_bridge()
-    generator = torch.Generator().manual_seed(3)
-    tokens = torch.randint(0, 20, (12, 8), generator=generator)
-    corrupt = torch.randint(0, 20, (12, 8), generator=generator)
-    mask = torch.zeros(12, 8, dtype=torch.bool)
-    mask[:, 5:] = True
-    data = GateData.from_tokens(tokens, mask).with_corrupt(GateData.from_tokens(corrupt, mask))
+    data = random_twins(12, seed=3, first_target=5)
     run = {
         "hisp_raw": lambda d: baselines.gradient_importance(model, d, batch_size=5, normalize=False),
         "attribution_hooks": lambda d: baselines.attribution_patching(model, d, "hooks", 5),
