@@ -139,9 +139,20 @@ class CHGConfig(GateFitConfig):
     """Stage 1 (lambda = 0) learning rate, decaying linearly from the first to the second value."""
     lr_reg: tuple[float, float] = (0.5, 0.1)
     """G+ and G- learning rate, decaying linearly from the first to the second value."""
+    objective: Literal["nll", "contrast"] = "nll"
+    """The data term the gates are fitted on. 'nll' (the paper's): each example's target NLL, from the
+    clean prompt alone. 'contrast': ``-log sigmoid(logit[answer] - logit[corrupt answer])``, the
+    clean-vs-corrupt contrast patching methods measure, read from the data's corrupt twin (same target
+    positions): heads every next-token prediction needs, which raise both answers alike, drop out, and
+    what remains is the part of the task the twin removes."""
     fuse_regularised: bool = True
     """Fit G+ and G- as one stage of 2 x n_seeds masks (each with its own lambda sign) on the same
     batches: one forward/backward per update instead of two, the same arithmetic as two stages."""
+
+    def _check(self) -> None:
+        super()._check()
+        if self.objective not in ("nll", "contrast"):
+            raise InputError(f"CHGConfig.objective must be 'nll' or 'contrast', got {self.objective!r}.")
 
     def _learning_rates(self) -> tuple[str, ...]:
         return ("lr_zero", "lr_reg")

@@ -39,7 +39,13 @@ from chg_tlens.core.config import CHGConfig, ContrastiveConfig, GateFitConfig, c
 from chg_tlens.core.data import GateData
 from chg_tlens.core.forward import check_target_logits, gated_target_logits, score_gates
 from chg_tlens.core.gates import HeadGates
-from chg_tlens.core.objectives import chg_loss, contrastive_data_term, per_mask_grad_clip_, picked_logprobs
+from chg_tlens.core.objectives import (
+    answer_contrast,
+    chg_loss,
+    contrastive_data_term,
+    per_mask_grad_clip_,
+    picked_logprobs,
+)
 from chg_tlens.core.provenance import provenance
 from chg_tlens.core.result import CHGResult, ContrastiveResult
 from chg_tlens.errors import InputError
@@ -66,12 +72,16 @@ def fit_chg(
     """
     config = (config or CHGConfig()).validate()
     lam = config.lam
-    stages = [Stage("zero", "init", config.lr_zero, nll_objective, lams=(0.0,))]
+    objective = nll_objective
+    if config.objective == "contrast":
+        objective = contrast_objective
+        require_contrast_twin(checks.gate_data(data, model))
+    stages = [Stage("zero", "init", config.lr_zero, objective, lams=(0.0,))]
     if config.fuse_regularised:
-        stages.append(Stage("regularised", "zero", config.lr_reg, nll_objective, lams=(+lam, -lam),
+        stages.append(Stage("regularised", "zero", config.lr_reg, objective, lams=(+lam, -lam),
                             outputs=("plus", "minus"), salt=_REGULARISED_SALT))
     else:
-        stages += [Stage(name, "zero", config.lr_reg, nll_objective, lams=(sign * lam,),
+        stages += [Stage(name, "zero", config.lr_reg, objective, lams=(sign * lam,),
                          salt=_REGULARISED_SALT) for name, sign in (("plus", +1), ("minus", -1))]
     fit = run_stages(model, data, config, stages, "chg", init_theta, run_dir, resume, example_weights)
     return CHGResult(
@@ -103,6 +113,31 @@ def nll_objective(model: TransformerLensModel, gates: HeadGates, batch: GateData
     picked = gated_target_logits(model, gates, tokens, target_mask, targets)
     nll = -picked_logprobs(picked, tokens, target_mask, targets)
     return nll, nll
+
+
+def contrast_objective(model: TransformerLensModel, gates: HeadGates, batch: GateData
+                       ) -> tuple[Tensor, Tensor]:
+    """``CHGConfig(objective="contrast")``'s data term: each example's answer-vs-corrupt-answer
+    cross-entropy (:func:`~chg_tlens.core.objectives.answer_contrast`), and its target NLL for the logs."""
+    device = gates.theta.device
+    tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
+    targets = batch.targets_to(device)
+    picked = gated_target_logits(model, gates, tokens, target_mask, targets)
+    term = answer_contrast(picked, tokens, target_mask, batch.corrupt.labels().to(device), targets)
+    return term, -picked_logprobs(picked, tokens, target_mask, targets)
+
+
+def require_contrast_twin(data: GateData) -> None:
+    """The contrast objective reads the corrupt twin's answer at each clean target: a twin with the same
+    target positions and scoring mode, whose answers differ from the clean ones."""
+    twin = checks.corrupt_twin(data, "CHGConfig(objective='contrast')")
+    if not torch.equal(twin.target_mask, data.target_mask) or twin.per_position != data.per_position:
+        raise InputError("CHGConfig(objective='contrast'): the corrupt twin must score the same target "
+                         "positions in the same mode as the clean data (its answers are read there).")
+    same = twin.labels() == data.labels()
+    if bool(same.all()):
+        raise InputError("CHGConfig(objective='contrast'): every corrupt answer equals its clean answer, so "
+                         "there is no contrast to fit; use a twin whose answer differs (or objective='nll').")
 
 
 # ----------------------------------------------------------------------------------- contrastive

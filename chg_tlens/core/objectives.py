@@ -106,6 +106,28 @@ def target_accuracy(logits: Float[Tensor, "mask_batch pos vocab"], tokens: Int[T
     return picked_accuracy(picked, tokens, target_mask, targets)
 
 
+def answer_contrast(
+    picked: Float[Tensor, "mask target vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    target_mask: Bool[Tensor, "batch pos"],
+    corrupt_labels: Int[Tensor, " target"],
+    targets: Int[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, "mask batch"]:
+    """Per example, the mean over its targets of ``-log sigmoid(logit[answer] - logit[corrupt answer])``.
+
+    The clean-vs-corrupt contrast that patching methods measure (logit difference against the corrupt
+    twin's answer), as a loss: the cross-entropy of telling the two answers apart. A head that raises
+    both answers alike (a "candidate set" head) leaves it unchanged, while target NLL rewards it. It is
+    bounded below by 0, like the NLL, so the regulariser's lambda keeps its scale.
+    """
+    example, _ = target_positions(target_mask, targets)
+    answer = target_labels(tokens, target_mask, targets)
+    index = torch.stack([answer, corrupt_labels.to(answer.device)], dim=-1)
+    pair = picked.float().gather(-1, index.expand(picked.shape[0], -1, -1))
+    per_target = torch.nn.functional.softplus(pair[..., 1] - pair[..., 0])
+    return _mean_per_example(per_target, example, tokens.shape[0])
+
+
 def _mean_per_example(
     per_token: Float[Tensor, "mask target"], example: Int[Tensor, " target"], batch: int
 ) -> Float[Tensor, "mask batch"]:

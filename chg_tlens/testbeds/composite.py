@@ -152,3 +152,59 @@ def _every_logit(spaces: _Subspaces, d_head: int, strength: float) -> tuple[Tens
 
 def _write(model: nn.Module, head: tuple[int, int], *weights: Tensor) -> None:
     surgery.write_head_weights(model, head[0], head[1], *weights)
+
+
+CANDIDATE_MOVER, CANDIDATE_SET = (1, 0), (0, 1)
+
+
+def candidate_set_circuit(vocab: int = 10, seq_len: int = 6, mover: float = 2.0, candidates: float = 4.0,
+                          n_candidates: int = 4) -> GroundTruthCircuit:
+    """2 layers x 4 heads where target NLL and the clean-vs-corrupt contrast disagree about one head.
+
+    The task is ``[BOS, T, A, r.., T, A]``: predict the final ``A``; the corrupt twin replaces ``A``.
+    Answers (clean and corrupt) are drawn from the first ``n_candidates`` ordinary tokens. The mover 1.0
+    copies ``A`` into the answer. The candidate-set head 0.1 raises those candidates alike: it lowers
+    target NLL, so a fit on NLL keeps it, but the answer and the corrupt answer are both candidates, so
+    it does nothing for telling them apart. ``roles``
+    are the contrast's: mover facilitating, everything else irrelevant
+    (``diagnostics["nll_roles"]`` are NLL's: the candidate-set head facilitating too).
+    """
+    n_ctx = max(16, seq_len)
+    spaces = _Subspaces(vocab, n_ctx)
+    model = build_planted_model(2, 4, [PlantedHead(*CANDIDATE_MOVER, ("fixed", ANSWER_AT), +1, mover)],
+                                vocab=vocab, n_ctx=n_ctx, name="planted-candidate-set")
+    w_q, w_k, w_v, w_o = _blank(spaces, model.cfg.d_head)
+    w_q[spaces.constant, 0] = SHARPNESS
+    w_k[spaces.position.start, 0] = 1.0  # attends to BOS, whose constant it carries
+    w_v[spaces.constant, 0] = 1.0
+    w_o[0, spaces.answer.start + 1 : spaces.answer.start + 1 + n_candidates] = candidates
+    _write(model, CANDIDATE_SET, w_q, w_k, w_v, w_o)
+
+    def make(n: int, seed: int) -> GateData:
+        rng = np.random.default_rng(seed)
+        trigger = vocab - 1
+        tokens = torch.as_tensor(rng.integers(1, trigger, size=(n, seq_len)))
+        tokens[:, 0] = 0
+        tokens[:, 1] = tokens[:, -2] = trigger
+        tokens[:, ANSWER_AT] = torch.as_tensor(rng.integers(1, 1 + n_candidates, size=n))
+        tokens[:, -1] = tokens[:, ANSWER_AT]
+        mask = torch.zeros(n, seq_len, dtype=torch.bool)
+        mask[:, -1] = True
+        corrupt = tokens.clone()
+        corrupt[:, ANSWER_AT] = _other_token([tokens[:, ANSWER_AT]], 1 + n_candidates, seed)
+        corrupt[:, -1] = corrupt[:, ANSWER_AT]
+        meta = {"task": "planted-candidate-set"}
+        return GateData.from_tokens(tokens, mask, meta=meta).with_corrupt(
+            GateData.from_tokens(corrupt, mask.clone(), meta=meta | {"twin": "corrupt"}))
+
+    roles = np.full((2, 4), "irrelevant", dtype=object)
+    roles[CANDIDATE_MOVER] = "facilitating"
+    nll_roles = roles.copy()
+    nll_roles[CANDIDATE_SET] = "facilitating"
+    return GroundTruthCircuit(
+        "candidate-set", model, [], make,
+        "8 heads: mover 1.0 (tells A from the corrupt answer), candidate-set head 0.1 (raises every "
+        "candidate answer: NLL needs it, the contrast does not)",
+        roles=roles, diagnostics={"nll_roles": nll_roles, "candidate_set": CANDIDATE_SET,
+                                  "mover": CANDIDATE_MOVER},
+    )
