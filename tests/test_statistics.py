@@ -138,3 +138,24 @@ def test_row_wise_rank_statistics_match_the_single_table_ones():
     assert np.isnan(metrics.spearman_rows(flat, rows[:1]))[0]
     assert metrics.spearman_rows(rows, rows[::-1]) == pytest.approx(
         [metrics.spearman(a, b) for a, b in zip(rows, rows[::-1], strict=True)])
+
+
+def test_benchmark_auc_interval_comes_from_resampled_prompts_and_only_where_rows_exist():
+    # Rejects: an interval read off a single table (zero width however noisy the prompts), one that does
+    # not contain its own estimate, and an interval invented for a method without per-example rows.
+    from chg_tlens.analysis.compare import auc_interval
+
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.zeros(2, 4, dtype=torch.bool)
+    labels[0, :2] = True
+    noisy = labels.float() * 0.3 + torch.randn(40, 2, 4, generator=generator)
+    interval = auc_interval(HeadScores(noisy.mean(dim=0), "hisp_raw", details={"per_example": noisy}),
+                            labels.numpy(), n_boot=200)
+    estimate = statistics.bootstrap_auc(noisy, labels, n_boot=10).estimate
+    assert interval["auc_low"] < estimate < interval["auc_high"]
+    steady = labels.float()[None].repeat(40, 1, 1)
+    flat = auc_interval(HeadScores(steady.mean(dim=0), "hisp_raw", details={"per_example": steady}),
+                        labels.numpy(), n_boot=50)
+    assert flat["auc_low"] == flat["auc_high"] == 1.0
+    assert auc_interval(HeadScores(noisy.mean(dim=0), "chg_max"), labels.numpy()) == {
+        "auc_low": None, "auc_high": None}

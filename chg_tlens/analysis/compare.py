@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from chg_tlens.analysis import acdc, baselines
+from chg_tlens.analysis import acdc, baselines, statistics
 from chg_tlens.analysis.ablation import evaluate_gates
 from chg_tlens.analysis.baselines import HeadScores
 from chg_tlens.analysis.metrics import (
@@ -562,15 +562,30 @@ def _cache_folder(folder: Path, benchmark: Benchmark) -> Callable[[str], Path]:
     return cache_file
 
 
+AUC_LEVEL = 0.9
+"""Coverage of the AUC intervals ``evaluate_benchmark`` reports."""
+
+
+def auc_interval(item: HeadScores, positives: np.ndarray, n_boot: int = 1000) -> dict[str, float | None]:
+    """``auc_low`` / ``auc_high``: the AUC's percentile interval over bootstrap resamples of the prompts,
+    for methods that keep per-example rows (``baselines.PER_EXAMPLE``); None for the others (a CHG fit,
+    ACDC, ablations), whose prompt noise needs refits (``chg_tlens.error_bars``) rather than resampling."""
+    if item.details.get(baselines.PER_EXAMPLE) is None:
+        return {"auc_low": None, "auc_high": None}
+    interval = statistics.bootstrap_auc(item, positives, n_boot=n_boot, level=AUC_LEVEL)
+    return {"auc_low": interval.low, "auc_high": interval.high}
+
+
 def evaluate_benchmark(benchmark: Benchmark, scored: list[HeadScores]) -> list[dict[str, Any]]:
-    """One row per method: truth metrics, faithfulness at k, agreement with CHG, cost."""
+    """One row per method: truth metrics (the AUC with its interval over prompts where the method keeps
+    per-example rows), faithfulness at k, agreement with CHG, cost."""
     reference = next((s for s in scored if s.method.startswith("chg_max")), None)
     rows = []
     for item in scored:
         curve = faithfulness_curve(benchmark.model, benchmark.eval_data, item, ks=[benchmark.k])
         row: dict[str, Any] = {
             "benchmark": benchmark.name, "method": item.method, "k": benchmark.k,
-            "auc": None, "auc_sweep": None, "precision_at_k": None,
+            "auc": None, "auc_low": None, "auc_high": None, "auc_sweep": None, "precision_at_k": None,
             "faithfulness_at_k": float(curve["faithfulness"].iloc[0]),
             "logprob_at_k": float(curve["logprob"].iloc[0]),
             "logprob_all": float(curve["logprob_all"].iloc[0]),
@@ -581,6 +596,7 @@ def evaluate_benchmark(benchmark: Benchmark, scored: list[HeadScores]) -> list[d
         if roles is not None and 0 < (roles == "facilitating").sum() < roles.size:
             truth = truth_metrics(item, roles, k=benchmark.k)
             row["auc"], row["precision_at_k"] = truth["auc"], truth["precision_at_k"]
+            row.update(auc_interval(item, roles == "facilitating"))
             if item.method == "acdc" and item.details.get("sweep"):  # the ROC of its tau sweep, as its paper
                 kept = [item.details["kept"], *(point["kept"] for point in item.details["sweep"])]
                 row["auc_sweep"] = sweep_roc(kept, roles == "facilitating")[2]
