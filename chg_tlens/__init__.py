@@ -5,9 +5,9 @@ irrelevant for a task (Nam et al., 2025).
 
 Layers, each importing only those below it: ``app`` > ``analysis`` > ``testbeds`` > ``tasks`` > ``core``
 > ``models``. The names notebooks use are re-exported here, so a notebook needs no deeper import for them;
-the tool modules (``validate``, ``plot``, ``compare``, ``baselines``, ``metrics``) and the analysis functions
-(``task_accuracy``, ``error_bars``, ``evaluate_gates``) load on first use so ``import chg_tlens`` stays
-light, and ``dir(chg_tlens)`` lists them before they are loaded.
+the tool modules (``validate``, ``plot``, ``compare``, ``baselines``, ``metrics``) and the analysis names
+(``task_accuracy``, ``error_bars``, ``evaluate_gates``, ``circuit``, ``Circuit``) load on first use so
+``import chg_tlens`` stays light, and ``dir(chg_tlens)`` lists them before they are loaded.
 
 "validate" names two things, kept on purpose: ``chg_tlens.validate`` (the namespace) and ``chg-tlens
 validate`` (the command: the namespace's standard set on a run folder) check that a fit's *roles* are causal;
@@ -46,9 +46,11 @@ _LAZY_NAMES = {
     "task_accuracy": "chg_tlens.analysis.accuracy",
     "error_bars": "chg_tlens.analysis.error_bars",
     "evaluate_gates": "chg_tlens.analysis.ablation",
+    "circuit": "chg_tlens.analysis.circuit",
+    "Circuit": "chg_tlens.analysis.circuit",
 }
-"""Functions exported here but imported only when first asked for (their modules pull in pandas and the
-analysis layer): name -> the module that defines it."""
+"""Functions (and the ``Circuit`` class) exported here but imported only when first asked for (their modules
+pull in pandas and the analysis layer): name -> the module that defines it."""
 
 
 def __getattr__(name: str) -> Any:
@@ -68,6 +70,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "CHGConfig",
     "CHGResult",
+    "Circuit",
     "ContrastiveConfig",
     "ContrastiveResult",
     "GateData",
@@ -75,6 +78,7 @@ __all__ = [
     "InputError",
     "ResultFileError",
     "TransformerLensModel",
+    "circuit",
     "error_bars",
     "evaluate_gates",
     "fit_chg",

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 LAZY = ["validate", "baselines", "compare", "metrics", "plot", "task_accuracy", "error_bars",
-        "evaluate_gates"]
+        "evaluate_gates", "circuit", "Circuit"]
 
 
 def test_dir_lists_the_lazy_names_before_they_are_loaded():
@@ -39,13 +39,14 @@ def test_dir_lists_the_lazy_names_before_they_are_loaded():
 
 
 def test_every_exported_name_resolves_to_the_defining_object():
-    from chg_tlens.analysis import ablation, accuracy, baselines, error_bars
+    from chg_tlens.analysis import ablation, accuracy, baselines, circuit, error_bars
 
     for name in chg_tlens.__all__:
         assert getattr(chg_tlens, name) is not None, name
     assert chg_tlens.evaluate_gates is ablation.evaluate_gates
     assert chg_tlens.task_accuracy is accuracy.task_accuracy
     assert chg_tlens.error_bars is error_bars.error_bars
+    assert chg_tlens.circuit is circuit.circuit and chg_tlens.Circuit is circuit.Circuit
     assert chg_tlens.baselines is baselines
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
         chg_tlens.nonsense  # noqa: B018

@@ -26,9 +26,9 @@ from chg_tlens.core.result import ContrastiveResult
 from chg_tlens.core.result_files import ResultFileError
 from chg_tlens.errors import InputError
 
-SUBCOMMANDS = ["fit", "contrastive", "validate", "compare", "report", "demo"]
+SUBCOMMANDS = ["fit", "contrastive", "validate", "circuit", "compare", "report", "demo"]
 REQUIRED = {"fit": ["--task", "sva", "--out", "x"], "contrastive": ["--out", "x"], "validate": ["x"],
-            "compare": ["--out", "x"], "report": ["x"], "demo": []}
+            "circuit": ["x"], "compare": ["--out", "x"], "report": ["x"], "demo": []}
 """The least each subcommand's parser needs."""
 
 

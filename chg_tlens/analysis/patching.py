@@ -23,24 +23,47 @@ from chg_tlens.models.protocol import TransformerLensModel
 
 Head = tuple[int, int]
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
+ExampleMetric = Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, " batch"]]
+"""A metric before its mean over examples: one value per example (what an interval over prompts needs)."""
 ReceiverInput = interventions.HeadActivation
 
 
 def target_logprob_metric(data: GateData) -> Metric:
     """Metric for patching: mean log-prob of ``data``'s own targets (a scalar per forward)."""
-    tokens, target_mask = data.tokens, data.target_mask
+    per_example = target_logprob_per_example(data)
 
     def mean_target_logprob(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
-        device = logits.device
-        return target_logprobs(logits, tokens.to(device), target_mask.to(device),
-                               targets=data.targets_to(device)).mean()
+        return per_example(logits).mean()
 
     return mean_target_logprob
+
+
+def target_logprob_per_example(data: GateData) -> ExampleMetric:
+    """:func:`target_logprob_metric` before the mean over examples: each example's mean target log-prob,
+    so an effect can be resampled over prompts."""
+    tokens, target_mask = data.tokens, data.target_mask
+
+    def target_logprob_rows(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        device = logits.device
+        return target_logprobs(logits, tokens.to(device), target_mask.to(device),
+                               targets=data.targets_to(device))[0]
+
+    return target_logprob_rows
 
 
 def logit_diff_metric(clean: GateData, corrupt: GateData) -> Metric:
     """Metric for patching: logit of the clean target minus logit of the corrupt target, averaged
     over target tokens of each example, then over examples. Needs both at the same positions."""
+    per_example = logit_diff_per_example(clean, corrupt)
+
+    def mean_logit_diff(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        return per_example(logits).mean()
+
+    return mean_logit_diff
+
+
+def logit_diff_per_example(clean: GateData, corrupt: GateData) -> ExampleMetric:
+    """:func:`logit_diff_metric` before the mean over examples: one logit difference per example."""
     if (clean.tokens.shape != corrupt.tokens.shape or clean.per_position != corrupt.per_position
             or not torch.equal(clean.target_mask, corrupt.target_mask)):
         raise InputError(
@@ -52,14 +75,14 @@ def logit_diff_metric(clean: GateData, corrupt: GateData) -> Metric:
     clean_answer, corrupt_answer = clean.labels(), corrupt.labels()
     counts = torch.bincount(example, minlength=len(clean)).clamp(min=1)
 
-    def mean_logit_diff(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+    def logit_diff_rows(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
         picked = logits[example.to(logits.device), position.to(logits.device)].float()
         diff = (picked.gather(-1, clean_answer.to(logits.device)[:, None])
                 - picked.gather(-1, corrupt_answer.to(logits.device)[:, None])).squeeze(-1)
         per_example = diff.new_zeros(len(clean)).index_add(0, example.to(logits.device), diff)
-        return (per_example / counts.to(logits.device)).mean()
+        return per_example / counts.to(logits.device)
 
-    return mean_logit_diff
+    return logit_diff_rows
 
 
 def patching_scores(model: TransformerLensModel, clean: GateData, corrupt: GateData | None = None,
@@ -149,8 +172,8 @@ def path_patching(
         overlap = sorted(set(sender_list) & set(receiver_list))
         if overlap:
             raise InputError(f"receivers: heads {overlap} are also senders; a head cannot be both.")
-        _require_receiver_input(model, receiver_input)
-    run = _PathPatchingRun(model, clean, corrupt, metric)
+        require_receiver_input(model, receiver_input)
+    run = PathPatchingRun(model, clean, corrupt, metric)
     with adapter.frozen(model), torch.no_grad():
         clean_value, corrupt_value = run.baselines()
         layers = None if receiver_list == "logits" else sorted({layer for layer, _ in receiver_list})
@@ -184,10 +207,10 @@ def path_patching_scores(
     clean, corrupt = clean_and_corrupt(model, clean, corrupt)
     sender_list = checks.heads(senders, layout, "senders", allow_empty=False)
     metric = target_logprob_metric(clean) if metric is None else _require_metric(metric)
-    _require_receiver_input(model, receiver_input)
+    require_receiver_input(model, receiver_input)
     first = min(layer for layer, _ in sender_list)
     layers = list(range(first + 1, layout.n_layers))
-    run = _PathPatchingRun(model, clean, corrupt, metric)
+    run = PathPatchingRun(model, clean, corrupt, metric)
     scores = torch.zeros(layout.n_layers, layout.n_heads)
     with adapter.frozen(model), torch.no_grad():
         clean_value, corrupt_value = run.baselines()
@@ -202,43 +225,80 @@ def path_patching_scores(
     return scores
 
 
-class _PathPatchingRun:
-    """The three forward passes of path patching, sharing the clean and corrupt caches."""
+class PathPatchingRun:
+    """The three forward passes of path patching, sharing the clean and counterfactual caches.
 
-    def __init__(self, model: TransformerLensModel, clean: GateData, corrupt: GateData,
-                 metric: Metric) -> None:
+    The senders' counterfactual ``hook_z`` comes from the corrupt run, or (``ablated_z`` given, one
+    ``[pos, head, d_head]`` per layer, e.g. each head's mean over examples) from fixed values.
+    """
+
+    def __init__(self, model: TransformerLensModel, clean: GateData, corrupt: GateData | None,
+                 metric: Metric | None = None, ablated_z: Sequence[Tensor] | None = None) -> None:
+        if (corrupt is None) == (ablated_z is None):
+            raise ValueError("PathPatchingRun: give exactly one of corrupt and ablated_z.")
         self.model = model
         self.metric = metric
         device = adapter.model_device(model)
         self.clean_tokens = clean.tokens.to(device)
-        self.corrupt_tokens = corrupt.tokens.to(device)
+        self.corrupt_tokens = None if corrupt is None else corrupt.tokens.to(device)
+        self.ablated_z = ablated_z
         self.n_layers = model.cfg.n_layers
         self.z_names = [adapter.hook_z_name(layer) for layer in range(self.n_layers)]
-        self._clean_z: dict[str, Tensor] | None = None
+        self.clean_z: dict[str, Tensor] = {}
+        self.corrupt_z: dict[str, Tensor] = {}
+
+    def caches(self) -> tuple[Tensor, Tensor]:
+        """Step 1: clean and counterfactual ``hook_z`` of every head; the logits of both runs (the
+        counterfactual run of fixed values is the clean input with every head set to them)."""
+        clean_logits, cache = self.model.run_with_cache(self.clean_tokens, names_filter=self.z_names)
+        self.clean_z = {name: cache[name] for name in self.z_names}
+        if self.corrupt_tokens is not None:
+            corrupt_logits, cache = self.model.run_with_cache(self.corrupt_tokens, names_filter=self.z_names)
+            self.corrupt_z = {name: cache[name] for name in self.z_names}
+            return clean_logits, corrupt_logits
+        for layer, name in enumerate(self.z_names):
+            clean_z = self.clean_z[name]
+            self.corrupt_z[name] = interventions.replaced(clean_z, self.ablated_z[layer])
+        with self.model.hooks(fwd_hooks=self.frozen_hooks(self.corrupt_z)):
+            return clean_logits, self.model(self.clean_tokens)
 
     def baselines(self) -> tuple[float, float]:
-        clean_logits, cache = self.model.run_with_cache(self.clean_tokens, names_filter=self.z_names)
-        self._clean_z = {name: cache[name] for name in self.z_names}
-        corrupt_logits, cache = self.model.run_with_cache(self.corrupt_tokens, names_filter=self.z_names)
-        self._corrupt_z = {name: cache[name] for name in self.z_names}
+        clean_logits, corrupt_logits = self.caches()
         return float(self.metric(clean_logits)), float(self.metric(corrupt_logits))
+
+    def frozen_hooks(self, values: dict[str, Tensor], senders: Sequence[Head] = ()) -> list:
+        """Every head's ``hook_z`` set to ``values``, the senders' to their counterfactual values."""
+        hooks = []
+        for layer, name in enumerate(self.z_names):
+            frozen = values[name].clone()
+            heads = [h for l_, h in senders if l_ == layer]
+            frozen[:, :, heads] = self.corrupt_z[name][:, :, heads]
+            hooks.append(interventions.replace(layer, frozen))
+        return hooks
 
     def record(
         self, senders: list[Head], receiver_input: ReceiverInput, layers: list[int] | None
     ) -> tuple[Tensor, dict[int, Tensor]]:
         """Step 2: senders corrupt, all other heads frozen clean; record receivers' inputs."""
-        hooks, recorded = interventions.record(layers or [], activation=receiver_input)
-        for layer, name in enumerate(self.z_names):
-            frozen = self._clean_z[name].clone()
-            heads = [h for l_, h in senders if l_ == layer]
-            frozen[:, :, heads] = self._corrupt_z[name][:, :, heads]
-            hooks.append(interventions.replace(layer, frozen))  # after the record of a "z" receiver
+        logits, recorded = self.record_inputs(senders, (receiver_input,), layers)
+        return logits, recorded[receiver_input]
+
+    def record_inputs(
+        self, senders: list[Head], receiver_inputs: Sequence[ReceiverInput], layers: list[int] | None
+    ) -> tuple[Tensor, dict[str, dict[int, Tensor]]]:
+        """Step 2 recording several kinds of input (``"q"``, ``"k"``, ...) of ``layers`` in one pass."""
+        hooks: list = []
+        recorded: dict[str, dict[int, Tensor]] = {}
+        for kind in receiver_inputs:
+            kind_hooks, recorded[kind] = interventions.record(layers or [], activation=kind)
+            hooks += kind_hooks
+        hooks += self.frozen_hooks(self.clean_z, senders)  # after the record of a "z" receiver
         with self.model.hooks(fwd_hooks=hooks):
             logits = self.model(self.clean_tokens)
         return logits, recorded
 
-    def patched_metric(self, receivers: list[Head], receiver_input: ReceiverInput,
-                       recorded: dict[int, Tensor]) -> float:
+    def patched_logits(self, receivers: list[Head], receiver_input: ReceiverInput,
+                       recorded: dict[int, Tensor]) -> Tensor:
         """Step 3: clean run with only the receivers' inputs replaced by the recorded ones."""
         heads_in: dict[int, list[int]] = {}
         for layer, head in receivers:
@@ -246,10 +306,15 @@ class _PathPatchingRun:
         hooks = [interventions.replace(layer, recorded[layer], heads=heads, activation=receiver_input)
                  for layer, heads in heads_in.items()]
         with self.model.hooks(fwd_hooks=hooks):
-            return float(self.metric(self.model(self.clean_tokens)))
+            return self.model(self.clean_tokens)
+
+    def patched_metric(self, receivers: list[Head], receiver_input: ReceiverInput,
+                       recorded: dict[int, Tensor]) -> float:
+        """Step 3 measured by the metric."""
+        return float(self.metric(self.patched_logits(receivers, receiver_input, recorded)))
 
 
-def _require_receiver_input(model: TransformerLensModel, receiver_input: str) -> None:
+def require_receiver_input(model: TransformerLensModel, receiver_input: str) -> None:
     if receiver_input not in ("q", "k", "v", "z"):
         raise InputError(f"receiver_input: expected 'q', 'k', 'v' or 'z', got {receiver_input!r}.")
     n_kv = getattr(model.cfg, "n_key_value_heads", None)

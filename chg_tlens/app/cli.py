@@ -88,6 +88,34 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     _finish(validate, run_validate, device=MODEL_DEVICE)
 
+    circuit = commands.add_parser(
+        "circuit", help="wire a fit's facilitating heads into a circuit: path-patching edges, circuit.html",
+        description="Rebuild the model and a held-out draw of the run's task (or its data file), take the "
+        "heads the fit calls facilitating in every seed as nodes, measure every edge between them through "
+        "the receiver's query, key and value and to the logits (path patching, with bootstrap intervals "
+        "over prompts), keep the circuit alone against random circuits of its size, and write "
+        "circuit.json and circuit.html into the run folder; rewrites report.html to link them.")
+    circuit.add_argument("run_dir", type=Path, help="run folder written by 'chg-tlens fit' or 'demo'")
+    circuit.add_argument("--n", type=int, default=32, help="held-out examples for a task run (default 32)")
+    circuit.add_argument("--role-threshold", type=float, default=None,
+                         help="role cut-off for the nodes (default: the run's)")
+    circuit.add_argument("--min-confidence", type=float, default=0.0,
+                         help="leave out heads whose role confidence is below this (default 0)")
+    circuit.add_argument("--interfering", action="store_true", help="add the interfering heads as nodes")
+    circuit.add_argument("--threshold", type=float, default=0.05,
+                         help="keep an edge carrying at least this share of the total effect (default 0.05)")
+    circuit.add_argument("--metric", choices=["logprob", "logit_diff"], default="logprob",
+                         help="target log-prob (default, what CHG fits) or logit difference (needs a twin)")
+    circuit.add_argument("--counterfactual", choices=["auto", "corrupt", "mean"], default="auto",
+                         help="the corrupt twin, or each head's mean output (default: the twin if any)")
+    circuit.add_argument("--exact", action="store_true",
+                         help="exact path patching per edge (passes grow with nodes squared)")
+    circuit.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the prompts")
+    circuit.add_argument("--random", type=int, default=10,
+                         help="random circuits of the same size to hold the circuit against (default 10)")
+    circuit.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    _finish(circuit, run_circuit, device=MODEL_DEVICE)
+
     compare = commands.add_parser(
         "compare", help="CHG against patching, attribution, gradient and pruning baselines",
         description="Score heads with every method (or --methods) on benchmark models whose roles are "
@@ -314,26 +342,13 @@ def run_contrastive(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     """``chg-tlens validate``: ``chg_tlens.validate``'s standard set on a run folder (the roles' causal
     checks; ``config_from_args``' ``validate()`` only checks settings, a name shared on purpose)."""
-    import json
-
     from chg_tlens.app.plot import ablation_curves, figure_png
-    from chg_tlens.app.report import RUN_FILE, write_report
+    from chg_tlens.app.report import write_report
     from chg_tlens.app.runs import add_validation, write_table
     from chg_tlens.app.validation import validate_run
     from chg_tlens.core.result import CHGResult
 
-    run_file = args.run_dir / RUN_FILE
-    if not run_file.is_file():
-        raise UsageError(f"{run_file} not found: validate needs a run folder written by "
-                         "'chg-tlens fit' or 'chg-tlens demo'.")
-    try:
-        run = json.loads(run_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise InputError(f"{run_file} is not valid JSON ({error.msg}, line {error.lineno}).") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{run_file} is not UTF-8 text; is it a run.json written by chg-tlens?") from None
-    if not isinstance(run, dict):
-        raise InputError(f"{run_file} should hold a JSON object, found {type(run).__name__}.")
+    run = _read_run_file(args.run_dir, "validate")
     threshold = run.get("threshold", 0.5) if args.threshold is None else args.threshold
     _check_threshold(threshold)
     for name in ("n", "max_heads", "batch_size", "top_k"):
@@ -353,6 +368,68 @@ def run_validate(args: argparse.Namespace) -> int:
     report = write_report(args.run_dir, threshold=threshold)
     _print_validation(summary)
     print(f"\nwrote {args.run_dir / 'validation.json'} and {report}")
+    return EXIT_OK
+
+
+def _read_run_file(run_dir: Path, command: str) -> dict[str, Any]:
+    """The run folder's ``run.json``: what was run, which the commands that rebuild a run read."""
+    import json
+
+    from chg_tlens.app.report import RUN_FILE
+
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        raise UsageError(f"{run_file} not found: {command} needs a run folder written by "
+                         "'chg-tlens fit' or 'chg-tlens demo'.")
+    try:
+        run = json.loads(run_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(f"{run_file} is not valid JSON ({error.msg}, line {error.lineno}).") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{run_file} is not UTF-8 text; is it a run.json written by chg-tlens?") from None
+    if not isinstance(run, dict):
+        raise InputError(f"{run_file} should hold a JSON object, found {type(run).__name__}.")
+    return run
+
+
+def run_circuit(args: argparse.Namespace) -> int:
+    """``chg-tlens circuit``: :func:`chg_tlens.circuit` of a run's facilitating heads on held-out data,
+    kept alone against random circuits; ``circuit.json`` and ``circuit.html`` in the run folder."""
+    from chg_tlens.analysis.circuit import CIRCUIT_FILE, CIRCUIT_HTML, circuit, head_name
+    from chg_tlens.app.report import write_report
+    from chg_tlens.core.result import CHGResult
+
+    run = _read_run_file(args.run_dir, "circuit")
+    role_threshold = run.get("threshold", 0.5) if args.role_threshold is None else args.role_threshold
+    _check_threshold(role_threshold)
+    for name in ("n", "n_boot"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if args.random < 0:
+        raise UsageError(f"--random must be at least 0, got {args.random}.")
+    result = CHGResult.load(args.run_dir)
+    model, data, held_out = _validation_model_and_data(run, result, args)
+    found = circuit(model, data, result, interfering=args.interfering, min_confidence=args.min_confidence,
+                    role_threshold=role_threshold, metric=args.metric, counterfactual=args.counterfactual,
+                    threshold=args.threshold, exact=args.exact, n_boot=args.n_boot)
+    found.provenance["held_out"] = held_out
+    ablation = found.ablate(model, data, n_random=args.random) if args.random else None
+    path = found.save(args.run_dir / CIRCUIT_FILE)
+    page = found.write_html(args.run_dir / CIRCUIT_HTML, title=f"Circuit: {args.run_dir.resolve().name}")
+    report = write_report(args.run_dir, threshold=role_threshold)
+    held = "held-out" if held_out else "the fit's own"
+    print(f"circuit of {len(found.nodes)} nodes on {found.n_examples} {held} examples "
+          f"({found.counterfactual} counterfactual, {found.metric}): {len(found.kept_edges())} of "
+          f"{len(found.edges)} edges kept at {found.threshold:g} of the total effect "
+          f"{found.total_effect:.4g}; {found.passes} passes, {found.seconds:.1f} s")
+    for edge in found.kept_edges():
+        target = "logits" if edge.receiver == "logits" else f"{head_name(edge.receiver)} {edge.input}"
+        print(f"  {head_name(edge.sender)} -> {target}: {edge.effect:+.4f} "
+              f"[{edge.low:+.4f}, {edge.high:+.4f}]")
+    if ablation is not None:
+        print(f"kept alone it keeps {ablation.share:.1%} of the metric; {len(ablation.random)} random "
+              f"circuits of its size {ablation.random_mean:.1%} +- {ablation.random_std:.1%}")
+    print(f"\nwrote {path}, {page} and {report}")
     return EXIT_OK
 
 

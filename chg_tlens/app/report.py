@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from chg_tlens.analysis.circuit import CIRCUIT_HTML
 from chg_tlens.app import plot
 from chg_tlens.core.result import ROLES, UNCLASSIFIED, CHGResult, ContrastiveResult
 from chg_tlens.core.result_files import META_FILE, TENSORS_FILE, ResultFileError
@@ -89,7 +90,8 @@ def write_report(
     validation_pictures = {p.stem: p.read_bytes()
                            for p in sorted((folder / "pictures").glob("validation_*.png"))}
     page = render_report(result, run=run, validation=validation, threshold=threshold, files=files,
-                         title=folder.resolve().name, validation_pictures=validation_pictures)
+                         title=folder.resolve().name, validation_pictures=validation_pictures,
+                         circuit_page=CIRCUIT_HTML if (folder / CIRCUIT_HTML).is_file() else None)
     return _write_page(page, target)
 
 
@@ -117,10 +119,12 @@ def render_report(
     files: dict[str, int] | None = None,
     title: str | None = None,
     validation_pictures: dict[str, bytes] | None = None,
+    circuit_page: str | None = None,
 ) -> str:
     """The report page as a string, for a result in memory (``write_report`` adds the folder's files).
 
-    ``validation_pictures`` maps a name to PNG bytes (``chg-tlens validate`` writes ablation curves).
+    ``validation_pictures`` maps a name to PNG bytes (``chg-tlens validate`` writes ablation curves);
+    ``circuit_page`` is the relative address of the run's circuit page (``chg-tlens circuit``), linked.
     """
     if not isinstance(result, CHGResult):
         raise InputError(f"result: expected a chg_tlens.CHGResult, got {type(result).__name__}.")
@@ -140,6 +144,11 @@ def render_report(
         content = "" if validation is None else _json_html(validation)
         content += _png_figures(validation_pictures or {})
         sections.append(_section("Validation", content, section_id="validation"))
+    if circuit_page:
+        sections.append(_section("Circuit", f'<p><a href="{_e(circuit_page)}">{_e(circuit_page)}</a>: the '
+                                 "facilitating heads wired into a circuit, each edge through the receiver's "
+                                 "query, key or value, with intervals over prompts (written by "
+                                 "<code>chg-tlens circuit</code>).</p>", section_id="circuit"))
     sections.append(_section("Details", _details_html(result, run, files)))
     return _page(heading, title or heading, "\n".join(sections))
 
