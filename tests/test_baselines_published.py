@@ -143,7 +143,8 @@ def test_transformer_lens_backend_gives_the_clean_endpoint_too():
 
 
 # ------------------------------------------------------------------------------ per-example scores
-@pytest.mark.parametrize("method", ["hisp_raw", "attribution_hooks", "eap_clean_hooks", "eap_ig"])
+@pytest.mark.parametrize("method", ["hisp_raw", "attribution_hooks", "eap_clean_hooks", "eap_ig",
+                                    "ablation_zero"])
 def test_each_examples_row_is_the_method_run_on_that_example_alone(method):
     """The rows a bootstrap over prompts resamples: row i must be the method on example i alone, so
     a resample's mean is the method on the resampled prompts. Rejects rows that drop the batch-mean
@@ -157,6 +158,7 @@ def test_each_examples_row_is_the_method_run_on_that_example_alone(method):
         "attribution_hooks": lambda d: baselines.attribution_patching(model, d, "hooks", 5),
         "eap_clean_hooks": lambda d: baselines.attribution_patching(model, d, "hooks", 5, "clean"),
         "eap_ig": lambda d: baselines.eap_ig(model, d, steps=2, batch_size=5),
+        "ablation_zero": lambda d: baselines.ablation_scores(model, d, "zero", rows_per_pass=10),
     }[method]
     scored = run(data)
     rows = scored.details[baselines.PER_EXAMPLE]
@@ -172,3 +174,24 @@ def test_normalised_hisp_keeps_no_per_example_rows(recall_with_twin):
     """A per-layer norm of the mean is not the mean of any rows, so none are offered for resampling."""
     circuit, data = recall_with_twin
     assert baselines.PER_EXAMPLE not in baselines.gradient_importance(circuit.model, data).details
+
+
+def test_mean_ablation_rows_are_each_examples_loss_change_at_the_dataset_mean():
+    """Mean ablation's reference is a statistic of the whole data, so row i is example i's own change
+    with the head at the mean over *all* examples (not over example i alone, which would be a zero
+    change for a one-example mean at every position it reaches). Rejects rows in another order and
+    rows taken against a per-example mean."""
+    from chg_tlens.core import interventions
+    model = random_bridge()
+    data = random_twins(6, seed=4, first_target=5)
+    scored = baselines.ablation_scores(model, data, "mean", batch_size=4)
+    rows = scored.details[baselines.PER_EXAMPLE]
+    assert torch.allclose(rows.mean(dim=0), scored.scores, atol=1e-6)
+    means = baselines.mean_head_activations(model, data, 4)
+    for index, (layer, head) in ((1, (0, 1)), (4, (1, 0))):
+        alone = data.subset([index])
+        hook = interventions.replace(layer, means[layer], heads=head)
+        full = baselines._metric_with_hooks(model, alone, [], 1)
+        ablated = baselines._metric_with_hooks(model, alone, [hook], 1)
+        assert abs(float(rows[index, layer, head]) - (full - ablated)) < 1e-5
+        assert abs(float(rows[index, layer, head])) > 1e-6

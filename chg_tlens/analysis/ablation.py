@@ -40,6 +40,18 @@ def evaluate_gates(
     (examples x settings) of a pass. Means are over examples, each example's own mean over its targets
     first (the same averaging as the CHG loss).
     """
+    logprob, accuracy = evaluate_gates_per_example(model, data, gate_values, batch_size)
+    return logprob.mean(dim=1), accuracy.mean(dim=1)
+
+
+def evaluate_gates_per_example(
+    model: TransformerLensModel,
+    data: GateData,
+    gate_values: Float[Tensor, "*config layer head"],
+    batch_size: int = 64,
+) -> tuple[Float[Tensor, "config example"], Float[Tensor, "config example"]]:
+    """:func:`evaluate_gates` before the mean over examples (each example's mean over its targets), so
+    an effect can be resampled over prompts."""
     layout = adapter.require_model(model)
     data = checks.gate_data(data, model)
     values = torch.as_tensor(gate_values, dtype=torch.float32)
@@ -55,16 +67,14 @@ def evaluate_gates(
     examples_per_pass = min(len(data), batch_size)
     configs_per_pass = max(1, batch_size // examples_per_pass)
     device = adapter.model_device(model)
-    logprob = torch.zeros(values.shape[0])
-    accuracy = torch.zeros(values.shape[0])
+    logprob = torch.zeros(values.shape[0], len(data))
+    accuracy = torch.zeros(values.shape[0], len(data))
     with adapter.frozen(model), torch.no_grad():
         for first in range(0, values.shape[0], configs_per_pass):
             chunk = slice(first, first + configs_per_pass)
             gates = HeadGates.fixed(values[chunk]).to(device)
-            per_example_logprob, per_example_accuracy = score_gates(model, data, gates, examples_per_pass)
-            logprob[chunk] = per_example_logprob.sum(dim=1)
-            accuracy[chunk] = per_example_accuracy.sum(dim=1)
-    return logprob / len(data), accuracy / len(data)
+            logprob[chunk], accuracy[chunk] = score_gates(model, data, gates, examples_per_pass)
+    return logprob, accuracy
 
 
 def ablation_curve(

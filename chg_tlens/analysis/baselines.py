@@ -33,8 +33,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from chg_tlens.analysis.ablation import evaluate_gates
-from chg_tlens.analysis.patching import patching_scores, target_logprob_metric
+from chg_tlens.analysis.ablation import evaluate_gates_per_example
+from chg_tlens.analysis.patching import patching_scores, target_logprob_metric, target_logprob_per_example
 from chg_tlens.core import checks, interventions
 from chg_tlens.core.data import GateData
 from chg_tlens.core.forward import on_device
@@ -179,21 +179,23 @@ def ablation_scores(
     if kind == "zero":
         settings = torch.cat([torch.ones(1, layout.n_layers, layout.n_heads),
                               one_head_off(layout.n_layers, layout.n_heads)])
-        logprob, _ = evaluate_gates(model, data, settings, rows_per_pass)
-        full = float(logprob[0])
-        scores = (full - logprob[1:]).reshape(layout.n_layers, layout.n_heads)
+        logprob, _ = evaluate_gates_per_example(model, data, settings, rows_per_pass)
+        full_rows = logprob[0]
+        per_example = (full_rows - logprob[1:]).T.reshape(len(data), layout.n_layers, layout.n_heads)
         forward = len(data) * (1 + n_heads_total)
     else:
-        full = _metric_with_hooks(model, data, [], batch_size)
+        full_rows = _metric_rows_with_hooks(model, data, [], batch_size)
         means = mean_head_activations(model, data, batch_size)
-        scores = torch.zeros(layout.n_layers, layout.n_heads)
+        per_example = torch.zeros(len(data), layout.n_layers, layout.n_heads)
         for layer in range(layout.n_layers):
             for head in range(layout.n_heads):
                 hook = interventions.replace(layer, means[layer], heads=head)
-                scores[layer, head] = full - _metric_with_hooks(model, data, [hook], batch_size)
+                ablated = _metric_rows_with_hooks(model, data, [hook], batch_size)
+                per_example[:, layer, head] = full_rows - ablated
         forward = len(data) * (2 + n_heads_total)
-    return HeadScores(scores, f"ablation_{kind}", forward, 0, time.time() - started, signed=True,
-                      details={"metric_all_heads": full})
+    return HeadScores(per_example.mean(dim=0), f"ablation_{kind}", forward, 0, time.time() - started,
+                      signed=True, details={"metric_all_heads": float(full_rows.mean()),
+                                            PER_EXAMPLE: per_example})
 
 
 def activation_patching(model: TransformerLensModel, data: GateData, direction: PatchDirection = "denoise",
@@ -598,9 +600,15 @@ def _interpolate_hook(clean_embedding: Tensor, alpha: float) -> Callable[..., Te
 
 
 def _metric_with_hooks(model: TransformerLensModel, data: GateData, hooks: list, batch_size: int) -> float:
+    return float(_metric_rows_with_hooks(model, data, hooks, batch_size).mean())
+
+
+def _metric_rows_with_hooks(model: TransformerLensModel, data: GateData, hooks: list, batch_size: int
+                            ) -> Float[Tensor, " example"]:
+    """Each example's mean target log-prob under ``hooks``."""
     device = adapter.model_device(model)
-    total = 0.0
+    rows = []
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         for batch, tokens, _ in on_device(data, batch_size, device):
-            total += float(target_logprob_metric(batch)(model(tokens))) * len(batch)
-    return total / len(data)
+            rows.append(target_logprob_per_example(batch)(model(tokens)).float().cpu())
+    return torch.cat(rows)
