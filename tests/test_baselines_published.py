@@ -195,3 +195,29 @@ def test_mean_ablation_rows_are_each_examples_loss_change_at_the_dataset_mean():
         ablated = baselines._metric_with_hooks(model, alone, [hook], 1)
         assert abs(float(rows[index, layer, head]) - (full - ablated)) < 1e-5
         assert abs(float(rows[index, layer, head])) > 1e-6
+
+
+def test_subnetwork_probing_sweep_trains_on_kl_and_scores_by_the_pressure_a_head_survives():
+    """SP as the ACDC paper runs it: KL to the unmasked model, one run per sparsity weight, kept sets
+    over the sweep. With no sparsity weight every head stays (the KL is 0 with all masks open); under the
+    strongest weight only heads the output depends on survive; every planted facilitating head of the
+    composite model outranks every irrelevant head. Rejects a KL taken against the masked model itself
+    (0 for any mask, so every head closes under any weight and the facilitating heads tie with the
+    rest) and a score that ignores how many runs keep a head."""
+    from chg_tlens.analysis.compare import OPT_IN_METHODS, method_names
+    from chg_tlens.testbeds.composite import composite_circuit
+
+    circuit = composite_circuit()
+    scored = baselines.subnetwork_probing_sweep(circuit.model, circuit.data(48, 0),
+                                                l0_weights=(0.0, 0.3, 3.0, 30.0), steps=80, batch_size=16)
+    kept = [point["kept"] for point in scored.details["sweep"]]
+    assert bool(kept[0].all())
+    roles = circuit.true_roles()
+    strongest = kept[-1].numpy()
+    assert 0 < strongest.sum() < 8 and (roles[strongest] != "irrelevant").all()
+    facilitating = torch.as_tensor(roles == "facilitating")
+    irrelevant = torch.as_tensor(roles == "irrelevant")
+    assert scored.scores[facilitating].min() > scored.scores[irrelevant].max()
+    assert "subnetwork_probing_sweep" in OPT_IN_METHODS
+    assert "subnetwork_probing_sweep" not in method_names()
+    assert method_names(["subnetwork_probing_sweep"]) == ["subnetwork_probing_sweep"]

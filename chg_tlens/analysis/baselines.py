@@ -39,7 +39,7 @@ from chg_tlens.core import checks, interventions
 from chg_tlens.core.data import GateData
 from chg_tlens.core.forward import on_device
 from chg_tlens.core.gates import HeadGates
-from chg_tlens.core.objectives import target_logprobs
+from chg_tlens.core.objectives import pick_target_logits, target_logprobs, target_positions
 from chg_tlens.errors import InputError
 from chg_tlens.models import adapter
 from chg_tlens.models.protocol import TransformerLensModel
@@ -48,6 +48,7 @@ AblationKind = Literal["zero", "mean"]
 PatchDirection = Literal["denoise", "noise"]
 AttributionBackend = Literal["auto", "transformer_lens", "hooks"]
 AttributionEndpoint = Literal["corrupt", "clean"]
+SubnetworkObjective = Literal["nll", "kl"]
 """Where attribution patching takes its gradient: the corrupt run (Nanda) or the clean run (Syed et al.)."""
 Riemann = Literal["right", "left"]
 """EAP-IG's points: alpha = k/m for k = 1..m (Hanna et al., ending at the clean input) or k = 0..m-1."""
@@ -375,13 +376,17 @@ def eap_ig_step_counts(steps: int | Sequence[int]) -> list[int]:
 
 def subnetwork_probing(model: TransformerLensModel, data: GateData, steps: int = 300, lr: float = 0.1,
                        l0_weight: float = 1.0,
-                       batch_size: int = 32, init_log_alpha: float = 3.0, seed: int = 0) -> HeadScores:
-    """Cao et al. (2021): hard-concrete L0 masks on heads trained on task NLL + sparsity.
+                       batch_size: int = 32, init_log_alpha: float = 3.0, seed: int = 0,
+                       objective: SubnetworkObjective = "nll") -> HeadScores:
+    """Cao et al. (2021): hard-concrete L0 masks on heads trained on a task loss + sparsity.
 
     Each step samples ``z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta) * (zeta - gamma) +
-    gamma, 0, 1)`` per head and gates ``hook_z`` with it; the loss is target NLL plus ``l0_weight``
-    times the mean probability that a mask is non-zero. Score = ``log_alpha`` (monotone in that
-    probability, without its saturation ties); the probability is in ``details["p_open"]``.
+    gamma, 0, 1)`` per head and gates ``hook_z`` with it; the loss is the task loss plus ``l0_weight``
+    times the mean probability that a mask is non-zero. ``objective="nll"``: target NLL (Cao et al.);
+    ``"kl"``: the KL divergence from the unmasked model's output distribution at the target positions
+    (the form the ACDC paper runs SP in). Score = ``log_alpha`` (monotone in that probability, without its
+    saturation ties); the probability is in ``details["p_open"]``. For SP as the ACDC paper reports it
+    (KL, a sweep of ``l0_weight``, an ROC over the sweep) use :func:`subnetwork_probing_sweep`.
     """
     layout = adapter.require_model(model)
     data = checks.gate_data(data, model)
@@ -391,6 +396,8 @@ def subnetwork_probing(model: TransformerLensModel, data: GateData, steps: int =
         raise InputError(f"subnetwork_probing: lr must be a positive number, got {lr!r}.")
     if not (math.isfinite(l0_weight) and l0_weight >= 0):
         raise InputError(f"subnetwork_probing: l0_weight must be >= 0, got {l0_weight!r}.")
+    if objective not in ("nll", "kl"):
+        raise InputError(f"subnetwork_probing: objective must be 'nll' or 'kl', got {objective!r}.")
     device = adapter.model_device(model)
     generator = torch.Generator().manual_seed(seed)
     started = time.time()
@@ -406,18 +413,71 @@ def subnetwork_probing(model: TransformerLensModel, data: GateData, steps: int =
             mask = hard_concrete_sample(log_alpha, uniform)
             gates = differentiable_gates(mask)
             tokens, target_mask = batch.tokens.to(device), batch.target_mask.to(device)
+            targets = batch.targets_to(device)
             with model.hooks(fwd_hooks=gates.hooks()):
                 logits = model(tokens)
-            nll = -target_logprobs(logits, tokens, target_mask, targets=batch.targets_to(device)).mean()
-            loss = nll + l0_weight * hard_concrete_p_open(log_alpha).mean()
+            if objective == "nll":
+                task_loss = -target_logprobs(logits, tokens, target_mask, targets=targets).mean()
+            else:
+                with torch.no_grad():
+                    reference = pick_target_logits(model(tokens), target_mask, targets=targets)
+                task_loss = _target_kl(reference, pick_target_logits(logits, target_mask, targets=targets),
+                                       target_mask, targets)
+            loss = task_loss + l0_weight * hard_concrete_p_open(log_alpha).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     scores = log_alpha.detach().float().cpu()
     n = steps * batch_size
-    return HeadScores(scores, "subnetwork_probing", n, n, time.time() - started, signed=False,
-                      details={"p_open": hard_concrete_p_open(scores), "steps": steps,
-                               "l0_weight": l0_weight, "lr": lr})
+    name = "subnetwork_probing" if objective == "nll" else "subnetwork_probing_kl"
+    return HeadScores(scores, name, n * (2 if objective == "kl" else 1), n, time.time() - started,
+                      signed=False, details={"p_open": hard_concrete_p_open(scores), "steps": steps,
+                                             "l0_weight": l0_weight, "lr": lr, "objective": objective})
+
+
+SP_L0_WEIGHTS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+"""``subnetwork_probing_sweep``'s default sparsity weights: from nearly every head kept to nearly none."""
+
+
+def subnetwork_probing_sweep(model: TransformerLensModel, data: GateData,
+                             l0_weights: Sequence[float] = SP_L0_WEIGHTS, steps: int = 1000, lr: float = 0.1,
+                             batch_size: int = 32, seed: int = 0) -> HeadScores:
+    """Subnetwork probing as the ACDC paper (Conmy et al., 2023) runs it: masks trained on the KL
+    divergence from the unmasked model, once per sparsity weight in ``l0_weights``; the kept set of each
+    run (heads with ``log_alpha > 0``, i.e. a mask more likely open than closed) is one point of an ROC
+    over the sweep (``details["sweep"]``, read by ``compare.evaluate_benchmark`` as ``auc_sweep``, like ACDC's
+    threshold sweep). Per-head score: the number of sweep runs that keep the head, plus its mean
+    open-probability over the runs (< 1) to break ties, so a head kept under stronger pressure ranks higher.
+
+    Departures from the paper, for a CPU: ``steps`` updates per run (the paper trains for thousands of
+    epochs), Adam at ``lr``, and the sweep's seven weights rather than its longer list; the scores are a
+    lower bound on what SP reaches when trained longer.
+    """
+    checks.positive_int(steps, "steps")
+    if len(l0_weights) == 0:
+        raise InputError("subnetwork_probing_sweep: l0_weights must hold at least one weight.")
+    runs = [subnetwork_probing(model, data, steps=steps, lr=lr, l0_weight=float(weight),
+                               batch_size=batch_size, seed=seed, objective="kl") for weight in l0_weights]
+    kept = [run.scores > 0 for run in runs]
+    p_open = torch.stack([run.details["p_open"] for run in runs])
+    scores = torch.stack(kept).float().sum(dim=0) + 0.999 * p_open.mean(dim=0)
+    return HeadScores(scores, "subnetwork_probing_sweep", sum(run.forward_passes for run in runs),
+                      sum(run.backward_passes for run in runs), sum(run.seconds for run in runs),
+                      signed=False, details={
+                          "sweep": [{"l0_weight": float(w), "kept": k} for w, k in zip(l0_weights, kept,
+                                                                                      strict=True)],
+                          "steps": steps, "lr": lr, "objective": "kl"})
+
+
+def _target_kl(reference: Float[Tensor, "mask target vocab"], masked: Float[Tensor, "mask target vocab"],
+               target_mask: Tensor, targets: Tensor | None) -> Tensor:
+    """Mean over examples of each example's mean KL(reference || masked) over its target positions."""
+    log_p = reference.float().log_softmax(dim=-1)
+    kl = (log_p.exp() * (log_p - masked.float().log_softmax(dim=-1))).sum(dim=-1)[0]
+    example, _ = target_positions(target_mask, targets)
+    totals = kl.new_zeros(target_mask.shape[0]).index_add(0, example, kl)
+    counts = torch.bincount(example, minlength=target_mask.shape[0]).clamp(min=1)
+    return (totals / counts).mean()
 
 
 def random_scores(model: TransformerLensModel, seed: int = 0) -> HeadScores:

@@ -280,6 +280,9 @@ class MethodSettings:
     batch_size: int = 32
     subnetwork_steps: int = 300
     subnetwork_l0_weight: float = 1.0
+    subnetwork_l0_weights: tuple[float, ...] = baselines.SP_L0_WEIGHTS
+    """Sparsity weights of SP's sweep (``subnetwork_probing_sweep``: KL, a run per weight, ROC over them)."""
+    subnetwork_sweep_steps: int = 1000
     eap_ig_steps: int = baselines.EAP_IG_STEPS
     acdc_tau: float = acdc.DEFAULT_TAU
     acdc_taus: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
@@ -330,6 +333,12 @@ METHODS: dict[str, tuple[MethodFn, bool | Callable[[MethodSettings], bool]]] = {
             batch_size=settings.batch_size, seed=settings.random_seed)],
         False,
     ),
+    "subnetwork_probing_sweep": (
+        lambda model, data, settings: [baselines.subnetwork_probing_sweep(
+            model, data, l0_weights=settings.subnetwork_l0_weights, steps=settings.subnetwork_sweep_steps,
+            batch_size=settings.batch_size, seed=settings.random_seed)],
+        False,
+    ),
     "random": (lambda model, data, settings: [baselines.random_scores(model, settings.random_seed)], False),
 }
 """Name -> (runner, needs a corrupt twin: a bool or a rule on the settings). A runner may return
@@ -345,10 +354,17 @@ METHOD_ALIASES = {"gradient_importance": "hisp"}
 """Older names still accepted by :func:`run_methods`."""
 
 
+OPT_IN_METHODS = ("subnetwork_probing_sweep",)
+"""Run only when named: SP's sweep trains one mask set per sparsity weight (7 x 1000 updates by default)."""
+
+
 def method_names(names: Sequence[str] | None = None) -> list[str]:
-    """The methods to run (all by default), old names mapped to current ones; unknown names are refused
-    before anything runs."""
-    names = list(METHODS) if names is None else [METHOD_ALIASES.get(name, name) for name in names]
+    """The methods to run (all but :data:`OPT_IN_METHODS` by default), old names mapped to current ones;
+    unknown names are refused before anything runs."""
+    if names is None:
+        names = [name for name in METHODS if name not in OPT_IN_METHODS]
+    else:
+        names = [METHOD_ALIASES.get(name, name) for name in names]
     unknown = [name for name in names if name not in METHODS]
     if unknown:
         raise InputError(f"run_methods: unknown method(s) {unknown}; choose from {list(METHODS)}.")
@@ -597,8 +613,10 @@ def evaluate_benchmark(benchmark: Benchmark, scored: list[HeadScores]) -> list[d
             truth = truth_metrics(item, roles, k=benchmark.k)
             row["auc"], row["precision_at_k"] = truth["auc"], truth["precision_at_k"]
             row.update(auc_interval(item, roles == "facilitating"))
-            if item.method == "acdc" and item.details.get("sweep"):  # the ROC of its tau sweep, as its paper
-                kept = [item.details["kept"], *(point["kept"] for point in item.details["sweep"])]
+            if item.details.get("sweep"):  # ACDC's tau sweep, SP's lambda sweep: their ROC, as published
+                kept = [point["kept"] for point in item.details["sweep"]]
+                if "kept" in item.details:
+                    kept.insert(0, item.details["kept"])
                 row["auc_sweep"] = sweep_roc(kept, roles == "facilitating")[2]
         labels = item.details.get("role_labels")
         if item.method.startswith("chg_max") and labels is not None and roles is not None:
