@@ -121,6 +121,24 @@ def contrastive_run(tmp_path_factory) -> tuple[Path, str, object]:
     return folder, out.getvalue(), circuit
 
 
+def test_fit_with_prompt_resamples_writes_error_bars_by_source(tmp_path):
+    """``--prompt-resamples N`` fits N gate sets on bootstrap resamples beside the seeds: the run folder
+    keeps them (prompt_resamples/) with error_bars.csv, and the result in the folder holds the seeds
+    only. Rejects a fit that saves the joint gate sets as the seeds, or drops the resamples."""
+    from chg_tlens.core.result import CHGResult
+
+    out = tmp_path / "run"
+    code = main(["fit", "--task", "sva", "--n", "4", "--steps", "2", "--n-seeds", "2", "--batch-size", "4",
+                 "--prompt-resamples", "2", "--quiet", "--no-pictures", "--out", str(out)])
+    assert code == EXIT_OK
+    assert CHGResult.load(out).n_seeds == 2
+    assert CHGResult.load(out / "prompt_resamples").n_seeds == 2
+    shares = pd.read_csv(out / "error_bars.csv")
+    assert len(shares) == 30 * 9 and "prompts_agree" in shares.columns
+    assert main(["fit", "--task", "sva", "--prompt-resamples", "-1", "--out", str(tmp_path / "x"),
+                 "--quiet"]) == EXIT_USAGE
+
+
 def test_fit_from_a_jsonl_file_on_the_embedded_model(tmp_path, capsys):
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps({"question": p, "answer": t}) for p, t in [

@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -310,3 +311,36 @@ def test_a_run_folder_is_read_as_the_kind_it_holds(contrastive_run, planted_run,
         render_report(result)
     with pytest.raises(ValueError, match="threshold"):
         render_contrastive_report(result, threshold=2.0)
+
+
+def test_report_shows_error_bars_by_source(tmp_path, repeat, planted_page):
+    """With prompt resamples beside the seeds the report has one row per source (optimiser, seeds,
+    prompts) with the number of gate sets behind it, and error_bars.csv holds the per-head shares;
+    without them it still shows the optimiser and seeds and says how to add prompts. Rejects a report
+    that ignores the run's prompt_resamples folder and one that counts the seeds as resamples."""
+    from chg_tlens.analysis.error_bars import error_bars
+    from chg_tlens.app.runs import write_run_folder
+
+    assert 'id="error-bars"' in planted_page and "--prompt-resamples N" in planted_page
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bars = error_bars(repeat.model, repeat.data(64, seed=0),
+                          CHGConfig(n_seeds=2, steps=40, batch_size=32, progress=False), n_resamples=3)
+    finally:
+        torch.set_num_threads(threads)
+    folder = write_run_folder(bars.seeds, tmp_path / "run", {"model": "planted-repeat"}, pictures=False,
+                              report=False, prompt_resamples=bars.prompts)
+    page = write_report(folder).read_text()
+    table = re.search(r'<table id="error-bars-table">(.*?)</table>', page, re.S).group(1)
+    header = re.findall(r"<th>(.*?)</th>", table)
+    cell_rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
+    rows = {cells[0]: dict(zip(header, cells, strict=True)) for cells in cell_rows if cells}
+    assert list(rows) == ["optimiser", "seeds", "prompts"]
+    assert rows["seeds"]["gate_sets"] == "2" and rows["prompts"]["gate_sets"] == "3"
+    expected = bars.summary()
+    assert float(rows["prompts"]["mean_agreement"]) == pytest.approx(
+        expected.loc["prompts", "mean_agreement"], abs=1e-3)
+    shares = pd.read_csv(folder / "error_bars.csv")
+    assert len(shares) == repeat.model.cfg.n_layers * repeat.model.cfg.n_heads
+    assert {"seeds_agree", "prompts_agree", "optimiser_agree"} <= set(shares.columns)

@@ -17,6 +17,7 @@ side by side in the mask dimension:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -84,9 +85,11 @@ class RoleErrorBars:
 
 def error_bars(model: TransformerLensModel, data: GateData, config: CHGConfig | None = None,
                n_resamples: int = 3,
-               resample_seed: int = 0) -> RoleErrorBars:
+               resample_seed: int = 0, run_dir: str | os.PathLike | None = None,
+               resume: bool = False) -> RoleErrorBars:
     """Fit ``config.n_seeds`` gate sets from their own initial draws on every prompt, and ``n_resamples``
-    from seed 0's draw on bootstrap resamples of the prompts, in one pass; return both views."""
+    from seed 0's draw on bootstrap resamples of the prompts, in one pass; return both views.
+    ``run_dir`` / ``resume``: checkpoints of the joint fit, as for :func:`~chg_tlens.fit_chg`."""
     config = replace(config or CHGConfig()).validate()
     checks.positive_int(n_resamples, "n_resamples")
     layout = adapter.require_model(model)
@@ -95,7 +98,8 @@ def error_bars(model: TransformerLensModel, data: GateData, config: CHGConfig | 
     weights = torch.cat([torch.ones(config.n_seeds, len(data)),
                          bootstrap_weights(len(data), n_resamples, resample_seed)])
     joint = replace(config, n_seeds=config.n_seeds + n_resamples)
-    result = fit_chg(model, data, joint, init_theta=init, example_weights=weights)
+    result = fit_chg(model, data, joint, init_theta=init, example_weights=weights, run_dir=run_dir,
+                     resume=resume)
     result.provenance = result.provenance | {"error_bars": {"seeds": config.n_seeds,
                                                             "resamples": n_resamples,
                                                             "resample_seed": resample_seed}}

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(fit)
     _config_arguments(fit, CHGConfig)
     fit.add_argument("--threshold", type=float, default=0.5, help="role score cut-off (default 0.5)")
+    fit.add_argument("--prompt-resamples", type=int, default=0, metavar="N",
+                     help="also fit N gate sets from seed 0's initial gates on bootstrap resamples of the "
+                     "prompts, beside the seeds in one pass (chg_tlens.error_bars); the report then shows "
+                     "error bars by source: optimiser, seeds, prompts (default 0: none)")
     _run_folder_arguments(fit, "run folder to write")
     fit.add_argument("--no-pictures", action="store_true", help="skip PNGs and report.html")
     _finish(fit, run_fit, device=MODEL_DEVICE)
@@ -297,14 +301,24 @@ def run_fit(args: argparse.Namespace) -> int:
         data = GateData.from_file(model, args.data, args.prompt_field, args.target_field, args.text_field)
         source = {"data": str(args.data), "prompt_field": args.prompt_field,
                   "target_field": args.target_field, "text_field": args.text_field}
+    if args.prompt_resamples < 0:
+        raise UsageError(f"--prompt-resamples must be at least 0, got {args.prompt_resamples}.")
     started = time.time()
-    result = fit_chg(model, data, config, run_dir=args.out, resume=args.resume)
+    prompts = None
+    if args.prompt_resamples:
+        from chg_tlens.analysis.error_bars import error_bars
+
+        bars = error_bars(model, data, config, n_resamples=args.prompt_resamples, run_dir=args.out,
+                          resume=args.resume)
+        result, prompts = bars.seeds, bars.prompts
+    else:
+        result = fit_chg(model, data, config, run_dir=args.out, resume=args.resume)
     if not distributed.is_main_process():
         return EXIT_OK
     info = {"command": _command_line(), "model": args.model, **source, "seconds": time.time() - started,
-            "processes": distributed.world()[1]}
+            "processes": distributed.world()[1], "prompt_resamples": args.prompt_resamples}
     write_run_folder(result, args.out, info, args.threshold, pictures=not args.no_pictures,
-                     report=not args.no_pictures)
+                     report=not args.no_pictures, prompt_resamples=prompts)
     _print_roles(result, args.threshold, args.out)
     return EXIT_OK
 

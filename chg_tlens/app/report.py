@@ -22,7 +22,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from chg_tlens.analysis.circuit import CIRCUIT_HTML
+from chg_tlens.analysis.error_bars import RoleErrorBars
 from chg_tlens.app import plot
 from chg_tlens.core.result import ROLES, UNCLASSIFIED, CHGResult, ContrastiveResult
 from chg_tlens.core.result_files import META_FILE, TENSORS_FILE, ResultFileError
@@ -34,6 +37,10 @@ RUN_FILE = "run.json"
 VALIDATION_FILE = "validation.json"
 """What ``chg-tlens validate`` found, shown in the report when present."""
 REPORT_FILE = "report.html"
+PROMPT_RESAMPLES_DIR = "prompt_resamples"
+"""Where a run folder keeps the gate sets fitted on bootstrap resamples of its prompts
+(``chg-tlens fit --prompt-resamples N``)."""
+ERROR_BARS_FILE = "error_bars.csv"
 DEFAULT_THRESHOLD = 0.5
 MAX_LIST_ITEMS = 64
 """Longer JSON lists (and matrices with more rows) are cut in the page, with a note saying how many."""
@@ -89,9 +96,12 @@ def write_report(
         threshold = _recorded_threshold(run)
     validation_pictures = {p.stem: p.read_bytes()
                            for p in sorted((folder / "pictures").glob("validation_*.png"))}
+    resamples = folder / PROMPT_RESAMPLES_DIR
+    bars = RoleErrorBars(result, CHGResult.load(resamples), threshold) if resamples.is_dir() else None
     page = render_report(result, run=run, validation=validation, threshold=threshold, files=files,
                          title=folder.resolve().name, validation_pictures=validation_pictures,
-                         circuit_page=CIRCUIT_HTML if (folder / CIRCUIT_HTML).is_file() else None)
+                         circuit_page=CIRCUIT_HTML if (folder / CIRCUIT_HTML).is_file() else None,
+                         error_bars=bars)
     return _write_page(page, target)
 
 
@@ -120,8 +130,10 @@ def render_report(
     title: str | None = None,
     validation_pictures: dict[str, bytes] | None = None,
     circuit_page: str | None = None,
+    error_bars: RoleErrorBars | None = None,
 ) -> str:
     """The report page as a string, for a result in memory (``write_report`` adds the folder's files).
+    ``error_bars``: the same seeds beside gate sets fitted on resamples of the prompts, shown by source.
 
     ``validation_pictures`` maps a name to PNG bytes (``chg-tlens validate`` writes ablation curves);
     ``circuit_page`` is the relative address of the run's circuit page (``chg-tlens circuit``), linked.
@@ -138,6 +150,8 @@ def render_report(
         _section("What was run", _key_facts(result, run, threshold)),
         _section("Roles", _roles_html(result, threshold)),
         _section("Convergence", _convergence_html(result, threshold), section_id="convergence"),
+        _section("Error bars by source", _error_bars_html(result, error_bars, threshold),
+                 section_id="error-bars"),
         _section("Pictures", _figures_html(result, threshold)),
     ]
     if validation is not None or validation_pictures:
@@ -269,6 +283,31 @@ def _convergence_html(result: CHGResult | ContrastiveResult, threshold: float) -
                "advice"]
     table = frame[columns].to_html(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-")
     return f"<ul>{words}</ul>{table}"
+
+
+def _error_bars_html(result: CHGResult, bars: RoleErrorBars | None, threshold: float) -> str:
+    """The three things that move a role, side by side: the optimiser (how long each head has held its
+    role in the certificate window), the initial gates (seeds) and the sample of prompts (resamples)."""
+    if bars is None:
+        if not result.trace:
+            return "<p>No trace and no prompt resamples: no error bars.</p>"
+        stability = result.confidence(threshold, source="optimiser").numpy()
+        seeds = result.confidence(threshold, source="seeds").numpy()
+        rows = [("optimiser", float(stability.mean()), float((stability == 1.0).mean()), 1),
+                ("seeds", float(seeds.mean()), float((seeds == 1.0).mean()), result.n_seeds)]
+        frame = pd.DataFrame(rows, columns=["source", "mean_agreement", "heads_all_agree", "gate_sets"])
+        note = ("<p>Per source, the mean share of gate sets (or, for the optimiser, of the certificate "
+                "window's snapshots) agreeing with each head's role, and the share of heads on which all "
+                "agree. The sample of prompts is not measured for this run: fit with "
+                "<code>--prompt-resamples N</code> (<code>chg_tlens.error_bars</code>) to add it.</p>")
+    else:
+        frame = bars.summary().reset_index()
+        note = ("<p>Per source, the mean share of gate sets agreeing with seed 0's role per head (optimiser: "
+                "of the certificate window's snapshots), the share of heads on which all agree, and "
+                "whether every stage of every gate set is certified. <code>error_bars.csv</code> holds "
+                "the per-head shares.</p>")
+    table = frame.to_html(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-")
+    return note + table.replace('<table border="1" class="dataframe">', '<table id="error-bars-table">', 1)
 
 
 def _roles_html(result: CHGResult, threshold: float) -> str:

@@ -22,7 +22,15 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from chg_tlens.app.report import ROLES_FILE, RUN_FILE, VALIDATION_FILE, write_report
+from chg_tlens.analysis.error_bars import RoleErrorBars
+from chg_tlens.app.report import (
+    ERROR_BARS_FILE,
+    PROMPT_RESAMPLES_DIR,
+    ROLES_FILE,
+    RUN_FILE,
+    VALIDATION_FILE,
+    write_report,
+)
 from chg_tlens.core.checkpoint import atomic_write_bytes
 from chg_tlens.core.result import CHGResult, ContrastiveResult
 
@@ -50,13 +58,22 @@ def write_run_folder(
     threshold: float = 0.5,
     pictures: bool = True,
     report: bool = True,
+    prompt_resamples: CHGResult | None = None,
 ) -> Path:
-    """Write the result, its tables, pictures and report into ``folder``; return the folder."""
+    """Write the result, its tables, pictures and report into ``folder``; return the folder.
+
+    ``prompt_resamples``: the gate sets fitted on bootstrap resamples of the prompts beside ``result``'s
+    seeds (:func:`chg_tlens.error_bars`), saved in ``folder/prompt_resamples`` with ``error_bars.csv``
+    (per head, the share of seeds and of resamples per role); the report then shows error bars by source."""
     tables = [(ROLES_FILE, result.to_frame(threshold), False),
               ("summary.csv", result.summary(threshold), True),
               ("losses.csv", result.loss_frame(), False)]
     if result.trace:
         tables.append(("certificate.csv", result.convergence(threshold), False))
+    if prompt_resamples is not None:
+        prompt_resamples.save(Path(folder) / PROMPT_RESAMPLES_DIR)
+        bars = RoleErrorBars(result, prompt_resamples, threshold)
+        tables.append((ERROR_BARS_FILE, bars.to_frame(), False))
     return _write_result_folder(result, Path(folder), tables, run_info, threshold, pictures, report)
 
 
