@@ -88,3 +88,22 @@ def test_chg_finds_the_backup_and_ranks_the_composition_above_every_irrelevant_h
     irrelevant = torch.as_tensor(model.true_roles() == "irrelevant")
     assert best[irrelevant].max() < 0.05
     assert best[composite.PREVIOUS] > 2 * best[irrelevant].max()
+
+
+def test_joint_knockouts_see_the_backup_and_the_and_that_single_knockouts_miss():
+    """Ground truth (c) of the comparison: necessity from joint knockouts. The main and backup movers
+    each cost nothing alone (the backup takes over) but everything together: redundancy = joint - sum of
+    singles > 0, with an interval above 0. The AND pair (previous-token -> induction) costs as much
+    together as either alone: redundancy < 0. Heads that do nothing: 0. Rejects a 'joint' that is the sum of
+    the singles (redundancy 0 everywhere) and one that knocks out only the set's first head."""
+    from chg_tlens.analysis.ablation import joint_knockout
+    from chg_tlens.testbeds.composite import BACKUP, INDUCTION, MAIN, PREVIOUS, composite_circuit
+
+    circuit = composite_circuit()
+    data = circuit.data(64, 0)
+    movers = joint_knockout(circuit.model, data, [MAIN, BACKUP], n_boot=200)
+    assert max(movers.singles) < 0.01 and movers.joint > 0.5 and movers.redundancy_low > 0.5
+    pair = joint_knockout(circuit.model, data, [PREVIOUS, INDUCTION], n_boot=200)
+    assert min(pair.singles) > 0.5 and pair.redundancy_high < -0.5
+    idle = joint_knockout(circuit.model, data, [(0, 4), (1, 5)], n_boot=50)
+    assert abs(idle.joint) < 1e-6 and abs(idle.redundancy) < 1e-6

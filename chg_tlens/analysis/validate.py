@@ -11,7 +11,8 @@
 
 - Do the roles predict what ablation does? ``targeted_ablation`` (the paper's targeted ablation in all
   three directions, random orders as reference; ``ablation_summary`` reads it), ``ablation_curve``
-  (one curve at a time), ``sufficiency`` and ``necessity`` (in ``analysis/ablation.py``).
+  (one curve at a time), ``sufficiency`` and ``necessity``, and ``joint_knockout`` (a set removed together
+  against its members one at a time: backups and ANDs single knockouts miss) (in ``analysis/ablation.py``).
 - Many sufficient circuits? ``seed_circuits`` (overlap of the seeds' facilitating sets) and
   ``sufficient_circuits`` (each set kept alone vs random sets) (``analysis/circuits.py``).
 - Do they agree with causal mediation? ``patching_scores`` runs TransformerLens' own head-level
@@ -28,9 +29,11 @@ config's ``validate()`` is another thing: it checks settings, not roles; see ``c
 from chg_tlens.analysis.ablation import (
     PAPER_DIRECTIONS,
     AblationDirection,
+    JointKnockout,
     ablation_curve,
     ablation_summary,
     evaluate_gates,
+    joint_knockout,
     necessity,
     sufficiency,
     targeted_ablation,
@@ -53,11 +56,13 @@ __all__ = [
     "PAPER_DIRECTIONS",
     "AblationDirection",
     "FunctionVectorHeads",
+    "JointKnockout",
     "PathPatchingResult",
     "SeedCircuits",
     "SymbolHeads",
     "ablation_curve",
     "ablation_summary",
+    "joint_knockout",
     "evaluate_gates",
     "function_vector_heads",
     "logit_diff_metric",
