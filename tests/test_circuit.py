@@ -52,6 +52,8 @@ from chg_tlens.testbeds.wiring import (
     wired_circuit,
 )
 
+pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
+
 NODES = [PREVIOUS, SIDE, FLAG, UNREAD, INDUCTION, FINDER, MOVER, AGAINST]
 """Every head of the wired model that does anything (the other four are empty)."""
 QUICK = {"threshold": 0.01, "n_boot": 200}
