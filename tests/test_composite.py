@@ -96,7 +96,7 @@ def test_joint_knockouts_see_the_backup_and_the_and_that_single_knockouts_miss()
     singles > 0, with an interval above 0. The AND pair (previous-token -> induction) costs as much
     together as either alone: redundancy < 0. Heads that do nothing: 0. Rejects a 'joint' that is the sum of
     the singles (redundancy 0 everywhere) and one that knocks out only the set's first head."""
-    from chg_tlens.analysis.ablation import joint_knockout
+    from chg_tlens.analysis.knockouts import joint_knockout
     from chg_tlens.testbeds.composite import BACKUP, INDUCTION, MAIN, PREVIOUS, composite_circuit
 
     circuit = composite_circuit()

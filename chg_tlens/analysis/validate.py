@@ -12,7 +12,8 @@
 - Do the roles predict what ablation does? ``targeted_ablation`` (the paper's targeted ablation in all
   three directions, random orders as reference; ``ablation_summary`` reads it), ``ablation_curve``
   (one curve at a time), ``sufficiency`` and ``necessity``, and ``joint_knockout`` (a set removed together
-  against its members one at a time: backups and ANDs single knockouts miss) (in ``analysis/ablation.py``).
+  against its members one at a time: backups and ANDs single knockouts miss; ``analysis/knockouts.py``)
+  (in ``analysis/ablation.py``).
 - Many sufficient circuits? ``seed_circuits`` (overlap of the seeds' facilitating sets) and
   ``sufficient_circuits`` (each set kept alone vs random sets) (``analysis/circuits.py``).
 - Do they agree with causal mediation? ``patching_scores`` runs TransformerLens' own head-level
@@ -29,17 +30,16 @@ config's ``validate()`` is another thing: it checks settings, not roles; see ``c
 from chg_tlens.analysis.ablation import (
     PAPER_DIRECTIONS,
     AblationDirection,
-    JointKnockout,
     ablation_curve,
     ablation_summary,
     evaluate_gates,
-    joint_knockout,
     necessity,
     sufficiency,
     targeted_ablation,
 )
 from chg_tlens.analysis.circuits import SeedCircuits, seed_circuits, sufficient_circuits
 from chg_tlens.analysis.function_vectors import FunctionVectorHeads, function_vector_heads
+from chg_tlens.analysis.knockouts import JointKnockout, joint_knockout
 from chg_tlens.analysis.mediation import mediation_test
 from chg_tlens.analysis.patching import (
     PathPatchingResult,
