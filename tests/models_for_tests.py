@@ -58,16 +58,16 @@ def randomize_final_norm(model: nn.Module, seed: int = 0) -> list[nn.Parameter]:
     return written
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer over WORDS: real tokenizer code, no download."""
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+def word_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over ``words`` (WORDS): real tokenizer code, no download."""
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", pad_token="<pad>",
                                    unk_token="<unk>")
 
 
-def word_model(n_ctx: int = 16) -> nn.Module:
-    """A random bridge that tokenizes text with the word tokenizer."""
-    model = random_bridge(n_ctx=n_ctx, d_vocab=len(WORDS))
-    model.tokenizer = word_tokenizer()  # boot_native would try to re-download a named tokenizer
+def word_model(n_ctx: int = 16, words: list[str] = WORDS) -> nn.Module:
+    """A random bridge that tokenizes text with the word tokenizer (over ``words``, WORDS first)."""
+    model = random_bridge(n_ctx=n_ctx, d_vocab=len(words))
+    model.tokenizer = word_tokenizer(words)  # boot_native would try to re-download a named tokenizer
     return model

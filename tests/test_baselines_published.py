@@ -144,7 +144,7 @@ def test_transformer_lens_backend_gives_the_clean_endpoint_too():
 
 # ------------------------------------------------------------------------------ per-example scores
 @pytest.mark.parametrize("method", ["hisp_raw", "attribution_hooks", "eap_clean_hooks", "eap_ig",
-                                    "ablation_zero"])
+                                    "ablation_zero", "patching_denoise", "patching_noise"])
 def test_each_examples_row_is_the_method_run_on_that_example_alone(method):
     """The rows a bootstrap over prompts resamples: row i must be the method on example i alone, so
     a resample's mean is the method on the resampled prompts. Rejects rows that drop the batch-mean
@@ -159,6 +159,8 @@ def test_each_examples_row_is_the_method_run_on_that_example_alone(method):
         "eap_clean_hooks": lambda d: baselines.attribution_patching(model, d, "hooks", 5, "clean"),
         "eap_ig": lambda d: baselines.eap_ig(model, d, steps=2, batch_size=5),
         "ablation_zero": lambda d: baselines.ablation_scores(model, d, "zero", rows_per_pass=10),
+        "patching_denoise": lambda d: baselines.activation_patching(model, d, "denoise", 5),
+        "patching_noise": lambda d: baselines.activation_patching(model, d, "noise", 5),
     }[method]
     scored = run(data)
     rows = scored.details[baselines.PER_EXAMPLE]
@@ -168,6 +170,51 @@ def test_each_examples_row_is_the_method_run_on_that_example_alone(method):
         alone = run(data.subset([index])).scores
         assert torch.allclose(rows[index], alone, atol=1e-5), (index, rows[index], alone)
     assert not torch.allclose(rows[0], rows[6], atol=1e-5)  # the examples differ, so order is tested
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_activation_patching_scores_are_transformer_lens_batch_means_as_before_rows_were_kept(direction):
+    """The rows come from the forwards TransformerLens already runs, so the scores must be what its scalar
+    metric gave per batch (the implementation before rows were kept: patched mean - reference mean,
+    weighted by batch size), for the same count of forwards. Rejects rows matched to the wrong heads
+    (a head-major reshape) and a reference taken from the other run."""
+    from chg_tlens.analysis.patching import patching_scores, target_logprob_metric
+    model = random_bridge()
+    data = random_twins(12, seed=3, first_target=5)
+    scored = baselines.activation_patching(model, data, direction, batch_size=5)
+    total = torch.zeros(2, 4)
+    for start in range(0, 12, 5):
+        batch = data.subset(slice(start, start + 5))
+        metric = target_logprob_metric(batch)
+        source, run_on = (batch, batch.corrupt) if direction == "denoise" else (batch.corrupt, batch)
+        patched = patching_scores(model, source, run_on, metric=metric, normalize=False)
+        with torch.no_grad():
+            reference = float(metric(model(run_on.tokens)))
+        total += (patched - reference if direction == "denoise" else reference - patched) * len(batch)
+    torch.testing.assert_close(scored.scores, total / 12, atol=1e-5, rtol=0)
+    assert scored.scores.abs().max() > 1e-2
+    assert scored.forward_passes == 12 * (2 + 2 * 4)
+
+
+def test_patching_rows_refuse_a_transformer_lens_that_patches_heads_in_another_order(monkeypatch):
+    """The rows are matched to heads by the order of TransformerLens' metric calls; a TransformerLens
+    that visited heads in another order must be an error, never rows silently given to other heads."""
+    from transformer_lens import patching as tl_patching
+
+    from chg_tlens.analysis.patching import patching_rows
+    model = random_bridge()
+    data = random_twins(6, seed=3, first_target=5)
+    real = tl_patching.get_act_patch_attn_head_out_all_pos
+
+    def head_major(model, corrupt_tokens, cache, metric):
+        scores = real(model, corrupt_tokens, cache, metric)  # calls metric layer-major, fills the table
+        return scores.T.contiguous().reshape(scores.shape)  # as if the calls had gone head by head
+
+    rows = patching_rows(model, data, data.corrupt)
+    assert rows.shape == (6, 2, 4)
+    monkeypatch.setattr(tl_patching, "get_act_patch_attn_head_out_all_pos", head_major)
+    with pytest.raises(RuntimeError, match="order other than layer by layer"):
+        patching_rows(model, data, data.corrupt)
 
 
 def test_normalised_hisp_keeps_no_per_example_rows(recall_with_twin):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from datasets import Dataset
@@ -272,6 +274,31 @@ def test_per_position_targets_follow_the_data_and_are_checked():
         GateData.from_tokens(tokens, mask, targets=targets.float())
     with pytest.raises(InputError, match=">= 0"):
         GateData.from_tokens(tokens, mask, targets=-targets - 1)
+
+
+def test_groups_follow_subsets_and_stacks_are_checked_and_stay_out_of_the_fingerprint():
+    """The template id of each example must move with it: rejects a subset that keeps the groups in their
+    old order (mean ablation would then average example i over another example's template), a stack
+    that drops them, and a fingerprint that hashes them (every fit saved on ioi before groups existed
+    would be refused as made on other data)."""
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    mask = torch.tensor([[False, False, True]] * 3)
+    plain = GateData.from_tokens(tokens, mask).with_corrupt(GateData.from_tokens(tokens.flip(1), mask))
+    data = plain.with_groups([4, 0, 4])
+    assert data.groups.tolist() == [4, 0, 4] and data.corrupt.groups is None
+    assert data.subset([1, 2, 0]).groups.tolist() == [0, 4, 4]
+    assert data.subset(slice(1, 3)).groups.tolist() == [0, 4]
+    assert GateData.stack_padded([data, data.subset([1])]).groups.tolist() == [4, 0, 4, 0]
+    assert GateData.stack_padded([data, plain]).groups is None  # ids of one numbering, or none
+    assert data.with_groups(None).groups is None and plain.subset([0]).groups is None
+    assert GateData.from_tokens(tokens, mask, groups=(1, 1, 2)).groups.dtype == torch.long
+    assert data.fingerprint() == plain.fingerprint()
+    with pytest.raises(InputError, match=r"one id per example, shape \[3\], got \[2\]"):
+        plain.with_groups([0, 1])
+    with pytest.raises(InputError, match="groups must be integer ids"):
+        plain.with_groups(torch.tensor([0.0, 1.0, 0.0]))
+    with pytest.raises(InputError, match="groups must be one long id per example"):
+        replace(plain, groups=torch.tensor([[0, 1, 0]]))
 
 
 def test_a_bidirectional_model_takes_its_own_output_vocabulary_and_no_padding():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models_for_tests import word_model
+from models_for_tests import WORDS, word_model
 
 from chg_tlens import HeadGates
 from chg_tlens.analysis.accuracy import task_accuracy
@@ -93,6 +93,20 @@ def test_words_outside_a_small_vocabulary_are_refused():
         ioi(model, names=[" mary", " john", " bob"])
     with pytest.raises(ValueError, match="sva: needs at least 2 noun pairs made of single tokens.*found 1"):
         sva(model, nouns=None, verbs=(" is", " are"))
+
+
+def test_ioi_groups_each_prompt_by_its_template_and_other_tasks_have_none(repeat):
+    """Mean ablation's reference: each ioi prompt's group is the index of the template that built it
+    (an equal template shares it), read back from the prompt's own words. Rejects groups not drawn with
+    the prompt (shuffled), a group per template slot (equal templates apart), and ids on the twin."""
+    model = word_model(n_ctx=24, words=[*WORDS, "bob", "then"])
+    templates = ["when {first} and {second} went to the {place} {subject} gave a {object} to",
+                 "then {first} and {second} went to the {place} and {subject} gave a {object} to"]
+    data = ioi(model, n=16, seed=0, names=[" mary", " john", " bob"], templates=[*templates, templates[0]])
+    from_words = [0 if prompt.startswith("when") else 1 for prompt in data.meta["prompts"]]
+    assert data.groups.tolist() == from_words and set(from_words) == {0, 1}
+    assert data.corrupt.groups is None
+    assert induction(repeat.model, n=4, seed=0, seq_len=4).groups is None
 
 
 # ----------------------------------------------------------------- the real SmolLM2-135M

@@ -6,7 +6,8 @@ each other (see ``chg_tlens.compare``):
 
     gradient_importance   |d loss / d gate| at every gate = 1, normalised per layer ("hisp";
                           "hisp_raw" without the normalisation)   (Michel et al., 2019)
-    ablation_scores       task metric lost when one head is zeroed or mean-ablated
+    ablation_scores       task metric lost when one head is zeroed or mean-ablated (the mean over the
+                          example's own template: Wang et al., 2022; Conmy et al., 2023)
     activation_patching   transformer_lens.patching on hook_z, clean <-> corrupt twin
     attribution_patching  (clean z - corrupt z) . d metric / d z, summed per head, the gradient taken at
                           the corrupt run (Nanda) or at the clean run ("eap_clean": Syed et al., 2023)
@@ -30,11 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from chg_tlens.analysis.ablation import evaluate_gates_per_example
-from chg_tlens.analysis.patching import patching_scores, target_logprob_metric, target_logprob_per_example
+from chg_tlens.analysis.patching import patching_rows, target_logprob_metric, target_logprob_per_example
 from chg_tlens.core import checks, interventions
 from chg_tlens.core.data import GateData
 from chg_tlens.core.forward import on_device
@@ -45,6 +46,9 @@ from chg_tlens.models import adapter
 from chg_tlens.models.protocol import TransformerLensModel
 
 AblationKind = Literal["zero", "mean"]
+MeanReference = Literal["template", "all"]
+"""What mean ablation averages a head over: the examples of the ablated example's own group
+(``GateData.groups``, its template), or every example."""
 PatchDirection = Literal["denoise", "noise"]
 AttributionBackend = Literal["auto", "transformer_lens", "hooks"]
 AttributionEndpoint = Literal["corrupt", "clean"]
@@ -163,12 +167,18 @@ def ablation_scores(
     kind: AblationKind = "zero",
     batch_size: int = 32,
     rows_per_pass: int = 256,
+    reference: MeanReference | None = None,
 ) -> HeadScores:
     """Task metric lost when one head is ablated, one head at a time: ``metric(all) - metric(-h)``.
 
     ``zero`` gates the head to 0 (all heads in a few batched passes, ``rows_per_pass`` examples x
-    settings each); ``mean`` replaces its ``hook_z`` by its mean over ``data`` at each
-    position (over the examples that reach that position), which keeps the head's constant part.
+    settings each); ``mean`` replaces its ``hook_z`` by its mean over a reference distribution at
+    each position (over the examples that reach that position), which keeps the head's constant part.
+    The ``reference`` of ``mean``: ``"template"`` (the default when ``data.groups`` is set) averages
+    over the examples of the ablated example's own group, as IOI (Wang et al., 2022) and ACDC (Conmy et
+    al., 2023) take the mean over prompts of the same template: a pooled mean would mix templates whose
+    words sit at other positions, and count that as the head's effect. ``"all"`` (the default without
+    groups) averages over every example. ``details["reference"]`` says which was used.
     Positive = the task needs the head; negative = the task is better without it.
     """
     layout = adapter.require_model(model)
@@ -177,7 +187,11 @@ def ablation_scores(
         raise InputError(f"ablation_scores: kind must be 'zero' or 'mean', got {kind!r}.")
     started = time.time()
     n_heads_total = layout.n_layers * layout.n_heads
+    details: dict[str, Any] = {}
     if kind == "zero":
+        if reference is not None:
+            raise InputError(f"ablation_scores: reference={reference!r} picks what kind='mean' averages "
+                             "over; zero ablation has no reference.")
         settings = torch.cat([torch.ones(1, layout.n_layers, layout.n_heads),
                               one_head_off(layout.n_layers, layout.n_heads)])
         logprob, _ = evaluate_gates_per_example(model, data, settings, rows_per_pass)
@@ -185,30 +199,73 @@ def ablation_scores(
         per_example = (full_rows - logprob[1:]).T.reshape(len(data), layout.n_layers, layout.n_heads)
         forward = len(data) * (1 + n_heads_total)
     else:
-        full_rows = _metric_rows_with_hooks(model, data, [], batch_size)
-        means = mean_head_activations(model, data, batch_size)
-        per_example = torch.zeros(len(data), layout.n_layers, layout.n_heads)
-        for layer in range(layout.n_layers):
-            for head in range(layout.n_heads):
-                hook = interventions.replace(layer, means[layer], heads=head)
-                ablated = _metric_rows_with_hooks(model, data, [hook], batch_size)
-                per_example[:, layer, head] = full_rows - ablated
+        reference = _mean_reference(data, reference)
+        groups = data.groups if reference == "template" else None
+        means = mean_head_activations(model, data, batch_size, groups)
+        full_rows, per_example = _mean_ablation_rows(model, data, means, batch_size)
         forward = len(data) * (2 + n_heads_total)
+        details = {"reference": reference,
+                   "n_reference_groups": 1 if groups is None else int(groups.unique().numel())}
     return HeadScores(per_example.mean(dim=0), f"ablation_{kind}", forward, 0, time.time() - started,
                       signed=True, details={"metric_all_heads": float(full_rows.mean()),
-                                            PER_EXAMPLE: per_example})
+                                            PER_EXAMPLE: per_example, **details})
+
+
+def _mean_reference(data: GateData, reference: MeanReference | None) -> MeanReference:
+    """The reference mean ablation uses on ``data``: as given, else ``"template"`` when the data has
+    groups and ``"all"`` when it has none; a template reference without groups is refused."""
+    if reference is None:
+        return "all" if data.groups is None else "template"
+    if reference not in ("template", "all"):
+        raise InputError(f"reference must be 'template' or 'all', got {reference!r}.")
+    if reference == "template" and data.groups is None:
+        raise InputError("reference='template' needs data.groups (the template of each example, which "
+                         "the ioi task sets); give them with data.with_groups(...), or use reference='all' "
+                         "for the mean over every example.")
+    return reference
+
+
+def _mean_ablation_rows(
+    model: TransformerLensModel, data: GateData,
+    means: list[Float[Tensor, "pos head d_head"]] | list[Float[Tensor, "example pos head d_head"]],
+    batch_size: int,
+) -> tuple[Float[Tensor, " example"], Float[Tensor, "example layer head"]]:
+    """Each example's metric with every head open, and what it loses when one head's ``hook_z`` is
+    replaced by ``means`` (one mean for all, or each example's own row)."""
+    layout = adapter.require_model(model)
+    device = adapter.model_device(model)
+    full_rows = torch.zeros(len(data))
+    per_example = torch.zeros(len(data), layout.n_layers, layout.n_heads)
+    start = 0
+    with torch.no_grad():
+        for batch, tokens, _ in on_device(data, batch_size, device):
+            rows = slice(start, start + len(batch))
+            start += len(batch)
+            metric_rows = target_logprob_per_example(batch)
+            full_rows[rows] = metric_rows(model(tokens)).float().cpu()
+            for layer in range(layout.n_layers):
+                value = means[layer] if means[layer].ndim == 3 else means[layer][rows]
+                for head in range(layout.n_heads):
+                    with model.hooks(fwd_hooks=[interventions.replace(layer, value, heads=head)]):
+                        ablated = metric_rows(model(tokens)).float().cpu()
+                    per_example[rows, layer, head] = full_rows[rows] - ablated
+    return full_rows, per_example
 
 
 def activation_patching(model: TransformerLensModel, data: GateData, direction: PatchDirection = "denoise",
                         batch_size: int = 32) -> HeadScores:
     """Per-head activation patching of ``hook_z`` at all positions, via ``transformer_lens.patching``
-    (through :func:`chg_tlens.validate.patching_scores`, one chunk of ``batch_size`` examples at a time).
+    (through :func:`chg_tlens.analysis.patching.patching_rows`, one chunk of ``batch_size`` examples at a
+    time).
 
     ``denoise`` runs the corrupt twin and patches in one head's clean output: score = metric(patched)
     - metric(corrupt), "how much of the task this head restores" (TransformerLens' convention).
     ``noise`` runs the clean data and patches in the head's corrupt output: score = metric(clean) -
     metric(patched), "how much of the task is lost". Denoising misses heads that only work together
     (an AND), noising misses heads that back each other up (an OR). Needs ``data.corrupt``.
+    Each example's own effect is kept in ``details[PER_EXAMPLE]`` (read off the same patched forwards,
+    so prompts can be resampled at no extra cost): ``2 + layers x heads`` forwards per example, one
+    clean cache, one unpatched reference and one per head.
     TransformerLens draws its own progress bar; ``validate.silent_patching_progress()`` hides it.
     """
     layout = adapter.require_model(model)
@@ -219,22 +276,21 @@ def activation_patching(model: TransformerLensModel, data: GateData, direction: 
     checks.positive_int(batch_size, "batch_size")
     device = adapter.model_device(model)
     started = time.time()
-    total = torch.zeros(layout.n_layers, layout.n_heads)
-    reference_total = 0.0
-    for batch, _, _ in on_device(data, batch_size, "cpu"):  # patching_scores moves them itself
-        metric = target_logprob_metric(batch)
+    effects, references = [], []
+    for batch, _, _ in on_device(data, batch_size, "cpu"):  # patching_rows moves them itself
+        metric_rows = target_logprob_per_example(batch)
         source, run_on = (batch, batch.corrupt) if direction == "denoise" else (batch.corrupt, batch)
-        patched = patching_scores(model, source, run_on, metric=metric, normalize=False)
+        patched = patching_rows(model, source, run_on, metric=metric_rows)
         with torch.no_grad(), adapter.frozen(model):
-            reference = float(metric(model(run_on.tokens.to(device))))
-        effect = patched - reference if direction == "denoise" else reference - patched
-        total += effect * len(batch)
-        reference_total += reference * len(batch)
+            reference = metric_rows(model(run_on.tokens.to(device))).float().cpu()[:, None, None]
+        effects.append(patched - reference if direction == "denoise" else reference - patched)
+        references.append(reference.flatten())
+    per_example = torch.cat(effects)
     forward = len(data) * (2 + layout.n_layers * layout.n_heads)
-    return HeadScores(total / len(data), f"activation_patching_{direction}", forward, 0,
-                      time.time() - started, signed=True,
-                      details={"direction": direction, "reference_metric": reference_total / len(data),
-                               "backend": "transformer_lens.patching"})
+    details = {"direction": direction, "reference_metric": float(torch.cat(references).mean()),
+               "backend": "transformer_lens.patching", PER_EXAMPLE: per_example}
+    return HeadScores(per_example.mean(dim=0), f"activation_patching_{direction}", forward, 0,
+                      time.time() - started, signed=True, details=details)
 
 
 def attribution_patching(model: TransformerLensModel, data: GateData, backend: AttributionBackend = "auto",
@@ -522,23 +578,48 @@ def one_head_off(n_layers: int, n_heads: int) -> Float[Tensor, "mask layer head"
 
 
 def mean_head_activations(
-    model: TransformerLensModel, data: GateData, batch_size: int = 32
-) -> list[Float[Tensor, "pos head d_head"]]:
-    """Per layer, each head's ``hook_z`` averaged over the examples that reach each position."""
+    model: TransformerLensModel, data: GateData, batch_size: int = 32,
+    groups: Int[Tensor, " example"] | None = None,
+) -> list[Float[Tensor, "pos head d_head"]] | list[Float[Tensor, "example pos head d_head"]]:
+    """Per layer, each head's ``hook_z`` averaged over the examples that reach each position.
+
+    Without ``groups``, over all of ``data``: ``[pos, head, d_head]``. With ``groups`` (one id per
+    example, e.g. ``data.groups``), over the examples of each example's own group: ``[example, pos,
+    head, d_head]``, row i the mean of example i's group, so templates that put their words at other
+    positions are not averaged into each other.
+    """
     layout = adapter.require_model(model)
     device = adapter.model_device(model)
+    index, n_groups = _group_index(groups, len(data))
     width = data.tokens.shape[1]
-    sums = [torch.zeros(width, layout.n_heads, layout.d_head) for _ in range(layout.n_layers)]
-    counts = torch.zeros(width)
+    sums = [torch.zeros(n_groups, width, layout.n_heads, layout.d_head) for _ in range(layout.n_layers)]
+    counts = torch.zeros(n_groups, width)
+    start = 0
     with torch.no_grad():
         for batch, tokens, _ in on_device(data, batch_size, device):
+            rows = index[start : start + len(batch)]
+            start += len(batch)
             _, cache = model.run_with_cache(tokens, names_filter=adapter.is_hook_z)
-            present = torch.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]  # [b, pos]
-            counts[: present.shape[1]] += present.sum(dim=0).float()
+            present = (torch.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]).float()
+            counts[:, : present.shape[1]].index_add_(0, rows, present)
             for layer in range(layout.n_layers):
-                z = cache[adapter.hook_z_name(layer)].float().cpu()
-                sums[layer][: z.shape[1]] += (z * present[:, :, None, None]).sum(dim=0)
-    return [total / counts.clamp(min=1)[:, None, None] for total in sums]
+                z = cache[adapter.hook_z_name(layer)].float().cpu() * present[:, :, None, None]
+                sums[layer][:, : z.shape[1]].index_add_(0, rows, z)
+    means = [total / counts.clamp(min=1)[:, :, None, None] for total in sums]
+    return [mean[0] for mean in means] if groups is None else [mean[index] for mean in means]
+
+
+def _group_index(groups: Int[Tensor, " example"] | None, n_examples: int
+                 ) -> tuple[Int[Tensor, " example"], int]:
+    """Each example's group as 0..G-1 (all 0 without groups), and G."""
+    if groups is None:
+        return torch.zeros(n_examples, dtype=torch.long), 1
+    groups = torch.as_tensor(groups)
+    if groups.is_floating_point() or groups.dtype == torch.bool or tuple(groups.shape) != (n_examples,):
+        raise InputError(f"groups must be one integer id per example, shape [{n_examples}], got "
+                         f"{groups.dtype} {list(groups.shape)}.")
+    _, index = torch.unique(groups.cpu(), return_inverse=True)
+    return index, int(index.max()) + 1
 
 
 def transformer_lens_attribution_available(model: TransformerLensModel) -> tuple[bool, str]:

@@ -346,10 +346,13 @@ several readings (CHG: max and mean). ``hisp``: Michel et al.'s head importance,
 normalised per layer as published (``hisp_raw``: without). ``attribution_patching`` takes its gradient at
 the corrupt run (Nanda), ``eap_clean`` at the clean run (Syed et al.'s EAP); ``eap_ig`` is Hanna et al.'s
 right Riemann sum."""
-METHOD_VERSIONS = {"hisp": 2, "eap_ig": 2}
+METHOD_VERSIONS = {"hisp": 2, "eap_ig": 2, "ablation_mean": 2, "activation_patching_denoise": 2,
+                   "activation_patching_noise": 2}
 """Bumped when a method's published form replaces an earlier one under the same name (``hisp`` gained
-Michel et al.'s per-layer normalisation, ``eap_ig`` Hanna et al.'s k = 1..m points), so scores cached
-by the earlier form are not read back as the new one. Methods not listed are at version 1."""
+Michel et al.'s per-layer normalisation, ``eap_ig`` Hanna et al.'s k = 1..m points, ``ablation_mean``
+the mean over each example's own template), or its scores gain what the tables read (activation
+patching's per-example rows), so scores cached by the earlier form are not read back as the new one.
+Methods not listed are at version 1."""
 METHOD_ALIASES = {"gradient_importance": "hisp"}
 """Older names still accepted by :func:`run_methods`."""
 

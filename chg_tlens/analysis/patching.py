@@ -100,22 +100,62 @@ def patching_scores(model: TransformerLensModel, clean: GateData, corrupt: GateD
     TransformerLens draws its own progress bar; wrap the call in
     ``silent_patching_progress()`` (what ``--quiet`` does) to hide it.
     """
-    from transformer_lens import patching
-
     adapter.require_model(model)
     clean, corrupt = clean_and_corrupt(model, clean, corrupt)
     metric = target_logprob_metric(clean) if metric is None else _require_metric(metric)
-    device = adapter.model_device(model)
-    clean_tokens, corrupt_tokens = clean.tokens.to(device), corrupt.tokens.to(device)
-    z_names = [adapter.hook_z_name(layer) for layer in range(model.cfg.n_layers)]
     with adapter.frozen(model), torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=z_names)
-        scores = patching.get_act_patch_attn_head_out_all_pos(model, corrupt_tokens, clean_cache, metric)
+        scores, clean_logits = _patch_each_head(model, clean, corrupt, metric)
         if not normalize:
-            return scores.detach().float().cpu()
+            return scores
         clean_value = float(metric(clean_logits))
-        corrupt_value = float(metric(model(corrupt_tokens)))
-    return ((scores.detach().float().cpu() - corrupt_value) / _gap(clean_value, corrupt_value))
+        corrupt_value = float(metric(model(corrupt.tokens.to(adapter.model_device(model)))))
+    return (scores - corrupt_value) / _gap(clean_value, corrupt_value)
+
+
+def patching_rows(model: TransformerLensModel, clean: GateData, corrupt: GateData | None = None,
+                  metric: ExampleMetric | None = None) -> Float[Tensor, "example layer head"]:
+    """:func:`patching_scores` (``normalize=False``) before its mean over examples: each example's
+    ``metric`` (one value per example; default its mean target log-prob) on the corrupt run with one
+    head's ``hook_z`` patched from the clean run, from the same forwards, so an interval over prompts
+    costs nothing more.
+
+    TransformerLens (3.9 and 4) wants a metric that returns a scalar: the one it is handed returns the
+    mean of ``metric``'s rows and keeps the rows. It calls it once per head, layer by layer; the rows'
+    means are checked against the scalars it returns, so another order is an error, not a shuffle.
+    """
+    adapter.require_model(model)
+    clean, corrupt = clean_and_corrupt(model, clean, corrupt)
+    rows_of = target_logprob_per_example(clean) if metric is None else _require_metric(metric)
+    kept: list[Tensor] = []
+
+    def mean_keeping_rows(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        rows = rows_of(logits).float()
+        kept.append(rows.detach().cpu())
+        return rows.mean()
+
+    with adapter.frozen(model), torch.no_grad():
+        scores, _ = _patch_each_head(model, clean, corrupt, mean_keeping_rows)
+    if len(kept) != scores.numel():
+        raise RuntimeError(f"patching_rows: TransformerLens called the metric {len(kept)} times for "
+                           f"{scores.numel()} heads.")
+    rows = torch.stack(kept, dim=1).reshape(len(clean), *scores.shape)
+    if not torch.allclose(rows.mean(dim=0), scores, rtol=1e-5, atol=1e-6):
+        raise RuntimeError("patching_rows: TransformerLens patched the heads in an order other than "
+                           "layer by layer, so its metric calls cannot be matched to heads.")
+    return rows
+
+
+def _patch_each_head(model: TransformerLensModel, clean: GateData, corrupt: GateData, metric: Metric
+                     ) -> tuple[Float[Tensor, "layer head"], Float[Tensor, "batch pos vocab"]]:
+    """TransformerLens' head patching of ``hook_z`` at all positions, clean into corrupt: ``metric`` per
+    head, and the clean run's logits (for a caller that normalises)."""
+    from transformer_lens import patching
+
+    device = adapter.model_device(model)
+    z_names = [adapter.hook_z_name(layer) for layer in range(model.cfg.n_layers)]
+    clean_logits, cache = model.run_with_cache(clean.tokens.to(device), names_filter=z_names)
+    scores = patching.get_act_patch_attn_head_out_all_pos(model, corrupt.tokens.to(device), cache, metric)
+    return scores.detach().float().cpu(), clean_logits
 
 
 @dataclass(frozen=True)

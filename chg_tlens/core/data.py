@@ -42,6 +42,11 @@ class GateData:
     scores next tokens; a tensor of ids, shaped like ``tokens``, scores the logit at each marked
     position against ``targets`` there (values at unmarked positions are ignored). Twins use the
     same mode as the data they belong to.
+
+    ``groups`` (optional) is one id per example saying which template built it, so an example's
+    words sit at the positions of the other examples of its group: mean ablation averages a head over
+    the example's own group (``baselines.ablation_scores``), as IOI and ACDC do, instead of mixing
+    templates position by position. A twin needs no groups of its own: it shares its data's rows.
     """
 
     tokens: Int[Tensor, "example pos"]
@@ -52,6 +57,7 @@ class GateData:
     forget: GateData | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     targets: Int[Tensor, "example pos"] | None = None
+    groups: Int[Tensor, " example"] | None = None
 
     def __post_init__(self) -> None:
         _check_tokens_and_mask(self.tokens, self.target_mask, self.per_position)
@@ -61,6 +67,11 @@ class GateData:
             raise InputError(
                 f"GateData: lengths must have shape [{self.tokens.shape[0]}], "
                 f"got {list(self.lengths.shape)}."
+            )
+        if self.groups is not None and (self.groups.shape != (len(self),) or self.groups.dtype != torch.long):
+            raise InputError(
+                f"GateData: groups must be one long id per example, shape [{len(self)}], got "
+                f"{self.groups.dtype} {list(self.groups.shape)} (GateData.with_groups converts them)."
             )
         positions = torch.arange(self.tokens.shape[1])[None, :]
         if (self.target_mask & (positions >= self.lengths[:, None])).any():
@@ -87,12 +98,13 @@ class GateData:
         lengths: Int[Tensor, " example"] | None = None,
         meta: dict[str, Any] | None = None,
         targets: Int[Tensor, "example pos"] | Sequence[Sequence[int]] | None = None,
+        groups: Int[Tensor, " example"] | Sequence[int] | None = None,
     ) -> GateData:
         """Wrap token ids and a target mask you built yourself; everything is checked.
 
         With ``targets`` (ids shaped like ``tokens``) the logit at each marked position is scored
         against ``targets`` there, for models that answer at every position rather than predicting the
-        next token.
+        next token. ``groups``: one id per example, the template that built it (see the class).
         """
         tokens = _as_token_tensor(tokens)
         target_mask = _as_mask_tensor(target_mask, tokens.shape)
@@ -101,7 +113,8 @@ class GateData:
         if targets is not None:
             targets = _as_targets_tensor(targets, tokens.shape)
         return cls(tokens, target_mask, torch.as_tensor(lengths, dtype=torch.long),
-                   int(pad_token_id), meta=dict(meta or {}), targets=targets)
+                   int(pad_token_id), meta=dict(meta or {}), targets=targets,
+                   groups=None if groups is None else _as_groups_tensor(groups, tokens.shape[0]))
 
     @classmethod
     def from_sequences(
@@ -266,7 +279,8 @@ class GateData:
 
     @classmethod
     def stack_padded(cls, parts: Sequence[GateData]) -> GateData:
-        """Several datasets as one batch, right-padded to the widest (twins are dropped)."""
+        """Several datasets as one batch, right-padded to the widest (twins are dropped; groups are kept
+        when every part has them, as ids of one numbering)."""
         width = max(p.tokens.shape[1] for p in parts)
         pad = parts[0].pad_token_id
         modes = {p.per_position for p in parts}
@@ -284,6 +298,8 @@ class GateData:
             pad_token_id=pad,
             meta=dict(parts[0].meta),
             targets=torch.cat([widen(p.targets, pad) for p in parts]) if modes == {True} else None,
+            groups=(torch.cat([p.groups for p in parts]) if all(p.groups is not None for p in parts)
+                    else None),
         )
 
     @classmethod
@@ -361,7 +377,7 @@ class GateData:
         return self
 
     def subset(self, index: Int[Tensor, " n"] | Sequence[int] | slice) -> GateData:
-        """The examples at ``index`` (twins follow), trimmed to their longest length."""
+        """The examples at ``index`` (twins and groups follow), trimmed to their longest length."""
         if isinstance(index, slice):
             index = torch.arange(len(self))[index]
         index = torch.as_tensor(index, dtype=torch.long)
@@ -374,11 +390,16 @@ class GateData:
             corrupt=None if self.corrupt is None else self.corrupt.subset(index),
             forget=None if self.forget is None else self.forget.subset(index),
             targets=None if self.targets is None else self.targets[index, :width],
+            groups=None if self.groups is None else self.groups[index],
         )
 
     def with_corrupt(self, corrupt: GateData) -> GateData:
         """This data with a counterfactual twin attached (same number of examples)."""
         return replace(self, corrupt=corrupt)
+
+    def with_groups(self, groups: Int[Tensor, " example"] | Sequence[int] | None) -> GateData:
+        """This data with one group id per example (the template that built it; None removes them)."""
+        return replace(self, groups=None if groups is None else _as_groups_tensor(groups, len(self)))
 
     def batch_indices(self, step: int, batch_size: int, seed: int = 0,
                       bucket_window: int = 1) -> Int[Tensor, " batch"]:
@@ -425,6 +446,8 @@ class GateData:
 
         Recorded with every result and checked on resume, so a run cannot silently continue on other
         data (other forget items included). ``meta`` is left out: it is description, not data.
+        ``groups`` are left out too: no fit reads them (they only pick mean ablation's reference), and
+        hashing them would refuse every fit saved on a templated task before they existed.
         """
         return self._sha256()[:16]
 
@@ -472,6 +495,18 @@ def _as_mask_tensor(mask: Any, shape: torch.Size) -> Tensor:
             f"GateData: target_mask shape {list(mask.shape)} does not match tokens shape {list(shape)}."
         )
     return mask.cpu()
+
+
+def _as_groups_tensor(groups: Any, n_examples: int) -> Tensor:
+    groups = torch.as_tensor(groups)
+    if groups.is_floating_point() or groups.dtype == torch.bool or groups.is_complex():
+        raise InputError(f"GateData: groups must be integer ids, got dtype {groups.dtype}.")
+    if tuple(groups.shape) != (n_examples,):
+        raise InputError(
+            f"GateData: groups must hold one id per example, shape [{n_examples}], got "
+            f"{list(groups.shape)}."
+        )
+    return groups.long().cpu()
 
 
 def _as_targets_tensor(targets: Any, shape: torch.Size) -> Tensor:

@@ -23,6 +23,8 @@ class TextExample:
     ``corrupt_prompt``/``corrupt_answer`` are the counterfactual: the same template with the token(s)
     that carry the answer changed, so the answer changes too. ``distractor`` is the wrong answer the
     task sets up (IOI's subject, the other verb number), kept in ``meta`` for logit-difference metrics.
+    ``group`` is the template the prompt was built from (None: the task has no templates), kept as
+    ``GateData.groups`` so mean ablation can average over prompts of the same template.
     """
 
     prompt: str
@@ -30,6 +32,7 @@ class TextExample:
     corrupt_prompt: str | None = None
     corrupt_answer: str | None = None
     distractor: str | None = None
+    group: int | None = None
 
 
 def examples_to_data(
@@ -40,11 +43,12 @@ def examples_to_data(
     """Tokenize the examples (prompt and answer separately) and attach the corrupt twin if there is one.
 
     The twin must match the clean data token for token in length, so activation patching can swap
-    activations position by position; an example where it does not is an error naming it.
+    activations position by position; an example where it does not is an error naming it. The
+    examples' groups become ``GateData.groups`` when they have them (all or none must).
     """
     meta = {**task_meta(task, seed, options, examples), **(extra_meta or {})}
     clean = GateData.from_pairs(model, [e.prompt for e in examples], [e.answer for e in examples],
-                                meta=meta)
+                                meta=meta).with_groups(_groups(task, examples))
     if corruption is None or examples[0].corrupt_prompt is None:
         return clean
     corrupt = GateData.from_pairs(
@@ -57,6 +61,18 @@ def examples_to_data(
     )
     require_same_layout(task, clean, corrupt, examples)
     return clean.with_corrupt(corrupt)
+
+
+def _groups(task: str, examples: Sequence[TextExample]) -> list[int] | None:
+    """Each example's group, or None when the task has none; a task that groups some examples only is
+    a bug in the task, named here."""
+    groups = [e.group for e in examples]
+    if all(group is None for group in groups):
+        return None
+    if any(group is None for group in groups):
+        raise InputError(f"{task}: example {groups.index(None)} has no group but others do; every "
+                         "example needs the template it was built from, or none does.")
+    return [int(group) for group in groups if group is not None]
 
 
 def task_meta(task: str, seed: int, options: dict[str, Any], examples: Sequence[TextExample]

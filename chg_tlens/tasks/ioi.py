@@ -53,7 +53,8 @@ def ioi(
 
     ``names`` (with their leading space, e.g. " Mary") must each be one token; the built-in list is
     filtered to the names that are. ``templates`` use the fields {first} {second} {subject} {place}
-    {object} and must end right before the answer.
+    {object} and must end right before the answer. The data's ``groups`` are each prompt's template
+    index (equal templates share one): mean ablation's reference.
     """
     task = "ioi"
     require_tokenizer(model, task)
@@ -76,7 +77,8 @@ def ioi(
         else:
             corrupt_prompt, corrupt_answer = _prompt(scene, third, subject, repeated=subject), third
         examples.append(TextExample(_prompt(scene, io, subject, repeated=subject), io,
-                                    corrupt_prompt, corrupt_answer, distractor=subject))
+                                    corrupt_prompt, corrupt_answer, distractor=subject,
+                                    group=templates.index(template)))
     options = {"corrupt": corrupt, "n_names": len(pool), "n_templates": len(templates)}
     return examples_to_data(model, task, examples, seed, options, corruption=corrupt)
 
