@@ -43,6 +43,25 @@ def test_a_long_trace_with_a_late_flip_is_not_certified():
     assert not row["certified"] and row["flips"] == 1 and "no_flips" in row["failed"], row
 
 
+def test_a_stationary_head_on_the_threshold_is_borderline_not_a_flip():
+    # Rejects a flip rule blind to how far the gate moved: a head at G = 0.5 +- 0.003, its gradient 0,
+    # crosses the threshold every update (the optimum sits on it) and the stage is still finished.
+    steps, gates, loss, grad = still_trace(40)
+    gates[:, 0, 0, 2] = 0.5 + 0.003 * (-1.0) ** torch.arange(len(steps))
+    row = verdict(steps, gates, loss, grad)
+    assert row["certified"] and row["flips"] == 0 and row["borderline"] == 1, row
+
+
+def test_a_small_crossing_beyond_the_margin_is_a_flip():
+    # Rejects a margin applied to the gate's distance from the threshold instead of its movement: the
+    # head ends at 0.53 but came from 0.45 inside the window.
+    steps, gates, loss, grad = still_trace(400)
+    gates[:, 0, 0, 2] = 0.45
+    gates[395:, 0, 0, 2] = 0.53
+    row = verdict(steps, gates, loss, grad)
+    assert not row["certified"] and row["flips"] == 1 and row["borderline"] == 0, row
+
+
 def test_fewer_updates_than_the_patience_window_are_not_certified():
     row = verdict(*still_trace(8))
     assert not row["certified"] and "window" in row["failed"] and "more steps" in row["advice"]

@@ -6,6 +6,9 @@ objective's full-data gradient where the stage ended). A mask is *certified* whe
     window        the stage ran at least ``patience`` updates; the window is its last
                   max(patience, a quarter of its updates) updates
     no flips      no head changed state (its role; open/closed before roles exist) within the window
+                  while its gate in this stage moved by more than ``flip_margin`` (a head whose gate
+                  sits on the threshold, stationary, may cross it by rounding: it is counted as
+                  ``borderline``, reported, and does not fail the check)
     still         the gates' mean |change| over the window, carried on for ``patience`` updates, stays
                   below ``drift`` (so a window is long against the gates' own movement, not only in
                   updates)
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 NEAR_INITIAL = 0.05
@@ -55,6 +58,7 @@ class Tolerances:
     unit: float = 1e-4
     max_undecided: float = 0.1
     share: float = 0.25
+    flip_margin: float = 0.05
 
     @classmethod
     def from_config(cls, config: Any, n_gates: int) -> Tolerances:
@@ -102,21 +106,6 @@ def stationarity(
     return residual / unit
 
 
-def decided(
-    task_grad: Float[Tensor, "mask layer head"],
-    theta: Float[Tensor, "mask layer head"],
-    lams: Float[Tensor, " mask"],
-    clamp: float,
-    mode: str,
-) -> Bool[Tensor, "mask layer head"]:
-    """Saturated gates (logit within ``KINK`` of +-c or beyond) that nothing pushes back towards the
-    middle: their residual is 0 and moving them further out changes their gate by under 2%. L-BFGS holds
-    them where they are, so the curvature of the heads still to be fitted is not swamped by logits
-    running off to infinity."""
-    saturated = theta.abs() >= clamp - KINK
-    return saturated & (stationarity(task_grad, theta, lams, clamp, mode, 1.0) == 0)
-
-
 def window_updates(updates: int, tolerances: Tolerances) -> int:
     """Length of the window the certificate reads: the last max(patience, share x updates) updates."""
     return min(updates, max(tolerances.patience, math.ceil(tolerances.share * updates)))
@@ -161,8 +150,11 @@ def certify(
     updates = int(steps[-1])
     length = window_updates(updates, tolerances)
     long_enough = updates >= tolerances.patience
-    flips = (codes[window_opening(code_steps, length):] != codes[-1]).any(dim=0).flatten(1).sum(dim=1)
     opening = window_opening(steps, length)
+    changed = (codes[window_opening(code_steps, length):] != codes[-1]).any(dim=0)
+    moved = (gates[opening:] - gates[-1]).abs().amax(dim=0) > tolerances.flip_margin
+    flips = (changed & moved).flatten(1).sum(dim=1)
+    borderline = (changed & ~moved).flatten(1).sum(dim=1)
     span = max(1, updates - int(steps[opening]))
     drift = (gates[-1] - gates[opening]).abs().flatten(1).mean(dim=1) * tolerances.patience / span
     change, noise = loss_change(loss, length)
@@ -185,7 +177,8 @@ def certify(
             "flat_loss": abs(float(change[m])) <= max(2 * float(noise[m]), tolerances.unit),
             "decided": not regularised or float(undecided[m]) <= tolerances.max_undecided,
         }
-        row = {"updates": updates, "window": length, "flips": int(flips[m]), "drift": float(drift[m]),
+        row = {"updates": updates, "window": length, "flips": int(flips[m]),
+               "borderline": int(borderline[m]), "drift": float(drift[m]),
                "loss_change": float(change[m]), "loss_noise": float(noise[m]),
                "undecided_at_initial": float(undecided[m]),
                "gradient": float(gradient[m]) if task_grad is not None else None}

@@ -147,7 +147,8 @@ class CHGResult:
     # ----------------------------------------------------------------- convergence
     def convergence(self, threshold: float | None = None) -> pd.DataFrame:
         """Per stage x seed: the convergence certificate (:mod:`chg_tlens.core.certificate`): the window
-        read, role flips in it (open/closed flips in stage 1), the gates' drift, the loss change against
+        read, role flips in it (open/closed flips in stage 1; ``borderline``: role changes of heads whose
+        gate moved by under 0.05, stationary on the threshold), the gates' drift, the loss change against
         its noise, gates undecided at their initial draw, the largest stationarity residual in units of
         the regulariser's pull, ``certified``, the checks that ``failed`` and what to change. Roles are read
         at ``threshold`` (default: the fit's ``role_threshold``, the one its early stopping used)."""
