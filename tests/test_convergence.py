@@ -101,6 +101,25 @@ def test_lbfgs_certifies_every_stage_and_finds_the_planted_roles(recall, lbfgs_f
     assert lbfgs_fit.summary()["certified"].all()
 
 
+def test_lbfgs_searches_the_box_the_clamp_defines(lbfgs_fit):
+    # Rejects an unbounded search: without a regulariser stage 1's optimum lies at infinity for heads
+    # the task wants shut or open, and its logits run past the clamp into flat ground (seen on SmolLM2:
+    # heads that never stop crossing 0.5). L-BFGS holds them on the boundary instead.
+    clamp = lbfgs_fit.config["clamp"]
+    for name in ("theta_zero", "theta_plus", "theta_minus"):
+        assert getattr(lbfgs_fit, name).abs().max() <= clamp, name
+    assert (lbfgs_fit.theta_zero.abs() == clamp).sum() >= 2
+
+
+def test_a_certified_lbfgs_fit_is_the_same_at_three_times_the_ceiling(recall, lbfgs_fit):
+    # Issue 24's "3x the budget gives the same roles": a certified fit stops where it is certified, so
+    # a higher ceiling changes nothing. Rejects a stopping rule or window tied to the ceiling.
+    longer = fit_chg(recall.model, recall.data(128, 0), CHGConfig(optimizer="lbfgs", steps=300, **QUICK))
+    for name in ("theta_zero", "theta_plus", "theta_minus"):
+        assert torch.equal(getattr(longer, name), getattr(lbfgs_fit, name)), name
+    assert longer.convergence()["updates"].tolist() == lbfgs_fit.convergence()["updates"].tolist()
+
+
 def test_a_three_update_fit_is_not_certified_and_says_why(recall):
     short = fit_chg(recall.model, recall.data(128, 0), CHGConfig(steps=3, trace_every=1, **QUICK))
     report = short.convergence()

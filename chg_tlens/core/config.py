@@ -25,8 +25,9 @@ class GateFitConfig:
     """Independent gate sets (masks), each with its own uniform initial draw; trained in one pass."""
     optimizer: Literal["adam", "lbfgs"] = "adam"
     """'adam' (the paper's: minibatch Adam, learning rate decaying linearly over ``steps``) or 'lbfgs'
-    (full-data L-BFGS per mask with a line search: no learning rate, deterministic, stops once the
-    stage is certified; see the README's convergence section)."""
+    (full-data L-BFGS per mask with a line search, within the box [-clamp, clamp] of the gate logits:
+    no learning rate, deterministic, stops once the stage is certified; see the README's convergence
+    section)."""
     batch_size: int = 64
     """Examples per Adam update (each repeated once per seed inside the forward pass); L-BFGS uses
     every example in every iteration and ignores it."""
@@ -74,8 +75,9 @@ class GateFitConfig:
     grad_tolerance: float = 0.1
     """Largest stationarity residual of any head, in units of the regulariser's pull on one gate logit
     (lam / n_heads), that still certifies a stage."""
-    lbfgs_memory: int = 10
-    """Curvature pairs L-BFGS keeps per mask."""
+    lbfgs_memory: int = 100
+    """Curvature pairs L-BFGS keeps per mask (the gate logits are few: 100 pairs of 270 numbers for
+    SmolLM2-135M cost nothing next to a forward pass)."""
     role_threshold: float = 0.5
     """Score that gives a head a role while fitting (early stopping, the certificate); results take
     their own threshold when read."""

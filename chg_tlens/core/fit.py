@@ -451,6 +451,7 @@ class StageRun:
             current, active = {k: v.clone() for k, v in saved["current"].items()}, saved["active"].clone()
             self.held = saved.get("held", torch.zeros(n_masks, shape[1] * shape[2], dtype=torch.bool))
         else:
+            theta = self._box(theta)
             memory = lbfgs.LBFGSState.empty(n_masks, shape[1] * shape[2], config.lbfgs_memory)
             current, active = self.evaluate(theta, index), torch.ones(n_masks, dtype=torch.bool)
             self._check_finite(current["loss"], 0, index, theta, None)
@@ -478,8 +479,7 @@ class StageRun:
     def _lbfgs_step(self, x: Tensor, current: dict[str, Tensor], memory: lbfgs.LBFGSState,
                     active: Tensor, index: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """One iteration for every active mask: direction, backtracking line search, history update."""
-        held = certificate.decided(current["task_grad"], x, self.lams, self.config.clamp,
-                                   self.config.clamp_mode).flatten(1)
+        held = lbfgs.binding(x.flatten(1), current["grad"].flatten(1), self.config.clamp)
         self.held = held
         grad = current["grad"].flatten(1).masked_fill(held, 0.0)
         direction = lbfgs.direction(grad, memory).masked_fill(held, 0.0)
@@ -495,12 +495,14 @@ class StageRun:
             masks = torch.nonzero(pending).flatten()
             if len(masks) == 0:
                 break
-            trial = x[masks] + (step_size[masks, None] * direction[masks]).view(-1, *x.shape[1:])
+            trial = self._box(x[masks] + (step_size[masks, None] * direction[masks]).view(-1, *x.shape[1:]))
             out = self.evaluate(trial, index, masks)
             finite = torch.isfinite(out["loss"])  # a non-finite trial is a step too far: backtrack
             out["loss"] = torch.where(finite, out["loss"], torch.full_like(out["loss"], float("inf")))
+            # Armijo along the projected step (slope x step, never asking less than no increase)
+            moved = (grad[masks] * (trial - x[masks]).flatten(1)).sum(dim=1).clamp(max=0.0)
             accepted = finite & lbfgs.acceptable(
-                current["loss"][masks], slope[masks], step_size[masks], out["loss"],
+                current["loss"][masks], moved, torch.ones_like(moved), out["loss"],
                 grad[masks], out["grad"].flatten(1).masked_fill(held[masks], 0.0))
             took = masks[accepted]
             new_x[took] = trial[accepted]
@@ -516,6 +518,10 @@ class StageRun:
         y = (new["grad"] - current["grad"]).flatten(1).masked_fill(held, 0.0)
         memory.push(active & ~pending, (new_x - x).flatten(1), y)
         return new_x, new
+
+    def _box(self, theta: Tensor) -> Tensor:
+        """L-BFGS searches the box [-c, c] of the gate logits (see :mod:`chg_tlens.core.lbfgs`)."""
+        return lbfgs.project(theta.flatten(1), self.config.clamp).view_as(theta)
 
     # ------------------------------------------------------------------ certificate
     def _stationarity(self, theta: Tensor, task_grad: Tensor) -> Tensor:
