@@ -473,7 +473,7 @@ def end_to_end(which: str, device: str | None) -> list[Row]:
 
 def end_to_end_child(which: str, device: str | None, result_path: str) -> None:
     """Body of the end-to-end subprocess: load, fit with the demo settings, write time and RSS as JSON."""
-    from chg_tlens.app.settings import DEMO_SETTINGS
+    from chg_tlens.app.settings import DEMO_SETTINGS, demo_fit_settings
     from chg_tlens.core.fit import fit_chg
 
     imports_rss = peak_rss_mb()
@@ -485,8 +485,7 @@ def end_to_end_child(which: str, device: str | None, result_path: str) -> None:
         model = load_model("smollm2-135m", device=device)
         settings = DEMO_SETTINGS
         data = make_task(settings["task"], model, n=settings["n_examples"], seed=0)
-        config = CHGConfig(n_seeds=settings["n_seeds"], batch_size=settings["batch_size"],
-                           steps=settings["steps"], progress=False, device=device)
+        config = CHGConfig(batch_size=len(data), progress=False, device=device, **demo_fit_settings())
     elif which == "planted-repeat":
         from chg_tlens.testbeds.planted import repeat_circuit
 

@@ -25,7 +25,7 @@ import sys
 import torch
 
 from chg_tlens.app import cli
-from chg_tlens.app.settings import DEMO_SETTINGS
+from chg_tlens.app.settings import CPU_BUDGET
 
 
 def main() -> int:
@@ -61,10 +61,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", default=None,
                         help="comma-separated subset (chg-tlens compare --list-methods)")
     parser.add_argument("--n", type=int, default=64, help="examples per benchmark-model data draw")
-    parser.add_argument("--real-n", type=int, default=DEMO_SETTINGS["n_examples"],
+    parser.add_argument("--real-n", type=int, default=CPU_BUDGET["n_examples"],
                         help="examples per SmolLM2 task")
-    parser.add_argument("--real-steps", type=int, default=DEMO_SETTINGS["steps"],
-                        help="updates per CHG stage and of subnetwork probing on SmolLM2 (the demo's)")
+    parser.add_argument("--real-steps", type=int, default=CPU_BUDGET["steps"],
+                        help="updates per CHG stage and of subnetwork probing on SmolLM2 (a CPU budget)")
     parser.add_argument("--real-tasks", default="induction,ioi", help="comma-separated task names")
     parser.add_argument("--device", default="cpu", help="torch device for SmolLM2 (default cpu, as timed)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")

@@ -33,7 +33,7 @@ from chg_tlens import CHGConfig, CHGResult, fit_chg, load_model, validate
 from chg_tlens.analysis.compare import induction_reference
 from chg_tlens.analysis.metrics import spearman
 from chg_tlens.app.markdown import markdown_table
-from chg_tlens.app.settings import DEMO_SETTINGS
+from chg_tlens.app.settings import CPU_BUDGET
 from chg_tlens.core.checkpoint import CHECKPOINT_FILE
 from chg_tlens.tasks import make_task
 
@@ -53,8 +53,8 @@ def variants(ref_steps: int, ref_batch: int) -> dict[str, dict[str, Any]]:
     third = max(1, ref_steps // 3)
     return {
         "reference": dict(steps=ref_steps, batch_size=ref_batch),
-        f"demo ({DEMO_SETTINGS['steps']} x {DEMO_SETTINGS['batch_size']})":
-            dict(steps=DEMO_SETTINGS["steps"], batch_size=DEMO_SETTINGS["batch_size"]),
+        f"cpu budget ({CPU_BUDGET['steps']} x {CPU_BUDGET['batch_size']})":
+            dict(steps=CPU_BUDGET["steps"], batch_size=CPU_BUDGET["batch_size"]),
         "paper, 1/3": dict(steps=third, batch_size=ref_batch),
         "fast lr, 1/3": dict(steps=third, batch_size=ref_batch, **FAST_LR),
         "fast lr, 1/6 x batch 2": dict(steps=max(1, ref_steps // 6), batch_size=2 * ref_batch, **FAST_LR),

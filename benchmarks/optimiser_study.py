@@ -9,6 +9,9 @@ Per task, every variant starts from the same initial gates (same seeds) on the s
     paper      Adam, minibatch, the paper's learning rates (``--adam-steps`` updates per stage)
     adam_full  Adam on the whole data each update (batch = all prompts), 5x / 2x the paper's rates
     lbfgs      full-data L-BFGS per mask, stopping once certified (``--lbfgs-steps`` ceiling)
+    lbfgs_m10  the same with 10 curvature pairs instead of ``--lbfgs-memory``: another path from the same
+               start (a different quasi-Newton model of the curvature), to test that certified roles
+               do not depend on the path
 
 For each fit: example forward+backward passes and seconds (as the fit measured them), the stage x seed
 rows that carry the certificate, the largest stationarity residual, and the role shares. Between every
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +48,9 @@ def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "paper": dict(optimizer="adam", steps=args.adam_steps, batch_size=args.adam_batch),
         "adam_full": dict(optimizer="adam", steps=args.adam_steps, batch_size="all",
                           lr_zero=(0.5, 0.01), lr_reg=(1.0, 0.02)),
-        "lbfgs": dict(optimizer="lbfgs", steps=args.lbfgs_steps, batch_size="all"),
+        "lbfgs": dict(optimizer="lbfgs", steps=args.lbfgs_steps, batch_size="all",
+                      lbfgs_memory=args.lbfgs_memory),
+        "lbfgs_m10": dict(optimizer="lbfgs", steps=args.lbfgs_steps, batch_size="all", lbfgs_memory=10),
     }
 
 
@@ -67,7 +73,7 @@ def main() -> None:
             print(f"{task} / {name}: {record['seconds']:.0f} s, {record['example_passes']} passes, "
                   f"certified {record['certified_rows']}/{record['rows']}", flush=True)
     rows, pairs = summarise(out, settings)
-    for folder in [out] + ([Path("docs/results/optimiser_study")] if args.docs else []):
+    for folder in [out] + ([Path(args.docs_dir)] if args.docs else []):
         write_tables(folder, rows, pairs, args)
 
 
@@ -130,20 +136,22 @@ def write_tables(folder: Path, rows: list[dict[str, Any]], pairs: list[dict[str,
     import pandas as pd
 
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "docs")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "docs", "docs_dir", "command")}
     (folder / "optimiser_study.json").write_text(json.dumps(
         {"settings": settings, "variants": variants(args), "fits": rows, "agreement": pairs},
         indent=2, default=str))
     text = ["# Which optimiser earns the certificate? SmolLM2-135M-Instruct", "",
-            f"Written by `python benchmarks/optimiser_study.py OUT --docs` ({args.n} prompts per task, "
+            f"Written by the command below ({args.n} prompts per task, "
             f"{args.seeds} seeds, {args.threads} CPU threads; every fit of a task from the same initial "
             "gates). Variants: `paper` = Adam, batch "
             f"{args.adam_batch}, the paper's rates, {args.adam_steps} updates per stage; `adam_full` = Adam "
             "on all prompts every update, rates (0.5, 0.01) / (1.0, 0.02); `lbfgs` = full-data L-BFGS per "
-            f"mask, stopping once certified (ceiling {args.lbfgs_steps} iterations). example_passes: example "
+            f"mask in the box [-c, c], memory {args.lbfgs_memory}, stopping once certified (ceiling "
+            f"{args.lbfgs_steps} iterations); `lbfgs_m10` = the same with memory 10. example_passes: example "
             "forward+backward passes over all gate sets, line searches and the certificate's gradient "
             "included. certified: stage x seed rows that carry the certificate. largest_residual: the "
-            "largest stationarity residual in units of the regulariser's pull (certified below 0.1).", "",
+            "largest stationarity residual in units of the regulariser's pull (certified below 0.1). "
+            f"Command: `{args.command}`.", "",
             markdown_table(pd.DataFrame(rows)) if rows else "(no fits yet)", "",
             "## Same role, pairs of optimisers from the same initial gates", "",
             markdown_table(pd.DataFrame(pairs)) if pairs else "(fewer than two fits of a task)", ""]
@@ -161,12 +169,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--adam-steps", type=int, default=200)
     parser.add_argument("--adam-batch", type=int, default=16)
     parser.add_argument("--lbfgs-steps", type=int, default=300)
+    parser.add_argument("--lbfgs-memory", type=int, default=100, help="curvature pairs L-BFGS keeps")
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget-minutes", type=float, default=120.0,
                         help="start no new fit after this long (finished fits are kept; rerun to continue)")
-    parser.add_argument("--docs", action="store_true", help="also write docs/results/optimiser_study/")
-    return parser.parse_args()
+    parser.add_argument("--docs", action="store_true", help="also write the tables to --docs-dir")
+    parser.add_argument("--docs-dir", default="docs/results/optimiser_study")
+    args = parser.parse_args()
+    args.command = " ".join(["python", "benchmarks/optimiser_study.py", *sys.argv[1:]])
+    return args
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from chg_tlens.app.settings import DEMO_SETTINGS
+from chg_tlens.app.settings import CPU_BUDGET, DEMO_SETTINGS, demo_fit_settings
 from chg_tlens.errors import InputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
@@ -140,15 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--model", default="smollm2-135m", help="model for --task (default smollm2-135m)")
     compare.add_argument("--task", action="append", default=[],
                          help="built-in task to compare on the real model (repeatable)")
-    compare.add_argument("--task-n", type=int, default=DEMO_SETTINGS["n_examples"],
-                         help=f"examples per real-model task (default {DEMO_SETTINGS['n_examples']})")
-    compare.add_argument("--steps", type=int, default=DEMO_SETTINGS["steps"],
+    compare.add_argument("--task-n", type=int, default=CPU_BUDGET["n_examples"],
+                         help=f"examples per real-model task (default {CPU_BUDGET['n_examples']})")
+    compare.add_argument("--steps", type=int, default=CPU_BUDGET["steps"],
                          help="CHG updates per stage (and probing steps) on the real model "
-                              f"(default {DEMO_SETTINGS['steps']}, the demo's budget)")
-    compare.add_argument("--chg-seeds", type=int, default=DEMO_SETTINGS["n_seeds"],
-                         help=f"CHG seeds on the real model (default {DEMO_SETTINGS['n_seeds']})")
-    compare.add_argument("--chg-batch", type=int, default=DEMO_SETTINGS["batch_size"],
-                         help=f"CHG batch on the real model (default {DEMO_SETTINGS['batch_size']})")
+                              f"(default {CPU_BUDGET['steps']}, a CPU budget)")
+    compare.add_argument("--chg-seeds", type=int, default=CPU_BUDGET["n_seeds"],
+                         help=f"CHG seeds on the real model (default {CPU_BUDGET['n_seeds']})")
+    compare.add_argument("--chg-batch", type=int, default=CPU_BUDGET["batch_size"],
+                         help=f"CHG batch on the real model (default {CPU_BUDGET['batch_size']})")
     compare.add_argument("--chg-fit", action="append", default=[], metavar="TASK=RESULT_DIR",
                          help="score CHG from a saved fit of TASK (same --task-n, seed 0) instead of "
                               "fitting; repeatable, several fits of one task are all scored")
@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the main job: CHG on the embedded SmolLM2-135M, subject-verb agreement",
         description="Fit CHG on the embedded SmolLM2-135M-Instruct (offline) on subject-verb "
-        f"agreement with a CPU-sized configuration ({_settings_text(DEMO_SETTINGS)}), print the "
-        "role table and write a run folder.")
+        f"agreement until every stage is certified ({_settings_text(DEMO_SETTINGS)}), print "
+        "the role table and the certificate and write a run folder.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     demo.add_argument("--planted", action="store_true",
                       help="run on a planted-circuit toy model instead (seconds, known answer)")
@@ -612,11 +612,14 @@ def run_demo(args: argparse.Namespace) -> int:
         model = load_model("smollm2-135m", device=args.device)
         data = make_task(DEMO_SETTINGS["task"], model, n=DEMO_SETTINGS["n_examples"], seed=0)
         name = "smollm2-135m"
-        config = CHGConfig(n_seeds=DEMO_SETTINGS["n_seeds"], batch_size=DEMO_SETTINGS["batch_size"],
-                           steps=DEMO_SETTINGS["steps"], progress=not args.quiet, device=args.device)
+        config = CHGConfig(batch_size=len(data), progress=not args.quiet, device=args.device,
+                           **demo_fit_settings())
     loaded = time.time()
+    budget = (f"L-BFGS on all {len(data)} examples, stopping once certified (ceiling {config.steps})"
+              if config.optimizer == "lbfgs"
+              else f"{config.steps} steps x 3 stages, batch {config.batch_size}")
     print(f"CHG demo: {name}, task {data.meta.get('task', '?')}, {len(data)} examples, "
-          f"{config.n_seeds} seeds x {config.steps} steps x 3 stages, batch {config.batch_size}")
+          f"{config.n_seeds} seed(s), {budget}")
     result = fit_chg(model, data, config)
     fitted = time.time()
     info = {"command": _command_line(), "model": name, "task": data.meta.get("task"),
