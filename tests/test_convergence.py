@@ -69,9 +69,12 @@ def test_micro_batches_give_the_gates_of_one_big_batch(varied, optimizer):
     micro = fit_chg(model, data, CHGConfig(micro_batch_size=5, **settings))  # 5 + 5 + 5 + 5 + 4
     for name in ("g_zero", "g_plus", "g_minus"):
         assert torch.allclose(getattr(whole, name), getattr(micro, name), atol=1e-5, rtol=0), name
-    # The last micro-batch counts: dropping it (training on 20 of 24 examples) moves the gates.
+    # The last micro-batch counts: dropping it (training on 20 of 24 examples) moves the gates. (Not
+    # G+ alone: on this random model it may pin every gate at the clamp either way.)
     shorter = fit_chg(model, data.subset(slice(0, 20)), CHGConfig(**settings | {"batch_size": 20}))
-    assert not torch.allclose(whole.theta_plus, shorter.theta_plus, atol=1e-4)
+    stages = ("theta_zero", "theta_plus", "theta_minus")
+    assert not torch.allclose(torch.cat([getattr(whole, name) for name in stages]),
+                              torch.cat([getattr(shorter, name) for name in stages]), atol=1e-4)
 
 
 def test_trace_keeps_start_end_and_every_few_updates(recall):
