@@ -17,10 +17,11 @@ Per task (induction with ``seq_len=8`` as ``convergence_study.py``; ioi), on ``-
 For each node set and counterfactual (induction: each head's mean output and the task's corrupt twin,
 whose second half is fresh tokens; ioi: the swap-subject twin), :func:`chg_tlens.circuit` measures every
 edge through each receiver's query, key and value plus each node's direct edge to the logits, with 90%
-bootstrap intervals over prompts. SmolLM2 shares each key/value head among 3 query heads, so neither
-``circuit`` nor TransformerLens' edge attribution patching accepts key/value edges on it; the study
+bootstrap intervals over prompts. SmolLM2 shares each key/value head among 3 query heads, and
+TransformerLens' edge attribution patching has no key/value edge per query head there; so the study
 measures on a copy whose every query head has its own copy of its group's key/value weights (the same
-logits, checked), so "through the key of head r" is r's own key input.
+logits, checked), where "through the key of head r" is r's own key input for both methods. (``circuit``
+itself gives the same edges on SmolLM2 directly: it holds the heads sharing r's key/value head clean.)
 
 Edge attribution patching (EAP, Syed et al. 2023) scores each of the same edges as ``(clean - cf) output
 of the sender, written to the residual stream`` dotted with the gradient of the metric at the receiver's

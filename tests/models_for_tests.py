@@ -29,6 +29,34 @@ def random_bridge(n_layers: int = 2, n_heads: int = 4, d_head: int = 8, n_ctx: i
     )
 
 
+@torch.no_grad()
+def with_a_key_value_head_per_query_head(grouped: nn.Module, **config: object) -> nn.Module:
+    """The same function as a grouped-query ``random_bridge(..., **config)`` (pass the same config), each
+    key/value head copied to every query head that reads it (head ``h`` reads ``h // group``): ordinary
+    multi-head attention, where a head's key input is its own."""
+    config = {key: value for key, value in config.items() if key != "n_key_value_heads"}
+    copied = random_bridge(**config)
+    n_heads, d_head = grouped.cfg.n_heads, grouped.cfg.d_head
+    group = n_heads // grouped.cfg.n_key_value_heads
+    bridge = hasattr(grouped, "original_model")
+    source = (grouped.original_model if bridge else grouped).state_dict()
+    target = copied.original_model if bridge else copied
+    state = {}
+    for key, value in target.state_dict().items():
+        hooked_name = key.replace("attn.W_K", "attn._W_K").replace("attn.W_V", "attn._W_V")
+        hooked_name = hooked_name.replace("attn.b_K", "attn._b_K").replace("attn.b_V", "attn._b_V")
+        found = source[key] if key in source else source[hooked_name]
+        if found.shape != value.shape:  # one key/value head per query head: repeat each group times
+            if bridge:  # nn.Linear rows: [n_kv * d_head, ...]
+                found = found.reshape(-1, d_head, *found.shape[1:]).repeat_interleave(group, dim=0)
+                found = found.reshape(n_heads * d_head, *found.shape[2:])
+            else:  # [n_kv, ...]
+                found = found.repeat_interleave(group, dim=0)
+        state[key] = found
+    target.load_state_dict(state)
+    return copied
+
+
 def random_twins(n: int = 5, seq: int = 8, seed: int = 0, first_target: int = 4,
                  d_vocab: int = 20) -> GateData:
     """Random prompts of ``random_bridge``'s vocabulary, each with a random corrupt twin, targets from

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from models_for_tests import random_bridge, random_twins
+from models_for_tests import random_bridge, random_twins, with_a_key_value_head_per_query_head
 from PIL import Image
 from test_report import chromium, console_lines
 
@@ -125,6 +125,37 @@ def test_edges_run_forward_only_and_every_pair_is_measured_once(wired_found):
     assert set(keys) == expected
     assert all(e.receiver == LOGITS or e.receiver[0] > e.sender[0] for e in found.edges)
     assert all(e.kept for e in found.prune(0.0).edges) and not found.prune(1.0).kept_edges()
+
+
+GROUPED = dict(n_layers=3, n_heads=4, n_key_value_heads=2, seed=3)
+"""A random model with norms and MLPs whose 4 query heads per layer share 2 key/value heads (0-1, 2-3)."""
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_grouped_query_edges_equal_those_of_the_model_with_a_key_value_head_per_query_head(exact):
+    """A receiver's key/value edge on a grouped-query model is its own: the same numbers as on the same
+    function written with one key/value head per query head. Rejects patching the shared key/value head
+    without holding the heads that share it (1.0 shares 1.1's and is no node), and reading head h's
+    key/value head as h % n_kv instead of h // group."""
+    grouped, twins = random_bridge(**GROUPED), random_twins()
+    copied = with_a_key_value_head_per_query_head(grouped, **GROUPED)
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(twins.tokens), copied(twins.tokens), atol=1e-5, rtol=0)
+    nodes = [(0, 0), (0, 3), (1, 1), (2, 0), (2, 1)]  # 2.0 and 2.1 share a key/value head, both receive
+    found, reference = (circuit(model, twins, nodes, exact=exact, n_boot=20).to_frame()
+                        for model in (grouped, copied))
+    assert set(found.input) == {"q", "k", "v", LOGITS}
+    for kind in ("k", "v"):  # the edges carry something to get wrong
+        assert found[found.input == kind].effect.abs().max() > 1e-3
+    np.testing.assert_allclose(found.effect.to_numpy(), reference.effect.to_numpy(), atol=1e-6, rtol=1e-4)
+    if exact:  # path patching itself, with one receiver and with two sharing a key/value head
+        for receivers in ([(1, 1)], [(2, 0), (2, 1)]):
+            own, copy = (path_patching(model, twins, None, [(0, 0)], receivers, receiver_input="k")
+                         for model in (grouped, copied))
+            assert own.patched == pytest.approx(copy.patched, abs=1e-6)
+            assert abs(own.patched - own.clean) > 1e-4
+        with pytest.raises(InputError, match="one layer"):  # a later partner would see the earlier change
+            path_patching(grouped, twins, None, [(0, 0)], [(1, 1), (2, 0)], receiver_input="v")
 
 
 @pytest.mark.parametrize("name", ["wiring", "composite", "induction"])
@@ -344,12 +375,8 @@ def test_bad_input_is_refused_naming_the_argument(wired, repeat, repeat_run):
     for argument, call in cases:
         with pytest.raises(InputError, match=re.escape(argument)):
             call()
-    grouped, twins = random_bridge(n_key_value_heads=2), random_twins()  # keys and values shared by heads
-    with pytest.raises(InputError, match=re.escape("inputs: receiver_input='k'")):
-        circuit(grouped, twins, [(0, 0), (1, 0)], inputs=("q", "k"))
-    queries = circuit(grouped, twins, [(0, 0), (1, 0)], n_boot=50)  # by default only the query there
-    assert {e.input for e in queries.edges} == {"q", LOGITS} and queries.inputs == ("q",)
-    assert queries.carry == "first order"  # the model has a final norm
+    with pytest.raises(InputError, match="inputs"):
+        circuit(model, data, NODES, inputs=("q", "o"))
     found = circuit(model, data, [INDUCTION, MOVER], **QUICK)
     with pytest.raises(InputError, match="model"):
         found.ablate(repeat.model, repeat.data(8, 0))

@@ -34,8 +34,9 @@ from chg_tlens.analysis.ablation import random_head_sets
 from chg_tlens.analysis.baselines import HeadScores, mean_head_activations
 from chg_tlens.analysis.patching import (
     PathPatchingRun,
+    key_value_group,
     logit_diff_per_example,
-    require_receiver_input,
+    receiver_input_hooks,
     target_logprob_per_example,
 )
 from chg_tlens.analysis.statistics import bootstrap
@@ -408,11 +409,13 @@ def circuit(
     ``(layer, head)`` is taken as it is.
 
     **Edges.** For every node ``s`` and every node ``r`` in a later layer, and each of ``r``'s inputs
-    in ``inputs`` separately (query, key, value; by default all three, or only the query on a
-    grouped-query model, where a key/value head is shared by several query heads): path patching's
+    in ``inputs`` separately (query, key, value; by default all three): path patching's
     effect of ``s`` through that input of ``r`` alone (``s`` set to its counterfactual, every other head
     frozen at its clean output, the change reaching ``r``'s input; then ``r`` alone gets the changed
-    input and the rest runs free).
+    input and the rest runs free). On a grouped-query model (SmolLM2) a key/value head serves several
+    query heads: ``r``'s key or value input is changed at its key/value head while the heads sharing it
+    keep their clean output, so the edge is ``r``'s alone (the same numbers as the model with each
+    key/value head copied per query head; tested).
     Plus each node's direct edge to the logits (``s`` counterfactual, every other head frozen).
     ``effect = metric(clean) - metric(patched)``: positive = the edge helps the clean answer. The
     counterfactual is the data's corrupt twin (``"corrupt"``) or each head's mean output over the data
@@ -452,7 +455,7 @@ def circuit(
     nodes, info, source_name = _select_nodes(source, layout, interfering, min_confidence, role_threshold,
                                              seed, top_k, score_threshold)
     counterfactual = _counterfactual(counterfactual, data)
-    kinds = _inputs(model, inputs)
+    kinds = _inputs(inputs)
     threshold = _threshold(threshold)
     checks.positive_int(n_boot, "n_boot")
     if not 0.0 < level < 1.0:
@@ -579,12 +582,8 @@ class _FastEdges:
         """Each receiver's output with only its ``kind`` input changed: all receivers in one pass, every
         head's output frozen clean after it is recorded, so no receiver sees another's change."""
         run = self.run
-        heads_in: dict[int, list[int]] = {}
-        for layer, head in receivers:
-            heads_in.setdefault(layer, []).append(head)
-        hooks = [interventions.replace(layer, recorded[layer], heads=heads, activation=kind)
-                 for layer, heads in heads_in.items()]
-        record_hooks, outputs = interventions.record(sorted(heads_in))
+        hooks = receiver_input_hooks(receivers, kind, recorded, key_value_group(run.model))
+        record_hooks, outputs = interventions.record(sorted({layer for layer, _ in receivers}))
         _run(run, hooks + record_hooks + run.frozen_hooks(run.clean_z))  # record before freezing
         self.passes += 1
         return outputs
@@ -755,19 +754,13 @@ def _counterfactual_run(model: TransformerLensModel, data: GateData, counterfact
     return PathPatchingRun(model, data, None, ablated_z=means), 1
 
 
-def _inputs(model: TransformerLensModel, inputs: Any) -> tuple[Kind, ...]:
+def _inputs(inputs: Any) -> tuple[Kind, ...]:
     if inputs is None:
-        n_kv = getattr(model.cfg, "n_key_value_heads", None)
-        return ("q",) if n_kv is not None and n_kv != model.cfg.n_heads else KINDS
+        return KINDS
     if isinstance(inputs, str) or not isinstance(inputs, Sequence) or not inputs:
         raise InputError(f"inputs: expected a non-empty list drawn from {list(KINDS)}, got {inputs!r}.")
     if len(set(inputs)) != len(inputs) or any(kind not in KINDS for kind in inputs):
         raise InputError(f"inputs: expected distinct entries drawn from {list(KINDS)}, got {list(inputs)!r}.")
-    for kind in inputs:
-        try:
-            require_receiver_input(model, kind)
-        except InputError as error:
-            raise InputError(f"inputs: {error} Here: inputs=('q',).") from error
     return tuple(kind for kind in KINDS if kind in inputs)
 
 

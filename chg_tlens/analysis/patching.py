@@ -196,8 +196,10 @@ def path_patching(
     ``receivers="logits"`` takes the direct path to the output: the metric of step 2 itself. Only
     attention heads are frozen; MLPs recompute, so sender -> MLP -> receiver routes count as part of
     the path. Senders and receivers are ``(layer, head)`` lists, as :meth:`CHGResult.roles` returns.
-    K and V inputs are refused on grouped-query models (a key/value head is shared by several query
-    heads); use ``"q"`` or ``"z"`` there. The whole dataset goes through each of the four forward passes.
+    On a grouped-query model a key/value head is shared by several query heads: a receiver's K or V
+    input is patched at its key/value head and the heads sharing it are held at their clean output
+    (:func:`receiver_input_hooks`), so K/V receivers must then lie in one layer. The whole dataset goes
+    through each of the four forward passes.
     """
     layout = adapter.require_model(model)
     clean, corrupt = clean_and_corrupt(model, clean, corrupt)
@@ -213,6 +215,7 @@ def path_patching(
         if overlap:
             raise InputError(f"receivers: heads {overlap} are also senders; a head cannot be both.")
         require_receiver_input(model, receiver_input)
+        _require_shared_inputs_in_one_layer(model, receiver_list, receiver_input)
     run = PathPatchingRun(model, clean, corrupt, metric)
     with adapter.frozen(model), torch.no_grad():
         clean_value, corrupt_value = run.baselines()
@@ -340,11 +343,8 @@ class PathPatchingRun:
     def patched_logits(self, receivers: list[Head], receiver_input: ReceiverInput,
                        recorded: dict[int, Tensor]) -> Tensor:
         """Step 3: clean run with only the receivers' inputs replaced by the recorded ones."""
-        heads_in: dict[int, list[int]] = {}
-        for layer, head in receivers:
-            heads_in.setdefault(layer, []).append(head)
-        hooks = [interventions.replace(layer, recorded[layer], heads=heads, activation=receiver_input)
-                 for layer, heads in heads_in.items()]
+        hold = {layer: self.clean_z[name] for layer, name in enumerate(self.z_names)}
+        hooks = receiver_input_hooks(receivers, receiver_input, recorded, key_value_group(self.model), hold)
         with self.model.hooks(fwd_hooks=hooks):
             return self.model(self.clean_tokens)
 
@@ -357,13 +357,57 @@ class PathPatchingRun:
 def require_receiver_input(model: TransformerLensModel, receiver_input: str) -> None:
     if receiver_input not in ("q", "k", "v", "z"):
         raise InputError(f"receiver_input: expected 'q', 'k', 'v' or 'z', got {receiver_input!r}.")
-    n_kv = getattr(model.cfg, "n_key_value_heads", None)
-    if receiver_input in ("k", "v") and n_kv is not None and n_kv != model.cfg.n_heads:
+
+
+def key_value_group(model: TransformerLensModel) -> int:
+    """Query heads per key/value head: 1, or more under grouped-query attention (SmolLM2: 9 / 3 = 3)."""
+    n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+    return int(model.cfg.n_heads) // int(n_kv)
+
+
+def receiver_input_hooks(
+    receivers: Sequence[Head],
+    receiver_input: ReceiverInput,
+    recorded: dict[int, Tensor],
+    group: int = 1,
+    hold: dict[int, Tensor] | None = None,
+) -> list[interventions.Hook]:
+    """Hooks giving ``receivers`` (and only them) their ``recorded`` ``receiver_input``.
+
+    Under grouped-query attention (``group`` > 1) a key or value is computed once per key/value head
+    and read by ``group`` query heads (head ``h`` reads key/value head ``h // group``, as TransformerLens
+    repeats them), so the recorded key/value head goes in and the heads sharing it that are not
+    receivers are held at their clean output ``hold[layer]`` (``[batch, pos, head, d_head]``): the change
+    reaches the receivers alone, as it does when each head has its own key. Holding is exact when those
+    heads would otherwise see a clean residual stream, i.e. no receiver sits in an earlier layer
+    (:func:`path_patching` checks this); ``hold=None`` skips it (every head's output is overwritten
+    afterwards anyway).
+    """
+    heads_in: dict[int, list[int]] = {}
+    for layer, head in receivers:
+        heads_in.setdefault(layer, []).append(head)
+    shared = group > 1 and receiver_input in ("k", "v")
+    hooks = []
+    for layer, heads in sorted(heads_in.items()):
+        touched = sorted({head // group for head in heads}) if shared else heads
+        hooks.append(interventions.replace(layer, recorded[layer], heads=touched, activation=receiver_input))
+        partners = [head for kv in touched for head in range(kv * group, (kv + 1) * group)
+                    if head not in heads] if shared else []
+        if partners and hold is not None:
+            hooks.append(interventions.replace(layer, hold[layer], heads=partners))
+    return hooks
+
+
+def _require_shared_inputs_in_one_layer(model: TransformerLensModel, receivers: Sequence[Head],
+                                        receiver_input: str) -> None:
+    """Grouped-query k/v receivers across layers: a head sharing a later receiver's key/value head would
+    see the earlier receivers' change, so holding it at its clean output would not be path patching."""
+    layers = sorted({layer for layer, _ in receivers})
+    if receiver_input in ("k", "v") and key_value_group(model) > 1 and len(layers) > 1:
         raise InputError(
-            f"receiver_input={receiver_input!r}: this model has {n_kv} key/value heads for "
-            f"{model.cfg.n_heads} query heads (grouped-query attention), so one query head's "
-            "key/value input is shared with others. Use receiver_input='q' or 'z'."
-        )
+            f"receivers: with receiver_input={receiver_input!r} on a grouped-query model (each key/value "
+            f"head is shared by {key_value_group(model)} query heads), give receivers in one layer (got "
+            f"layers {layers}); call path_patching once per layer, or use receiver_input='q' or 'z'.")
 
 
 def clean_and_corrupt(model: TransformerLensModel, clean: Any, corrupt: Any, method: str = "corrupt"
