@@ -288,6 +288,11 @@ def test_groups_follow_subsets_and_stacks_are_checked_and_stay_out_of_the_finger
     assert data.groups.tolist() == [4, 0, 4] and data.corrupt.groups is None
     assert data.subset([1, 2, 0]).groups.tolist() == [0, 4, 4]
     assert data.subset(slice(1, 3)).groups.tolist() == [0, 4]
+    # a bool mask picks where it is true (not rows 0 and 1, as its values cast to indices would)
+    picked = data.subset(data.groups == 4)
+    assert picked.groups.tolist() == [4, 4] and picked.tokens.tolist() == [[1, 2, 3], [7, 8, 9]]
+    with pytest.raises(InputError, match=r"bool mask needs one entry per example \(3\)"):
+        data.subset(torch.tensor([True, False]))
     assert GateData.stack_padded([data, data.subset([1])]).groups.tolist() == [4, 0, 4, 0]
     assert GateData.stack_padded([data, plain]).groups is None  # ids of one numbering, or none
     assert data.with_groups(None).groups is None and plain.subset([0]).groups is None

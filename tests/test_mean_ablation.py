@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chg_tlens.analysis import baselines
+from chg_tlens.analysis import baselines, compare
+from chg_tlens.analysis.circuit import Circuit, circuit
 from chg_tlens.core.data import GateData
 from chg_tlens.errors import InputError
 from chg_tlens.testbeds.benchmark_models import induction_circuit
@@ -102,3 +103,41 @@ def test_a_template_reference_needs_groups_and_bad_references_are_named(recall):
         baselines.ablation_scores(recall.model, data, "zero", reference="all")
     with pytest.raises(InputError, match=r"groups must be one integer id per example, shape \[12\]"):
         baselines.mean_head_activations(recall.model, data, groups=GROUPS[:5])
+
+
+def test_the_faithfulness_curve_and_the_circuit_ablate_to_each_templates_mean(recall, tmp_path):
+    """The same reference in the other two places that mean-ablate heads. Every head of the recall model
+    is constant within a template, so with every head at its own template's mean nothing changes, while
+    the pooled mean costs the task. Rejects: a pooled mean behind the template default, the per-example
+    means not advanced from batch to batch (batches of 5 cut through both templates), a reference's rows
+    matched to the data by position rather than by template, and a circuit that forgets its reference
+    when saved."""
+    data = _two_templates()
+    order = [2, 0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11][::-1]
+    heads = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    template = compare.ablated_faithfulness_curve(recall.model, data, heads, ks=[0, 1], batch_size=5)
+    assert template["metric_none"].iloc[0] == pytest.approx(template["metric_all"].iloc[0], abs=1e-5)
+    assert template["metric"].tolist() == pytest.approx([template["metric_all"].iloc[0]] * 2, abs=1e-5)
+    pooled = compare.ablated_faithfulness_curve(recall.model, data, heads, ks=[0, 1], batch_size=5,
+                                                mean_reference="all")
+    assert pooled["metric_all"].iloc[0] - pooled["metric_none"].iloc[0] > 0.5
+    shuffled = data.subset(torch.tensor(order))
+    elsewhere = compare.ablated_faithfulness_curve(recall.model, data, heads, ks=[0, 1], batch_size=5,
+                                                   reference=shuffled)
+    assert elsewhere["metric_none"].iloc[0] == pytest.approx(template["metric_none"].iloc[0], abs=1e-5)
+    with pytest.raises(InputError, match=r"templates \[2\]"):
+        compare.ablated_faithfulness_curve(recall.model, data, heads, reference=data.subset(GROUPS == 7))
+    with pytest.raises(InputError, match="mean_reference"):
+        compare.ablated_faithfulness_curve(recall.model, data.with_corrupt(data), heads, ablation="corrupt",
+                                           mean_reference="all")
+
+    nodes = [(0, 0), (0, 1)]
+    own = circuit(recall.model, data, nodes, counterfactual="mean", n_boot=20)
+    assert own.mean_reference == "template" and own.total_effect == pytest.approx(0.0, abs=1e-5)
+    assert max(abs(edge.effect) for edge in own.edges) < 1e-5
+    mixed = circuit(recall.model, data, nodes, counterfactual="mean", mean_reference="all", n_boot=20)
+    assert mixed.mean_reference == "all" and mixed.total_effect > 0.5
+    assert Circuit.load(mixed.save(tmp_path / "mixed.json")).mean_reference == "all"
+    assert Circuit.load(own.save(tmp_path / "own.json")).mean_reference == "template"
+    with pytest.raises(InputError, match="mean_reference"):
+        circuit(recall.model, data.with_corrupt(data), nodes, counterfactual="corrupt", mean_reference="all")

@@ -199,19 +199,18 @@ def ablation_scores(
         per_example = (full_rows - logprob[1:]).T.reshape(len(data), layout.n_layers, layout.n_heads)
         forward = len(data) * (1 + n_heads_total)
     else:
-        reference = _mean_reference(data, reference)
-        groups = data.groups if reference == "template" else None
-        means = mean_head_activations(model, data, batch_size, groups)
+        reference = mean_reference(data, reference)
+        means = ablation_means(model, data, reference, batch_size=batch_size)
         full_rows, per_example = _mean_ablation_rows(model, data, means, batch_size)
         forward = len(data) * (2 + n_heads_total)
-        details = {"reference": reference,
-                   "n_reference_groups": 1 if groups is None else int(groups.unique().numel())}
+        details = {"reference": reference, "n_reference_groups": 1 if reference == "all"
+                   else int(data.groups.unique().numel())}
     return HeadScores(per_example.mean(dim=0), f"ablation_{kind}", forward, 0, time.time() - started,
                       signed=True, details={"metric_all_heads": float(full_rows.mean()),
                                             PER_EXAMPLE: per_example, **details})
 
 
-def _mean_reference(data: GateData, reference: MeanReference | None) -> MeanReference:
+def mean_reference(data: GateData, reference: MeanReference | None) -> MeanReference:
     """The reference mean ablation uses on ``data``: as given, else ``"template"`` when the data has
     groups and ``"all"`` when it has none; a template reference without groups is refused."""
     if reference is None:
@@ -223,6 +222,32 @@ def _mean_reference(data: GateData, reference: MeanReference | None) -> MeanRefe
                          "the ioi task sets); give them with data.with_groups(...), or use reference='all' "
                          "for the mean over every example.")
     return reference
+
+
+def ablation_means(
+    model: TransformerLensModel, data: GateData, reference: MeanReference,
+    over: GateData | None = None, batch_size: int = 32,
+) -> list[Float[Tensor, "pos head d_head"]] | list[Float[Tensor, "example pos head d_head"]]:
+    """What mean ablation sets each head of ``data`` to, per layer: its mean over ``over`` (default
+    ``data``) at each position, ``[pos, head, d_head]`` with ``reference="all"``; with ``"template"``,
+    each example's row ``[example, pos, head, d_head]`` is the mean over the examples of ``over`` that
+    share its template (``groups`` id), so every template of ``data`` must occur in ``over``."""
+    over = data if over is None else over
+    if reference == "all":
+        return mean_head_activations(model, over, batch_size)
+    mean_reference(data, "template")
+    mean_reference(over, "template")
+    rows_of_over = mean_head_activations(model, over, batch_size, over.groups)
+    first = {}
+    for row, group in enumerate(over.groups.tolist()):
+        first.setdefault(group, row)
+    missing = sorted(set(data.groups.tolist()) - set(first))
+    if missing:
+        raise InputError(f"reference: templates {missing[:8]} of the data have no example in the reference "
+                         "data, so there is no template mean for them; give a reference with every template, "
+                         "or use the mean over all examples.")
+    rows = torch.tensor([first[group] for group in data.groups.tolist()])
+    return [mean[rows] for mean in rows_of_over]
 
 
 def _mean_ablation_rows(

@@ -29,9 +29,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from chg_tlens.analysis import circuit_html
+from chg_tlens.analysis import baselines, circuit_html
 from chg_tlens.analysis.ablation import random_head_sets
-from chg_tlens.analysis.baselines import HeadScores, mean_head_activations
+from chg_tlens.analysis.baselines import HeadScores, MeanReference
 from chg_tlens.analysis.patching import (
     PathPatchingRun,
     key_value_group,
@@ -172,6 +172,8 @@ class Circuit:
     provenance: dict[str, Any] = field(default_factory=dict)
     ablation: dict[str, Any] | None = None
     """The last :meth:`ablate`'s summary (``CircuitAblation.as_dict``), saved and drawn with the circuit."""
+    mean_reference: str | None = None
+    """With the mean counterfactual: ``"template"`` (each example's own template's mean) or ``"all"``."""
 
     @property
     def exact(self) -> bool:
@@ -239,7 +241,7 @@ class Circuit:
                 raise InputError(f"metric: the circuit was measured with a metric of your own "
                                  f"({self.metric}); pass it again, as metric=...")
             metric = self.metric
-        run, passes = _counterfactual_run(model, data, self.counterfactual, metric)
+        run, passes = _counterfactual_run(model, data, self.counterfactual, metric, self.mean_reference)
         with adapter.frozen(model), torch.no_grad():
             full_logits, _ = run.caches()
             passes += 2
@@ -275,7 +277,8 @@ class Circuit:
                        else list(e.receiver), "input": e.input, "effect": e.effect, "low": e.low,
                        "high": e.high, "kept": e.kept} for e in self.edges],
             "settings": {"n_layers": self.n_layers, "n_heads": self.n_heads, "source": self.source,
-                         "metric": self.metric, "counterfactual": self.counterfactual, "carry": self.carry,
+                         "metric": self.metric, "counterfactual": self.counterfactual,
+                         "mean_reference": self.mean_reference, "carry": self.carry,
                          "inputs": list(self.inputs),
                          "threshold": self.threshold, "clean_metric": self.clean_metric,
                          "counterfactual_metric": self.counterfactual_metric, "level": self.level,
@@ -332,7 +335,8 @@ class Circuit:
                        level=float(settings["level"]), n_boot=int(settings["n_boot"]),
                        n_examples=int(settings["n_examples"]), passes=int(settings["passes"]),
                        seconds=float(settings["seconds"]), provenance=dict(raw.get("provenance") or {}),
-                       ablation=raw.get("ablation"))
+                       ablation=raw.get("ablation"), mean_reference=settings.get(
+                           "mean_reference", "all" if settings["counterfactual"] == "mean" else None))
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise ResultFileError(f"{target}: a field is missing or malformed ({error!r}).") from error
 
@@ -359,7 +363,9 @@ class Circuit:
         edges = [circuit_html.DrawnEdge(sender=head_name(e.sender), receiver=head_name(e.receiver),
                                         input=e.input, effect=e.effect, low=e.low, high=e.high, kept=e.kept)
                  for e in self.edges]
-        facts = {"source": self.source, "metric": self.metric, "counterfactual": self.counterfactual,
+        over = "each template" if self.mean_reference == "template" else "all prompts"
+        counterfactual = self.counterfactual + (f" (over {over})" if self.counterfactual == "mean" else "")
+        facts = {"source": self.source, "metric": self.metric, "counterfactual": counterfactual,
                  "inputs": ", ".join(self.inputs), "carry": self.carry,
                  "threshold": f"{self.threshold:g} of the total effect {self.total_effect:.4g}",
                  "interval": f"{self.level:.0%} bootstrap over "
@@ -393,6 +399,7 @@ def circuit(
     score_threshold: float | None = None,
     metric: str | UserMetric = "logprob",
     counterfactual: Literal["auto", "corrupt", "mean"] = "auto",
+    mean_reference: MeanReference | None = None,
     inputs: Sequence[Kind] | None = None,
     threshold: float = 0.05,
     exact: bool = False,
@@ -418,8 +425,10 @@ def circuit(
     key/value head copied per query head; tested).
     Plus each node's direct edge to the logits (``s`` counterfactual, every other head frozen).
     ``effect = metric(clean) - metric(patched)``: positive = the edge helps the clean answer. The
-    counterfactual is the data's corrupt twin (``"corrupt"``) or each head's mean output over the data
-    (``"mean"``); ``"auto"`` takes the twin when there is one. ``metric`` is ``"logprob"`` (mean target
+    counterfactual is the data's corrupt twin (``"corrupt"``) or each head's mean output (``"mean"``:
+    over the examples of each example's own template when the data has ``groups``, as IOI and ACDC
+    average, else over all of it; ``mean_reference`` overrides); ``"auto"`` takes the twin when there
+    is one. ``metric`` is ``"logprob"`` (mean target
     log-prob, what CHG fits), ``"logit_diff"`` (needs the twin), or a function of the logits returning
     one value per example or a mean over examples (e.g. ``logit_diff_metric(clean, corrupt)``): a scalar
     metric is read per example by putting one example's patched logits among the clean ones (which is
@@ -460,7 +469,12 @@ def circuit(
     checks.positive_int(n_boot, "n_boot")
     if not 0.0 < level < 1.0:
         raise InputError(f"level: expected a number within (0, 1), got {level!r}.")
-    run, passes = _counterfactual_run(model, data, counterfactual, metric)
+    if counterfactual == "mean":
+        mean_reference = baselines.mean_reference(data, mean_reference)
+    elif mean_reference is not None:
+        raise InputError(f"mean_reference={mean_reference!r} picks what the mean counterfactual averages "
+                         "over; this circuit's counterfactual is the corrupt twin.")
+    run, passes = _counterfactual_run(model, data, counterfactual, metric, mean_reference)
     with adapter.frozen(model), torch.no_grad():
         clean_logits, corrupt_logits = run.caches()
         passes += 2
@@ -490,6 +504,7 @@ def circuit(
     seconds = time.perf_counter() - started
     return Circuit(nodes=nodes, edges=edges, node_info=info, n_layers=layout.n_layers, n_heads=layout.n_heads,
                    source=source_name, metric=_metric_name(metric), counterfactual=counterfactual,
+                   mean_reference=mean_reference,
                    inputs=kinds, carry=measure.carry, threshold=threshold, clean_metric=clean_value,
                    counterfactual_metric=corrupt_value, level=level, n_boot=n_boot, n_examples=len(data),
                    passes=passes, seconds=seconds, provenance=run_provenance(model, data, seconds))
@@ -736,7 +751,7 @@ def _counterfactual(counterfactual: Any, data: GateData) -> str:
 
 
 def _counterfactual_run(model: TransformerLensModel, data: GateData, counterfactual: str,
-                        metric: Any) -> tuple[PathPatchingRun, int]:
+                        metric: Any, mean_reference: str | None = None) -> tuple[PathPatchingRun, int]:
     """Path patching's run with the senders' counterfactual, and the passes spent finding it."""
     if isinstance(metric, str) and metric not in BUILT_IN_METRICS:
         raise InputError(f"metric: expected one of {BUILT_IN_METRICS} or a function of the logits, got "
@@ -750,7 +765,8 @@ def _counterfactual_run(model: TransformerLensModel, data: GateData, counterfact
     if counterfactual == "corrupt":
         checks.corrupt_twin(data, "circuit")
         return PathPatchingRun(model, data, checks.gate_data(data.corrupt, model, "data.corrupt")), 0
-    means = mean_head_activations(model, data)  # one pass over the data, in batches
+    reference = baselines.mean_reference(data, mean_reference)  # a template reference needs groups
+    means = baselines.ablation_means(model, data, reference)  # one pass over the data, in batches
     return PathPatchingRun(model, data, None, ablated_z=means), 1
 
 

@@ -95,6 +95,7 @@ def ablated_faithfulness_curve(
     metric: FaithfulnessMetric = "logprob",
     reference: GateData | None = None,
     batch_size: int = 64,
+    mean_reference: baselines.MeanReference | None = None,
 ) -> pd.DataFrame:
     """The task with only a method's top-k heads kept and every other head mean- or corrupt-ablated.
 
@@ -102,8 +103,11 @@ def ablated_faithfulness_curve(
     alike, which the kept heads may rely on, so a circuit can look unfaithful for a reason that has
     nothing to do with the task. Here each other head's ``hook_z`` is replaced by its mean over
     ``reference`` (default ``data``) at each position (``ablation="mean"``), or by its value on the
-    example's corrupt twin (``"corrupt"``, needs ``data.corrupt``). ``metric`` is the mean target
-    log-prob or the logit difference clean answer - corrupt answer (``"logit_diff"``, needs the twin).
+    example's corrupt twin (``"corrupt"``, needs ``data.corrupt``). ``mean_reference="template"`` (the
+    default when the data has ``groups``, e.g. ioi's templates) takes the mean over the reference
+    examples of each example's own template, as IOI and ACDC do; ``"all"`` pools every example.
+    ``metric`` is the mean target log-prob or the logit difference clean answer - corrupt answer
+    (``"logit_diff"``, needs the twin).
 
     Columns: k, metric (its mean over examples), faithfulness = (metric - none) / (all - none), where
     "all" keeps every head (1) and "none" ablates every head (0), metric_all, metric_none, ablation,
@@ -127,7 +131,11 @@ def ablated_faithfulness_curve(
         if reference.tokens.shape[1] < data.tokens.shape[1]:
             raise InputError(f"reference: its prompts ({reference.tokens.shape[1]} positions) must be at "
                              f"least as long as data's ({data.tokens.shape[1]}) (a mean per position).")
-        means = baselines.mean_head_activations(model, reference, batch_size)
+        chosen = baselines.mean_reference(data, mean_reference)
+        means = baselines.ablation_means(model, data, chosen, over=reference, batch_size=batch_size)
+    elif mean_reference is not None:
+        raise InputError(f"ablated_faithfulness_curve: mean_reference={mean_reference!r} picks what "
+                         "ablation='mean' averages over; the corrupt twin has no mean.")
     values = _metric_with_complement_replaced(model, data, kept, means, metric, batch_size)
     full, none = float(values[0]), float(values[1])
     gap = full - none
@@ -167,33 +175,38 @@ def _metric_with_complement_replaced(
     model: TransformerLensModel,
     data: GateData,
     kept: Bool[Tensor, "setting layer head"],
-    means: list[Float[Tensor, "pos head d_head"]] | None,
+    means: list[Float[Tensor, "pos head d_head"]] | list[Float[Tensor, "example pos head d_head"]] | None,
     metric: FaithfulnessMetric,
     batch_size: int,
 ) -> Float[Tensor, " setting"]:
-    """Mean metric under each kept set, every other head's ``hook_z`` replaced by ``means`` or, when
-    ``means`` is None, by the corrupt twin's. Several settings share a pass as replicas of the batch
+    """Mean metric under each kept set, every other head's ``hook_z`` replaced by ``means`` (one for all
+    examples, or each example's own row) or, when ``means`` is None, by the corrupt twin's. Several
+    settings share a pass as replicas of the batch
     (``batch_size`` bounds examples x settings), each replica with its own replace hooks."""
     layout = adapter.require_model(model)
     device = adapter.model_device(model)
     examples_per_pass = min(len(data), batch_size)
     settings_per_pass = max(1, batch_size // examples_per_pass)
     totals = torch.zeros(len(kept))
+    start = 0
     with adapter.frozen(model), torch.no_grad():
         for batch, tokens, _ in on_device(data, examples_per_pass, device):
             n = len(batch)
+            rows = slice(start, start + n)
+            start += n
             measure = (target_logprob_metric(batch) if metric == "logprob"
                        else logit_diff_metric(batch, batch.corrupt))
-            corrupt: dict[int, Tensor] = {}
             if means is None:
-                record_hooks, corrupt = interventions.record(range(layout.n_layers))
+                record_hooks, per_example = interventions.record(range(layout.n_layers))
                 with model.hooks(fwd_hooks=record_hooks):
                     model(batch.corrupt.tokens.to(device))
+            else:
+                per_example = {layer: mean[rows] for layer, mean in enumerate(means) if mean.ndim == 4}
             for first in range(0, len(kept), settings_per_pass):
                 chunk = kept[first : first + settings_per_pass]
                 replicas = len(chunk)
-                value = means if means is not None else [corrupt[layer].repeat(replicas, 1, 1, 1)
-                                                          for layer in range(layout.n_layers)]
+                value = [per_example[layer].repeat(replicas, 1, 1, 1) if layer in per_example
+                         else means[layer] for layer in range(layout.n_layers)]
                 hooks = [interventions.replace(layer, value[layer], heads=~heads,
                                                rows=slice(s * n, (s + 1) * n))
                          for s, setting in enumerate(chunk) for layer, heads in enumerate(setting)

@@ -376,10 +376,16 @@ class GateData:
                 twin.checked_for(model, f"{argument}.{name}")
         return self
 
-    def subset(self, index: Int[Tensor, " n"] | Sequence[int] | slice) -> GateData:
-        """The examples at ``index`` (twins and groups follow), trimmed to their longest length."""
+    def subset(self, index: Int[Tensor, " n"] | Bool[Tensor, " example"] | Sequence[int] | slice) -> GateData:
+        """The examples at ``index`` (or where a ``[example]`` bool mask is true; twins and groups
+        follow), trimmed to their longest length."""
         if isinstance(index, slice):
             index = torch.arange(len(self))[index]
+        if isinstance(index, Tensor) and index.dtype == torch.bool:
+            if tuple(index.shape) != (len(self),):
+                raise InputError(f"subset: a bool mask needs one entry per example ({len(self)}), got shape "
+                                 f"{list(index.shape)}.")
+            index = torch.nonzero(index).flatten()
         index = torch.as_tensor(index, dtype=torch.long)
         width = int(self.lengths[index].max()) if len(index) else 1
         return replace(
