@@ -148,6 +148,18 @@ def test_grouped_query_edges_equal_those_of_the_model_with_a_key_value_head_per_
     for kind in ("k", "v"):  # the edges carry something to get wrong
         assert found[found.input == kind].effect.abs().max() > 1e-3
     np.testing.assert_allclose(found.effect.to_numpy(), reference.effect.to_numpy(), atol=1e-6, rtol=1e-4)
+    if not exact:  # the circuit kept alone: 2.0 and 2.1 share a key/value head but keep different edges
+        into_last = found[found.receiver.isin(["L2H0", "L2H1"])]
+        strongest = into_last.loc[into_last.effect.abs().idxmax()]
+        total = circuit(grouped, twins, nodes, n_boot=20).total_effect
+        share = 0.999 * abs(strongest.effect) / abs(total)
+        graphs = [circuit(model, twins, nodes, n_boot=20, threshold=share) for model in (grouped, copied)]
+        kept_into_last = [e for e in graphs[0].kept_edges() if e.receiver in ((2, 0), (2, 1))]
+        assert len(kept_into_last) == 1  # so the two share a key/value head but not their cut senders
+        own, copy = (graph.ablate(model, twins, n_random=2) for graph, model in zip(graphs, (grouped, copied),
+                                                                                    strict=True))
+        assert own.circuit == pytest.approx(copy.circuit, abs=1e-5)
+        assert own.nodes_only == pytest.approx(copy.nodes_only, abs=1e-5)
     if exact:  # path patching itself, with one receiver and with two sharing a key/value head
         for receivers in ([(1, 1)], [(2, 0), (2, 1)]):
             own, copy = (path_patching(model, twins, None, [(0, 0)], receivers, receiver_input="k")

@@ -815,13 +815,16 @@ def _circuit_logits(run: PathPatchingRun, nodes: list[Head], kept: set[tuple], k
     """Logits with only the circuit kept (see :meth:`Circuit.ablate`), layer by layer, and the passes."""
     outputs: dict[str, Tensor] = {}  # every head's output in the circuit run, layer by layer
     passes = 0
+    group = key_value_group(run.model)
+    # Nodes of a layer that share a key/value head may need different keys: one pass per node then.
+    shared = group > 1 and any(kind in ("k", "v") for kind in kinds)
     for layer, name in enumerate(run.z_names):
         heads = [head for node_layer, head in nodes if node_layer == layer]
         if not heads:
             outputs[name] = run.corrupt_z[name]
             continue
         earlier = run.z_names[:layer]
-        input_hooks = []
+        input_hooks: dict[int, list] = {head: [] for head in heads}
         for head in heads:
             for kind in kinds:
                 cut = [s for s in nodes if s[0] < layer and (s, (layer, head), kind) not in kept]
@@ -831,14 +834,17 @@ def _circuit_logits(run: PathPatchingRun, nodes: list[Head], kept: set[tuple], k
                 _run(run, [_with_counterfactual(run, i, outputs[n], cut) for i, n in enumerate(earlier)]
                      + record_hooks)
                 passes += 1
-                input_hooks.append(interventions.replace(layer, recorded[layer], heads=[head],
-                                                         activation=kind))
-        record_hooks, recorded = interventions.record([layer])
-        others = [h for h in range(run.model.cfg.n_heads) if h not in heads]
-        _run(run, [interventions.replace(i, outputs[n]) for i, n in enumerate(earlier)] + input_hooks
-             + [interventions.replace(layer, run.corrupt_z[name], heads=others)] + record_hooks)
-        passes += 1
-        outputs[name] = recorded[layer]
+                input_hooks[head] += receiver_input_hooks([(layer, head)], kind, recorded, group)
+        layer_outputs = run.corrupt_z[name].clone()
+        for together in ([[head] for head in heads] if shared else [heads]):
+            record_hooks, recorded = interventions.record([layer])
+            others = [h for h in range(run.model.cfg.n_heads) if h not in together]
+            _run(run, [interventions.replace(i, outputs[n]) for i, n in enumerate(earlier)]
+                 + [hook for head in together for hook in input_hooks[head]]
+                 + [interventions.replace(layer, run.corrupt_z[name], heads=others)] + record_hooks)
+            passes += 1
+            layer_outputs[:, :, together] = recorded[layer][:, :, together]
+        outputs[name] = layer_outputs
     no_logit_edge = [node for node in nodes if (node, LOGITS, LOGITS) not in kept]
     logits = _run(run, [_with_counterfactual(run, i, outputs[n], no_logit_edge)
                         for i, n in enumerate(run.z_names)])
