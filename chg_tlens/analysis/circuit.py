@@ -37,6 +37,7 @@ from chg_tlens.analysis.patching import (
     key_value_group,
     logit_diff_per_example,
     receiver_input_hooks,
+    shares_key_values,
     target_logprob_per_example,
 )
 from chg_tlens.analysis.statistics import bootstrap
@@ -190,7 +191,7 @@ class Circuit:
     def prune(self, threshold: float) -> Circuit:
         """The same measurements with ``kept`` re-marked at another threshold (a share of
         :attr:`total_effect`); the ablation summary, which belonged to the old edges, is dropped."""
-        threshold = _threshold(threshold)
+        threshold = share_threshold(threshold)
         cut = threshold * abs(self.total_effect)
         edges = [replace(edge, kept=abs(edge.effect) >= cut) for edge in self.edges]
         return replace(self, edges=edges, threshold=threshold, ablation=None)
@@ -241,7 +242,7 @@ class Circuit:
                 raise InputError(f"metric: the circuit was measured with a metric of your own "
                                  f"({self.metric}); pass it again, as metric=...")
             metric = self.metric
-        run, passes = _counterfactual_run(model, data, self.counterfactual, metric, self.mean_reference)
+        run, passes = counterfactual_run(model, data, self.counterfactual, metric, self.mean_reference)
         with adapter.frozen(model), torch.no_grad():
             full_logits, _ = run.caches()
             passes += 2
@@ -463,9 +464,9 @@ def circuit(
     data = checks.gate_data(data, model)
     nodes, info, source_name = _select_nodes(source, layout, interfering, min_confidence, role_threshold,
                                              seed, top_k, score_threshold)
-    counterfactual = _counterfactual(counterfactual, data)
-    kinds = _inputs(inputs)
-    threshold = _threshold(threshold)
+    counterfactual = resolve_counterfactual(counterfactual, data)
+    kinds = input_kinds(inputs)
+    threshold = share_threshold(threshold)
     checks.positive_int(n_boot, "n_boot")
     if not 0.0 < level < 1.0:
         raise InputError(f"level: expected a number within (0, 1), got {level!r}.")
@@ -474,7 +475,7 @@ def circuit(
     elif mean_reference is not None:
         raise InputError(f"mean_reference={mean_reference!r} picks what the mean counterfactual averages "
                          "over; this circuit's counterfactual is the corrupt twin.")
-    run, passes = _counterfactual_run(model, data, counterfactual, metric, mean_reference)
+    run, passes = counterfactual_run(model, data, counterfactual, metric, mean_reference)
     with adapter.frozen(model), torch.no_grad():
         clean_logits, corrupt_logits = run.caches()
         passes += 2
@@ -739,7 +740,8 @@ def _score_nodes(scores: Tensor, layout: adapter.HeadLayout, top_k: int | None, 
     return nodes, {node: {"role": "node", "score": float(scores[node])} for node in nodes}, name
 
 
-def _counterfactual(counterfactual: Any, data: GateData) -> str:
+def resolve_counterfactual(counterfactual: Any, data: GateData) -> str:
+    """``"corrupt"`` or ``"mean"`` from ``"auto"`` / either, refusing a corrupt one without a twin."""
     if counterfactual not in ("auto", "corrupt", "mean"):
         raise InputError(f"counterfactual: expected 'auto', 'corrupt' or 'mean', got {counterfactual!r}.")
     if counterfactual == "corrupt" and data.corrupt is None:
@@ -750,7 +752,7 @@ def _counterfactual(counterfactual: Any, data: GateData) -> str:
     return counterfactual
 
 
-def _counterfactual_run(model: TransformerLensModel, data: GateData, counterfactual: str,
+def counterfactual_run(model: TransformerLensModel, data: GateData, counterfactual: str,
                         metric: Any, mean_reference: str | None = None) -> tuple[PathPatchingRun, int]:
     """Path patching's run with the senders' counterfactual, and the passes spent finding it."""
     if isinstance(metric, str) and metric not in BUILT_IN_METRICS:
@@ -770,7 +772,8 @@ def _counterfactual_run(model: TransformerLensModel, data: GateData, counterfact
     return PathPatchingRun(model, data, None, ablated_z=means), 1
 
 
-def _inputs(inputs: Any) -> tuple[Kind, ...]:
+def input_kinds(inputs: Any) -> tuple[Kind, ...]:
+    """The receivers' inputs asked for (None: q, k, v), checked, in q, k, v order."""
     if inputs is None:
         return KINDS
     if isinstance(inputs, str) or not isinstance(inputs, Sequence) or not inputs:
@@ -782,7 +785,8 @@ def _inputs(inputs: Any) -> tuple[Kind, ...]:
 
 
 
-def _threshold(threshold: Any) -> float:
+def share_threshold(threshold: Any) -> float:
+    """A non-negative, finite share of the total effect."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0 \
             or not math.isfinite(threshold):
         raise InputError(f"threshold: expected a non-negative share of the total effect, got {threshold!r}.")
@@ -817,7 +821,7 @@ def _circuit_logits(run: PathPatchingRun, nodes: list[Head], kept: set[tuple], k
     passes = 0
     group = key_value_group(run.model)
     # Nodes of a layer that share a key/value head may need different keys: one pass per node then.
-    shared = group > 1 and any(kind in ("k", "v") for kind in kinds)
+    shared = any(shares_key_values(group, kind) for kind in kinds)
     for layer, name in enumerate(run.z_names):
         heads = [head for node_layer, head in nodes if node_layer == layer]
         if not heads:

@@ -181,8 +181,8 @@ def _metric_with_complement_replaced(
 ) -> Float[Tensor, " setting"]:
     """Mean metric under each kept set, every other head's ``hook_z`` replaced by ``means`` (one for all
     examples, or each example's own row) or, when ``means`` is None, by the corrupt twin's. Several
-    settings share a pass as replicas of the batch
-    (``batch_size`` bounds examples x settings), each replica with its own replace hooks."""
+    settings share a pass as replicas of the batch (``batch_size`` bounds examples x settings), each
+    replica with its own replace hooks."""
     layout = adapter.require_model(model)
     device = adapter.model_device(model)
     examples_per_pass = min(len(data), batch_size)

@@ -25,9 +25,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from chg_tlens.analysis import baselines
 from chg_tlens.analysis.ablation import circuit_gates, evaluate_gates_per_example
-from chg_tlens.analysis.patching import PathPatchingRun, key_value_group, target_logprob_metric
+from chg_tlens.analysis.circuit import (
+    KINDS,
+    counterfactual_run,
+    input_kinds,
+    resolve_counterfactual,
+    share_threshold,
+)
+from chg_tlens.analysis.patching import key_value_group, shares_key_values, target_logprob_metric
 from chg_tlens.analysis.statistics import bootstrap
 from chg_tlens.core import checks
 from chg_tlens.core.data import GateData
@@ -36,7 +42,6 @@ from chg_tlens.models import adapter
 from chg_tlens.models.protocol import TransformerLensModel
 
 Head = tuple[int, int]
-KINDS = ("q", "k", "v")
 
 
 @dataclass
@@ -80,27 +85,16 @@ def upstream_heads(
     layout = adapter.require_model(model)
     data = checks.gate_data(data, model)
     targets = checks.heads(targets, layout, "targets", allow_empty=False)
-    kinds = tuple(inputs)
-    if not kinds or len(set(kinds)) != len(kinds) or any(kind not in KINDS for kind in kinds):
-        raise InputError(f"inputs: expected distinct entries drawn from {list(KINDS)}, got {list(inputs)!r}.")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-        raise InputError(f"threshold: expected a non-negative share of the total effect, got {threshold!r}.")
-    if counterfactual not in ("auto", "corrupt", "mean"):
-        raise InputError(f"counterfactual: expected 'auto', 'corrupt' or 'mean', got {counterfactual!r}.")
-    if counterfactual == "auto":
-        counterfactual = "corrupt" if data.corrupt is not None else "mean"
+    kinds = input_kinds(inputs)
+    threshold = share_threshold(threshold)
+    counterfactual = resolve_counterfactual(counterfactual, data)
+    run, passes = counterfactual_run(model, data, counterfactual, "logprob")
     metric = target_logprob_metric(data)
-    if counterfactual == "corrupt":
-        twin = checks.gate_data(checks.corrupt_twin(data, "upstream_heads"), model, "data.corrupt")
-        run, passes = PathPatchingRun(model, data, twin, metric), 0
-    else:
-        means = baselines.ablation_means(model, data, baselines.mean_reference(data, None))
-        run, passes = PathPatchingRun(model, data, None, metric, ablated_z=means), 1
     last = max(layer for layer, _ in targets)
     effects = torch.zeros(len(kinds), layout.n_layers, layout.n_heads)
-    grouped = key_value_group(model) > 1
+    group = key_value_group(model)
     with adapter.frozen(model), torch.no_grad():
-        clean, counterfactual_value = run.baselines()
+        clean, counterfactual_value = (float(metric(logits)) for logits in run.caches())
         passes += 2
         for sender in [(layer, head) for layer in range(last) for head in range(layout.n_heads)]:
             if sender in targets:
@@ -111,9 +105,9 @@ def upstream_heads(
             passes += 1
             for i, kind in enumerate(kinds):
                 groups = ([[r for r in receivers if r[0] == layer] for layer in layers]
-                          if grouped and kind != "q" else [receivers])
-                for group in groups:
-                    patched = run.patched_metric(group, kind, recorded[kind])
+                          if shares_key_values(group, kind) else [receivers])
+                for together in groups:
+                    patched = float(metric(run.patched_logits(together, kind, recorded[kind])))
                     effects[i, sender[0], sender[1]] += clean - patched
                     passes += 1
     total = clean - counterfactual_value

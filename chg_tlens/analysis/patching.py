@@ -365,6 +365,12 @@ def key_value_group(model: TransformerLensModel) -> int:
     return int(model.cfg.n_heads) // int(n_kv)
 
 
+def shares_key_values(group: int, receiver_input: str) -> bool:
+    """Whether ``receiver_input`` is computed once for ``group`` > 1 query heads (a grouped-query key or
+    value), so patching it for one receiver touches the heads sharing it."""
+    return group > 1 and receiver_input in ("k", "v")
+
+
 def receiver_input_hooks(
     receivers: Sequence[Head],
     receiver_input: ReceiverInput,
@@ -386,7 +392,7 @@ def receiver_input_hooks(
     heads_in: dict[int, list[int]] = {}
     for layer, head in receivers:
         heads_in.setdefault(layer, []).append(head)
-    shared = group > 1 and receiver_input in ("k", "v")
+    shared = shares_key_values(group, receiver_input)
     hooks = []
     for layer, heads in sorted(heads_in.items()):
         touched = sorted({head // group for head in heads}) if shared else heads
@@ -403,7 +409,7 @@ def _require_shared_inputs_in_one_layer(model: TransformerLensModel, receivers: 
     """Grouped-query k/v receivers across layers: a head sharing a later receiver's key/value head would
     see the earlier receivers' change, so holding it at its clean output would not be path patching."""
     layers = sorted({layer for layer, _ in receivers})
-    if receiver_input in ("k", "v") and key_value_group(model) > 1 and len(layers) > 1:
+    if shares_key_values(key_value_group(model), receiver_input) and len(layers) > 1:
         raise InputError(
             f"receivers: with receiver_input={receiver_input!r} on a grouped-query model (each key/value "
             f"head is shared by {key_value_group(model)} query heads), give receivers in one layer (got "
