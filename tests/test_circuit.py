@@ -170,6 +170,28 @@ def test_grouped_query_edges_equal_those_of_the_model_with_a_key_value_head_per_
             path_patching(grouped, twins, None, [(0, 0)], [(1, 1), (2, 0)], receiver_input="v")
 
 
+def test_ablate_gives_each_head_sharing_a_key_value_head_its_own_input():
+    """Two nodes of one layer sharing a key/value head, one keeping an edge into its key that the other
+    cuts, both reaching the logits: the circuit kept alone scores as on the per-head key/value copy.
+    Rejects computing such nodes in one pass (the shared key/value head can hold only one of the two
+    inputs), which the test above cannot see (its conflicting node has no logit edge kept)."""
+    grouped, twins = random_bridge(**GROUPED), random_twins()
+    copied = with_a_key_value_head_per_query_head(grouped, **GROUPED)
+    nodes = [(0, 0), (0, 3), (2, 0), (2, 1)]  # 2.0 and 2.1 share key/value head 0
+    scores = []
+    for model in (grouped, copied):
+        graph = circuit(model, twins, nodes, n_boot=20)
+        conflict = {((0, 0), (2, 1), "k"), ((0, 3), (2, 0), "k")}  # cut; every other edge kept
+        graph.edges = [dataclasses.replace(e, kept=(e.sender, e.receiver, e.input) not in conflict)
+                       for e in graph.edges]
+        scores.append(graph.ablate(model, twins, n_random=1))
+    own, copy = scores
+    assert own.circuit == pytest.approx(copy.circuit, abs=1e-5)
+    # the cuts matter: with both keys' edges kept the score moves (so a pass that gives 2.0's key input
+    # to 2.1 as well would be seen)
+    assert abs(own.circuit - own.nodes_only) > 1e-3
+
+
 @pytest.mark.parametrize("name", ["wiring", "composite", "induction"])
 def test_fast_edges_equal_exact_path_patching_on_the_planted_models(name, wired, composite):
     # Rejects carrying a receiver's change to the metric to first order (the gradient at the receiver's
