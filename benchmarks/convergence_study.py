@@ -147,13 +147,15 @@ def run_fit(model: Any, data: Any, folder: Path, setting: dict[str, Any], n_seed
     return record
 
 
-def resumable_fit(model: Any, data: Any, folder: Path, config: CHGConfig) -> CHGResult:
+def resumable_fit(model: Any, data: Any, folder: Path, config: CHGConfig,
+                  init_theta: torch.Tensor | None = None) -> CHGResult:
     """Fit into ``folder/result``, checkpointing under ``folder/checkpoint`` and resuming from it when a
-    killed run left one there; once the result is saved the checkpoint goes (the result holds it all)."""
+    killed run left one there; once the result is saved the checkpoint goes (the result holds it all).
+    ``init_theta``: initial gate logits instead of the seeds' uniform draw."""
     checkpoint = folder / "checkpoint"
     resume = (checkpoint / CHECKPOINT_FILE).is_file()
     checkpoint.mkdir(parents=True, exist_ok=True)
-    result = fit_chg(model, data, config, run_dir=checkpoint, resume=resume)
+    result = fit_chg(model, data, config, init_theta=init_theta, run_dir=checkpoint, resume=resume)
     result.save(folder / "result")
     shutil.rmtree(checkpoint)
     return result

@@ -12,15 +12,31 @@ Per task, every variant starts from the same initial gates (same seeds) on the s
     lbfgs_m10  the same with 10 curvature pairs instead of ``--lbfgs-memory``: another path from the same
                start (a different quasi-Newton model of the curvature), to test that certified roles
                do not depend on the path
+    lbfgs_m10_shared_zero
+               ``lbfgs_m10`` started from ``lbfgs``'s stage-zero gates (run after it): the two then share
+               stage zero, so what still differs between them arises in G+ and G-
+    lbfgs_3x   ``lbfgs`` without early stopping, every stage run for 3x the iterations of ``lbfgs``'s
+               longest stage (run after it): the same configuration with 3x the budget. A mask whose
+               stationarity residual is below ``grad_tolerance`` stops moving, so this shows the fit
+               stays where it was certified
+    lbfgs_3x_tight, lbfgs_3x_tighter
+               ``lbfgs_3x`` with a 10x / 100x tighter ``grad_tolerance`` (0.01 / 0.001): optimising on
+               past the certificate's stationarity, does any role change, and does it settle?
+    lbfgs_contrast
+               ``lbfgs`` on the clean-vs-corrupt contrast (``objective="contrast"``; tasks with corrupt
+               twins) instead of next-token NLL: another objective, so it is not paired with the others
 
 For each fit: example forward+backward passes and seconds (as the fit measured them), the stage x seed
 rows that carry the certificate, the largest stationarity residual, and the role shares. Between every
 pair of variants of one task: the share of (seed, head) with the same role, overall and on the seeds
 where both fits are certified in every stage. That agreement, between certified fits from the same
 initial gates by different optimisers, is what says the roles belong to the data rather than to the
-schedule. Fits are saved under OUT/fits/<task>/<variant>/ as they finish (an interrupted fit resumes from
-its checkpoint), so a killed or budget-limited run continues when called again. Tables go to
-OUT/optimiser_study.{md,json} and, with --docs, to docs/results/optimiser_study/.
+schedule. Where they disagree, the pair table says where it starts: per stage, the share of gates on the
+same side of 0.5 and each fit's final objective (a lower objective from the same start = a better
+stationary point, i.e. the other fit stopped in another basin, not short of its own). Fits are saved
+under OUT/fits/<task>/<variant>/ as they finish (an interrupted fit resumes from its checkpoint), so a
+killed or budget-limited run continues when called again. Tables go to OUT/optimiser_study.{md,json} and,
+with --docs, to docs/results/optimiser_study/.
 """
 
 from __future__ import annotations
@@ -51,6 +67,16 @@ def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "lbfgs": dict(optimizer="lbfgs", steps=args.lbfgs_steps, batch_size="all",
                       lbfgs_memory=args.lbfgs_memory),
         "lbfgs_m10": dict(optimizer="lbfgs", steps=args.lbfgs_steps, batch_size="all", lbfgs_memory=10),
+        "lbfgs_m10_shared_zero": dict(optimizer="lbfgs", steps=args.lbfgs_steps, batch_size="all",
+                                      lbfgs_memory=10, init_from="lbfgs"),
+        "lbfgs_3x": dict(optimizer="lbfgs", steps="3x lbfgs", batch_size="all",
+                         lbfgs_memory=args.lbfgs_memory, early_stop=False),
+        "lbfgs_3x_tight": dict(optimizer="lbfgs", steps="3x lbfgs", batch_size="all",
+                               lbfgs_memory=args.lbfgs_memory, early_stop=False, grad_tolerance=0.01),
+        "lbfgs_3x_tighter": dict(optimizer="lbfgs", steps="3x lbfgs", batch_size="all",
+                                 lbfgs_memory=args.lbfgs_memory, early_stop=False, grad_tolerance=0.001),
+        "lbfgs_contrast": dict(optimizer="lbfgs", steps=args.lbfgs_steps, batch_size="all",
+                               lbfgs_memory=args.lbfgs_memory, objective="contrast"),
     }
 
 
@@ -86,9 +112,16 @@ def run_fit(model: Any, data: Any, folder: Path, setting: dict[str, Any], args: 
     setting = dict(setting)
     if setting.get("batch_size") == "all":
         setting["batch_size"] = len(data)
+    if setting.get("steps") == "3x lbfgs":  # 3x the longest stage of the certified fit, no early stop
+        setting["steps"] = 3 * max(_record(folder.parent / "lbfgs", folder.name)["updates"].values())
+    init_theta = None
+    if "init_from" in setting:  # start from another variant's stage-zero gates (that fit must exist)
+        _record(folder.parent / setting["init_from"], folder.name)
+        init_theta = CHGResult.load(folder.parent / setting["init_from"] / "result").theta_zero
     config = CHGConfig(n_seeds=args.seeds, progress=False, checkpoint_every=25,
-                       micro_batch_size=args.micro_batch, **setting)
-    result = resumable_fit(model, data, folder, config)
+                       micro_batch_size=args.micro_batch,
+                       **{k: v for k, v in setting.items() if k != "init_from"})
+    result = resumable_fit(model, data, folder, config, init_theta=init_theta)
     report = result.convergence()
     record = {
         "setting": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()},
@@ -102,6 +135,14 @@ def run_fit(model: Any, data: Any, folder: Path, setting: dict[str, Any], args: 
     }
     record_file.write_text(json.dumps(record, indent=2))
     return record
+
+
+def _record(source: Path, needed_by: str) -> dict[str, Any]:
+    """The record of a finished fit another variant builds on, or a clear stop naming the one to run first."""
+    if not (source / "record.json").is_file():
+        raise SystemExit(f"{needed_by} builds on the {source.name} fit: run that variant first "
+                         f"(nothing finished in {source}).")
+    return json.loads((source / "record.json").read_text())
 
 
 def summarise(out: Path, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -123,12 +164,35 @@ def summarise(out: Path, settings: dict[str, Any]) -> tuple[list[dict[str, Any]]
                          "seed_agreement": seed_agreement(labels)}
                         | {role: float((labels == role).mean()) for role in ROLES})
         for a, b in itertools.combinations(records, 2):
+            if _objective(records[a]) != _objective(records[b]):  # roles of different objectives differ
+                continue
             same = results[a].role_labels() == results[b].role_labels()
             both = sorted(set(records[a]["certified_seeds"]) & set(records[b]["certified_seeds"]))
             pairs.append({"task": task_folder.name, "a": a, "b": b, "same_role": float(same.mean()),
                           "certified_seeds_in_both": both,
-                          "same_role_where_both_certified": float(same[both].mean()) if both else None})
+                          "same_role_where_both_certified": float(same[both].mean()) if both else None}
+                         | stage_differences(results[a], results[b]))
     return rows, pairs
+
+
+def _objective(record: dict[str, Any]) -> str:
+    return str(record["setting"].get("objective", "nll"))
+
+
+STAGE_GATES = {"zero": "g_zero", "plus": "g_plus", "minus": "g_minus"}
+
+
+def stage_differences(a: CHGResult, b: CHGResult) -> dict[str, float]:
+    """Per stage: the share of gates on the same side of 0.5 in both fits, and each fit's final objective
+    (mean over seeds), so a disagreement in roles can be traced to the stage where it starts."""
+    out: dict[str, float] = {}
+    for stage, gates in STAGE_GATES.items():
+        out[f"same_side_{stage}"] = float(((getattr(a, gates) > 0.5) == (getattr(b, gates) > 0.5))
+                                          .float().mean())
+    for stage in STAGE_GATES:
+        out[f"objective_{stage}_a"] = float(a.losses[stage]["loss"][-1].mean())
+        out[f"objective_{stage}_b"] = float(b.losses[stage]["loss"][-1].mean())
+    return out
 
 
 def write_tables(folder: Path, rows: list[dict[str, Any]], pairs: list[dict[str, Any]],
@@ -147,13 +211,21 @@ def write_tables(folder: Path, rows: list[dict[str, Any]], pairs: list[dict[str,
             f"{args.adam_batch}, the paper's rates, {args.adam_steps} updates per stage; `adam_full` = Adam "
             "on all prompts every update, rates (0.5, 0.01) / (1.0, 0.02); `lbfgs` = full-data L-BFGS per "
             f"mask in the box [-c, c], memory {args.lbfgs_memory}, stopping once certified (ceiling "
-            f"{args.lbfgs_steps} iterations); `lbfgs_m10` = the same with memory 10. example_passes: example "
-            "forward+backward passes over all gate sets, line searches and the certificate's gradient "
-            "included. certified: stage x seed rows that carry the certificate. largest_residual: the "
-            "largest stationarity residual in units of the regulariser's pull (certified below 0.1). "
+            f"{args.lbfgs_steps} iterations); `lbfgs_m10` = the same with memory 10; "
+            "`lbfgs_m10_shared_zero` = `lbfgs_m10` started from `lbfgs`'s stage-zero gates; `lbfgs_3x` = "
+            "`lbfgs` without early stopping, every stage 3x `lbfgs`'s longest (`_tight`, `_tighter`: "
+            "gradient tolerance 0.01, 0.001 instead of 0.1); `lbfgs_contrast` = `lbfgs` on "
+            "the clean-vs-corrupt contrast objective (not paired with the NLL fits). "
+            "example_passes: example forward+backward passes over all gate sets, line searches and the "
+            "certificate's gradient included. certified: stage x seed rows that carry the certificate. "
+            "largest_residual: the largest stationarity residual in units of the regulariser's pull "
+            "(certified below 0.1). "
             f"Command: `{args.command}`.", "",
             markdown_table(pd.DataFrame(rows)) if rows else "(no fits yet)", "",
             "## Same role, pairs of optimisers from the same initial gates", "",
+            "same_side_<stage>: share of gates on the same side of 0.5 in both fits at the end of that "
+            "stage; objective_<stage>_a/_b: each fit's final objective there (mean over seeds; lower is "
+            "better, the regularised stages' objective includes the gate reward).", "",
             markdown_table(pd.DataFrame(pairs)) if pairs else "(fewer than two fits of a task)", ""]
     (folder / "optimiser_study.md").write_text("\n".join(text))
 

@@ -16,7 +16,9 @@ references, each encoding one notion of importance (:mod:`chg_tlens.analysis.gro
 
 and every method of ``--methods`` (``compare.run_methods``, published forms; ACDC and subnetwork probing
 are left out by default: an hour each here) plus CHG read from a saved fit made on the same prompts
-(``--chg-fit``, a folder with ``{task}``; max and mean of G- over seeds). Per method x reference: ROC AUC
+(``--chg-fit``, a folder with ``{task}``; max and mean of G- over seeds) and, with
+``--chg-contrast-fit``, CHG fitted on the clean-vs-corrupt contrast (``objective="contrast"``): the
+information the twin-based methods get. Per method x reference: ROC AUC
 with its 90% bootstrap interval over prompts where the method keeps per-example rows (a CHG fit, HISP with
 its per-layer normalisation and random scores have none: a fit's prompt noise needs refits). Everything is
 cached under OUT/<task>/ as it finishes; a rerun continues. Tables go to OUT/reference_study.{md,json}
@@ -97,8 +99,9 @@ def references(model: Any, task: str, data: Any, args: argparse.Namespace, out: 
 
 
 def method_scores(model: Any, task: str, data: Any, args: argparse.Namespace, out: Path
-                  ) -> tuple[list[Any], CHGResult | None]:
-    """Each method's scores on the prompts (one cache file per method), then CHG from the saved fit."""
+                  ) -> tuple[list[Any], dict[str, CHGResult]]:
+    """Each method's scores on the prompts (one cache file per method), then CHG from the saved fits
+    (keyed 'nll' and 'contrast' by objective)."""
     scored = []
     for name in args.methods:
         cached = out / task / "scores" / f"{name}.pt"
@@ -111,11 +114,23 @@ def method_scores(model: Any, task: str, data: Any, args: argparse.Namespace, ou
             torch.save(new, cached)
             print(f"  {task}: {name} {time.time() - started:.0f} s", flush=True)
         scored.extend(torch.load(cached, weights_only=False))
-    fit = None
+    fits = {}
     if args.chg_fit:
-        fit = CHGResult.load(Path(args.chg_fit.format(task=task)))
-        scored.extend(compare.fitted_chg_scores([fit], data))
-    return scored, fit
+        fits["nll"] = CHGResult.load(Path(args.chg_fit.format(task=task)))
+        scored.extend(compare.fitted_chg_scores([fits["nll"]], data))
+    contrast_folder = Path(args.chg_contrast_fit.format(task=task)) if args.chg_contrast_fit else None
+    if contrast_folder is not None and not contrast_folder.is_dir():
+        print(f"  {task}: no contrast fit at {contrast_folder} (the report says so)", flush=True)
+    elif contrast_folder is not None:
+        contrast = CHGResult.load(contrast_folder)
+        if contrast.config.get("objective") != "contrast":
+            raise SystemExit(f"--chg-contrast-fit {args.chg_contrast_fit}: that fit's objective is "
+                             f"{contrast.config.get('objective', 'nll')!r}, not 'contrast'.")
+        for item in compare.fitted_chg_scores([contrast], data):
+            item.method = f"{item.method} [contrast]"
+            scored.append(item)
+        fits["contrast"] = contrast
+    return scored, fits
 
 
 def table(record: dict[str, Any], scored: list[Any], layout: Any) -> pd.DataFrame:
@@ -146,7 +161,7 @@ def report(results: dict[str, Any], settings: dict[str, Any]) -> str:
             "gone. Methods in their published forms (`compare.METHODS`); ACDC and subnetwork probing "
             "are not run here (about an hour each on this CPU).", ""]
     for task, result in results.items():
-        record, fit = result["references"], result["fit"]
+        record, fits = result["references"], result["fits"]
         text += [f"## {task}", "",
                  f"{result['n']} prompts. Heads per reference: " + ", ".join(
                      f"{name} {len(record[name]['heads'])}" for name in REFERENCES) + "; final_stage: "
@@ -154,8 +169,11 @@ def report(results: dict[str, Any], settings: dict[str, Any]) -> str:
                  f"{record['full_circuit'].get('counterfactual', 'corrupt')} (total effect "
                  f"{record['full_circuit']['total_effect']:.3f} nats, {record['full_circuit']['passes']} "
                  "passes).",
-                 "CHG: " + (f"{fit['origin']}, certified stage x seed rows {fit['certified']:.0%}."
-                            if fit else "not read (no --chg-fit)."), "",
+                 "CHG: " + ("; ".join(f"{objective} objective: {fit['origin']}, certified stage x seed "
+                                      f"rows {fit['certified']:.0%}" for objective, fit in fits.items())
+                            if fits else "not read (no --chg-fit)") + "."
+                 + ("" if "contrast" in fits or not settings["contrast"] else
+                    " No fit with the contrast objective for this task."), "",
                  markdown_table(pd.DataFrame(result["table"])), ""]
         extra = record["full_circuit"]["effects"]
         if extra:
@@ -184,13 +202,16 @@ def main() -> None:
     for task in args.tasks:
         data = make_task(task, model, n=args.n, seed=0, **TASK_OPTIONS[task])
         record = references(model, task, data, args, out)
-        scored, fit = method_scores(model, task, data, args, out)
-        fit_info = None if fit is None else {"origin": args.chg_fit.format(task=task),
-                                             "certified": float(fit.convergence()["certified"].mean())}
-        results[task] = {"n": len(data), "references": record, "fit": fit_info,
+        scored, fits = method_scores(model, task, data, args, out)
+        origins = {"nll": args.chg_fit, "contrast": args.chg_contrast_fit}
+        fit_info = {objective: {"origin": origins[objective].format(task=task),
+                                "certified": float(fit.convergence()["certified"].mean())}
+                    for objective, fit in fits.items()}
+        results[task] = {"n": len(data), "references": record, "fits": fit_info,
                          "table": table(record, scored, layout).to_dict(orient="records")}
     settings = {"command": "python benchmarks/reference_study.py " + " ".join(sys.argv[1:]),
-                "share": args.share, "seconds": time.time() - started}
+                "share": args.share, "seconds": time.time() - started,
+                "contrast": args.chg_contrast_fit is not None}
     text = report(results, settings)
     write_json({"settings": settings, "tasks": results}, out / "reference_study.json")
     (out / "reference_study.md").write_text(text)
@@ -210,6 +231,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--chg-fit", default=None,
                         help="a saved CHG fit made on the same prompts, {task} in its path")
+    parser.add_argument("--chg-contrast-fit", default=None,
+                        help="a saved CHG fit with objective='contrast' on the same prompts, {task} in its "
+                             "path (scored beside --chg-fit as 'chg ... [contrast]')")
     parser.add_argument("--share", type=float, default=0.05,
                         help="full circuit and necessity: a head counts at this share of the total effect")
     parser.add_argument("--counterfactual", choices=["auto", "corrupt", "mean"], default="auto",
