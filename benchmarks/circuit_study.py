@@ -2,13 +2,17 @@
 
     python benchmarks/circuit_study.py OUT [--docs]            # induction and ioi; resumable
     python benchmarks/circuit_study.py OUT --tasks induction --n 12 --threads 1
+    python benchmarks/circuit_study.py OUT --fit-from FIT --exact --docs   # the published report (FIT:
+        runs/optimiser_study_n8/fits/{task}/lbfgs/result, the certified L-BFGS fits, in quotes)
 
 Per task (induction with ``seq_len=8`` as ``convergence_study.py``; ioi), on ``--n`` held-out prompts
 (seed 1; the fits saw seed 0), two node sets:
 
 - ``chg``: the ``--top-k`` facilitating heads (in every seed) of a CHG fit, ranked by G- averaged over
   seeds. By default the convergence study's saved reference fit (3 seeds x 400 updates per stage, 64
-  prompts; not certified), or with ``--fit short`` an L-BFGS fit run here.
+  prompts; not certified), with ``--fit-from`` any saved fit (e.g. a certified one of
+  ``optimiser_study.py``), or with ``--fit short`` an L-BFGS fit run here. The report says which stages of
+  the fit carry the convergence certificate.
 - ``attention``: heads picked from attention patterns alone, independent of any mechanism claim: on
   induction the top previous-token heads (attention on t-1) in layers below the top induction heads
   (attention on the token after the current token's earlier occurrence); on ioi the top duplicate-token
@@ -31,6 +35,12 @@ TransformerLens' ``attribution_patch`` does), signed like ``circuit``'s effects 
 helps the clean answer). TransformerLens 4.3's own ``attribution_patch(granularity="edge")`` scores
 every edge of the whole graph per position in Python (about a minute per prompt here), so it runs on
 ``--tl-parity`` prompts only, to check that the node-set scores equal its numbers summed over positions.
+
+With ``--exact`` every circuit is measured a second time by exact path patching (one pass per edge, the
+receiver's change carried through the rest of the model), and the report says how far ``circuit``'s fast
+edges (one pass per sender; first order beyond the receiver) are from it. EAP's edges get 90% bootstrap
+intervals over the same resamples of the prompts as path patching's, so sign agreement can be read on the
+edges that both methods call clearly non-zero.
 
 Every (task, node set, counterfactual) is saved under OUT/<task>/ as it finishes; a rerun continues.
 Tables go to OUT/circuit_study.{md,json} and, with --docs, to docs/results/circuit_study/ with each circuit
@@ -58,6 +68,7 @@ from chg_tlens.analysis.baselines import HeadScores, mean_head_activations
 from chg_tlens.analysis.circuit import LOGITS, head_name
 from chg_tlens.analysis.metrics import spearman_rows
 from chg_tlens.analysis.patching import PathPatchingRun, target_logprob_metric, target_logprob_per_example
+from chg_tlens.analysis.statistics import bootstrap
 from chg_tlens.app.markdown import markdown_table
 from chg_tlens.app.runs import write_json
 from chg_tlens.core import interventions
@@ -137,6 +148,13 @@ def load_models() -> tuple[Any, float]:
 def chg_nodes(model: Any, task: str, args: argparse.Namespace, out: Path
               ) -> tuple[HeadScores, dict[str, Any]]:
     """The CHG fit's facilitating heads (in every seed) scored by mean G-, other heads at -1."""
+    if args.fit_from:
+        source = Path(args.fit_from.format(task=task))
+        result, origin = CHGResult.load(source), f"saved: {source}"
+        if args.docs:  # keep the fit the nodes came from beside the tables
+            result.save(DOCS / "fits" / task)
+            origin = f"{origin} (copied to {DOCS / 'fits' / task})"
+        return _fit_nodes(model, result, origin)
     saved = Path(SAVED_FIT.format(task=task))
     if args.fit == "saved" and (saved / "chg_result.json").is_file():
         result, origin = CHGResult.load(saved), f"saved: {saved} (convergence study reference)"
@@ -152,6 +170,10 @@ def chg_nodes(model: Any, task: str, args: argparse.Namespace, out: Path
             result.save(folder)
         origin = (f"short fit here: L-BFGS, 1 seed, {args.fit_steps} iterations per stage, "
                   f"{args.fit_n} prompts")
+    return _fit_nodes(model, result, origin)
+
+
+def _fit_nodes(model: Any, result: CHGResult, origin: str) -> tuple[HeadScores, dict[str, Any]]:
     roles = result.roles()
     scores = torch.full((model.cfg.n_layers, model.cfg.n_heads), -1.0)
     for head in roles["facilitating"]:
@@ -338,14 +360,22 @@ def tl_parity(model: Any, data: GateData, nodes: list[Head], ours: dict[EdgeKey,
 
 
 # ------------------------------------------------------------------------------------------ comparison
-def compare(found: Circuit, eap: EdgeScores, sharpness: dict[Head, float]
+def compare(found: Circuit, eap: EdgeScores, sharpness: dict[Head, float], exact: Circuit | None = None
             ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """One row per edge (path patching beside EAP), and per endpoint the agreement over edges."""
+    """One row per edge (path patching beside EAP, each with its interval over the same resamples of the
+    prompts; and path patching's exact edge when measured), and per endpoint the agreement over edges."""
     frame = found.to_frame()
     keys = [(e.sender, e.receiver, e.input) for e in found.edges]
+    if exact is not None:
+        exact_effect = {(e.sender, e.receiver, e.input): e.effect for e in exact.edges}
+        frame["effect_exact"] = [exact_effect.get(key, np.nan) for key in keys]
     for endpoint, scores in eap.items():
         column = f"eap_{endpoint}" if endpoint != "clean" else "eap"
-        frame[column] = [float(scores[key].mean()) if key in scores else np.nan for key in keys]
+        intervals = [eap_interval(scores[key], found.n_boot) if key in scores else None for key in keys]
+        frame[column] = [i.estimate if i else np.nan for i in intervals]
+        if endpoint != "heads_frozen":
+            frame[f"{column}_low"] = [i.low if i else np.nan for i in intervals]
+            frame[f"{column}_high"] = [i.high if i else np.nan for i in intervals]
     frame["receiver_max_attn"] = [sharpness.get(e.receiver, np.nan) if e.receiver != LOGITS else np.nan
                                   for e in found.edges]
     kept = frame["kept"].to_numpy()
@@ -356,6 +386,8 @@ def compare(found: Circuit, eap: EdgeScores, sharpness: dict[Head, float]
     rows = []
     for column in [c for c in frame.columns if c in ("eap", "eap_corrupt")]:
         score = frame[column].to_numpy()
+        eap_clear = ((frame[f"{column}_low"] > 0) | (frame[f"{column}_high"] < 0)).to_numpy()
+        both = clear & eap_clear
         top_eap = set(np.argsort(-np.abs(score), kind="stable")[:k])
         heads = (frame["receiver"] != LOGITS).to_numpy()
         rows.append({
@@ -365,11 +397,35 @@ def compare(found: Circuit, eap: EdgeScores, sharpness: dict[Head, float]
             "sign_agreement_kept": _share(np.sign(effect[kept]) == np.sign(score[kept])),
             "sign_agreement_clear": _share(np.sign(effect[clear]) == np.sign(score[clear])),
             "n_clear": int(clear.sum()),
+            "sign_agreement_both_clear": _share(np.sign(effect[both]) == np.sign(score[both])),
+            "n_both_clear": int(both.sum()), "n_clear_eap_only": int((eap_clear & ~clear).sum()),
             f"top_{k}_overlap": len(top_pp & top_eap) / k,
             "kept_missed_by_eap": [_edge(frame, i) for i in sorted(top_pp - top_eap)],
             "eap_top_not_kept": [_edge(frame, i) for i in sorted(top_eap - top_pp)],
         })
     return frame, rows
+
+
+def eap_interval(values: np.ndarray, n_boot: int) -> Any:
+    """An EAP edge's mean over prompts and its 90% interval, over the resamples ``circuit`` draws for its
+    own intervals (same seed and count), so the two methods' intervals move with the same prompts."""
+    return bootstrap([np.asarray(values, dtype=float)[:, None, None]], lambda rows: rows[:, 0], n_boot=n_boot)
+
+
+def exact_summary(frame: pd.DataFrame) -> dict[str, Any]:
+    """How far ``circuit``'s fast edges (first order beyond the receiver) are from exact path patching."""
+    heads = frame[frame["input"] != LOGITS]
+    gap = (heads["effect"] - heads["effect_exact"]).abs()
+    kept_fast = set(heads.index[heads["kept"]])
+    cut = frame.attrs.get("cut", np.nan)
+    kept_exact = set(heads.index[heads["effect_exact"].abs() >= cut]) if np.isfinite(cut) else set()
+    return {"edges": len(heads), "max_abs_difference": float(gap.max()) if len(gap) else np.nan,
+            "largest_exact": float(heads["effect_exact"].abs().max()) if len(heads) else np.nan,
+            "spearman": float(spearman_rows(heads["effect"].to_numpy()[None],
+                                            heads["effect_exact"].to_numpy()[None])[0]) if len(heads) > 2
+            else np.nan,
+            "kept_same": len(kept_fast & kept_exact), "kept_fast_only": len(kept_fast - kept_exact),
+            "kept_exact_only": len(kept_exact - kept_fast)}
 
 
 def mechanism(frame: pd.DataFrame, groups: dict[Head, str], order: tuple[str, ...]) -> pd.DataFrame:
@@ -400,12 +456,25 @@ def _edge(frame: pd.DataFrame, i: int) -> str:
 
 # ------------------------------------------------------------------------------------------ runs
 def run_case(model: Any, data: GateData, nodes: list[Head] | HeadScores, counterfactual: str, folder: Path,
-             args: argparse.Namespace, top_k: int | None) -> tuple[Circuit, EdgeScores]:
-    """One circuit and its EAP scores, read back from ``folder`` when an earlier call saved them."""
+             args: argparse.Namespace, top_k: int | None) -> tuple[Circuit, EdgeScores, Circuit | None]:
+    """One circuit, its EAP scores and (``--exact``) its exact twin, read back from ``folder`` when an
+    earlier call saved them."""
+    exact = None
+    if args.exact:
+        exact_file = folder / "circuit_exact.json"
+        if exact_file.is_file():
+            exact = Circuit.load(exact_file)
+        elif (folder / "circuit.json").is_file():
+            found = Circuit.load(folder / "circuit.json")
+            exact = circuit(model, data, found.nodes, counterfactual=counterfactual, threshold=args.threshold,
+                            n_boot=args.n_boot, exact=True)
+            exact.save(exact_file)
+            print(f"  {folder.parent.name}/{folder.name} exact: {exact.passes} passes, {exact.seconds:.0f} s",
+                  flush=True)
     if (folder / "eap.json").is_file():
         raw = json.loads((folder / "eap.json").read_text())
         return Circuit.load(folder / "circuit.json"), {e: {_key(k): np.array(v) for k, v in s.items()}
-                                                        for e, s in raw.items()}
+                                                        for e, s in raw.items()}, exact
     started = time.time()
     found = circuit(model, data, nodes, top_k=top_k, counterfactual=counterfactual, threshold=args.threshold,
                     n_boot=args.n_boot)
@@ -418,7 +487,9 @@ def run_case(model: Any, data: GateData, nodes: list[Head] | HeadScores, counter
     print(f"  {folder.parent.name}/{folder.name}: {len(found.nodes)} nodes, "
           f"{len(found.kept_edges())} kept edges, {found.passes} passes, circuit {found.seconds:.0f} s, "
           f"all {time.time() - started:.0f} s", flush=True)
-    return found, eap
+    if args.exact:
+        return run_case(model, data, nodes, counterfactual, folder, args, top_k)
+    return found, eap, None
 
 
 def _plain(key: EdgeKey) -> list[Any]:
@@ -450,9 +521,9 @@ def run_task(model: Any, task: str, args: argparse.Namespace, out: Path) -> dict
     for nodes_name, (source, top_k) in node_sets.items():
         for counterfactual in COUNTERFACTUALS[task]:
             folder = out / task / f"{nodes_name}-{counterfactual}"
-            found, eap = run_case(model, data, source, counterfactual, folder, args, top_k)
+            found, eap, exact = run_case(model, data, source, counterfactual, folder, args, top_k)
             sharpness = receiver_sharpness(model, data, found.nodes)
-            frame, agreement = compare(found, eap, sharpness)
+            frame, agreement = compare(found, eap, sharpness, exact)
             shown = ("score", "ablation_effect", "ablation_low", "ablation_high")
             case: dict[str, Any] = {
                 "nodes": [{"head": head_name(h),
@@ -464,6 +535,9 @@ def run_task(model: Any, task: str, args: argparse.Namespace, out: Path) -> dict
                              "clean_metric": found.clean_metric, "passes": found.passes,
                              "seconds": found.seconds, "n_boot": found.n_boot},
                 "edges": frame.to_dict(orient="records"), "agreement": agreement}
+            if exact is not None:
+                frame.attrs["cut"] = found.threshold * abs(found.total_effect)
+                case["exact"] = exact_summary(frame) | {"passes": exact.passes, "seconds": exact.seconds}
             if nodes_name == "attention":
                 case["mechanism"] = mechanism(frame, groups, GROUPS[task]).to_dict(orient="records")
                 if counterfactual == "corrupt" and parity_source is None:
@@ -496,7 +570,9 @@ def report(records: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
             "the receiver it is first order). Metric: mean target log-prob. EAP: `eap` (gradient at the "
             "clean run, Syed et al.), `eap_corrupt` (at the corrupt run, TransformerLens' convention); both "
             "signed like the effects (positive: the edge helps the clean answer). `receiver_max_attn`: the "
-            "receiver's largest attention weight at the scored positions, averaged (near 1 = saturated).", ""]
+            "receiver's largest attention weight at the scored positions, averaged (near 1 = saturated). "
+            "EAP's intervals (`eap_low`, `eap_high`, ...) are 90% bootstrap intervals over the same "
+            "resamples of the prompts as path patching's.", ""]
     text += ["## Findings", "", *findings(records), ""]
     for task, record in records.items():
         fit = record["fit"]
@@ -530,9 +606,21 @@ def report(records: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
             agreement = pd.DataFrame(case["agreement"])
             lists = agreement[["eap", "kept_missed_by_eap", "eap_top_not_kept"]]
             text += ["Agreement over all measured edges (top-k: k = the kept edges' count; sign agreement "
-                     "over kept edges and over edges whose interval excludes 0):", "",
+                     "over kept edges, over edges whose path-patching interval excludes 0, and over edges "
+                     "where both methods' intervals exclude 0; `n_clear_eap_only`: edges EAP calls clearly "
+                     "non-zero and path patching does not):", "",
                      markdown_table(agreement.drop(columns=["kept_missed_by_eap", "eap_top_not_kept"])), "",
                      markdown_table(lists.map(lambda v: ", ".join(v) if isinstance(v, list) else v)), ""]
+            if "exact" in case:
+                exact = case["exact"]
+                text += [f"Fast edges against exact path patching (`--exact`: one pass per edge, "
+                         f"{exact['passes']} passes, {exact['seconds']:.0f} s) over the {exact['edges']} "
+                         f"head-to-head edges: largest difference {exact['max_abs_difference']:.3g} nats "
+                         f"(largest exact edge {exact['largest_exact']:.3g}), Spearman "
+                         f"{exact['spearman']:.3f}; kept by both {exact['kept_same']}, by the fast "
+                         f"edges only {exact['kept_fast_only']}, by the exact ones only "
+                         f"{exact['kept_exact_only']}.",
+                         ""]
             if "mechanism" in case:
                 text += ["Summed edges from each group into the next, by the receiver's input:", "",
                          markdown_table(pd.DataFrame(case["mechanism"])), ""]
@@ -554,7 +642,8 @@ def report(records: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
 
 def findings(records: dict[str, dict[str, Any]]) -> list[str]:
     """The numbers the tables below hold, read off as sentences: which input carries each group's edges,
-    how well EAP ranks the edges, and each kept edge EAP gets wrong by more than 2x or in sign."""
+    how well EAP ranks the edges, how far the fast edges are from exact ones (``--exact``), and each kept
+    edge EAP gets wrong by more than 2x or in sign."""
     lines = []
     for task, record in records.items():
         chg = next((case for name, case in record["cases"].items() if name.startswith("chg")), None)
@@ -565,6 +654,14 @@ def findings(records: dict[str, dict[str, Any]]) -> list[str]:
                          f"heads facilitating in every seed ({', '.join(both) or 'none'}); its own top "
                          f"{len(chg['nodes'])} by G- are {', '.join(node['head'] for node in chg['nodes'])}.")
         for name, case in record["cases"].items():
+            if "exact" in case:
+                exact = case["exact"]
+                lines.append(f"- {task} ({name}): fast edges vs exact path patching over {exact['edges']} "
+                             f"head-to-head edges: Spearman {exact['spearman']:.3f}, largest difference "
+                             f"{exact['max_abs_difference']:.3f} nats (largest edge "
+                             f"{exact['largest_exact']:.3f}); "
+                             f"kept by both {exact['kept_same']}, fast only {exact['kept_fast_only']}, "
+                             f"exact only {exact['kept_exact_only']}.")
             for row_group in _mechanism_rows(case):
                 lines.append(f"- {task} ({name}): {row_group}")
             for row in case["agreement"]:
@@ -650,6 +747,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fit", choices=["saved", "short"], default="saved",
                         help="CHG nodes from the convergence study's saved reference fit, or a short "
                              "fit here")
+    parser.add_argument("--fit-from", default=None,
+                        help="CHG nodes from a saved fit: a folder with {task} in it, e.g. a certified fit "
+                             "of optimiser_study.py, OUT/fits/{task}/lbfgs/result (overrides --fit)")
+    parser.add_argument("--exact", action="store_true",
+                        help="also measure every edge by exact path patching (one pass per edge) and report "
+                             "how far the fast edges are from it")
     parser.add_argument("--fit-steps", type=int, default=20, help="--fit short: L-BFGS iterations per stage")
     parser.add_argument("--fit-n", type=int, default=16, help="--fit short: prompts (seed 0)")
     parser.add_argument("--tl-parity", type=int, default=1,
