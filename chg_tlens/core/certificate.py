@@ -24,9 +24,12 @@ The unit is the regulariser's pull on one gate logit, ``lam / n_heads`` (lam flo
 with lam = 0): the force that decides whether an unimportant head ends open or closed. A residual
 below a tenth of it means no head's logit is being pushed by more than a tenth of that force: the gates
 sit at a stationary point of the objective on this data, whatever optimiser and schedule got them there.
-What it does not promise: that this stationary point is the only one (other initial gates may reach
-others: the paper's many sufficient circuits; see ``CHGResult.confidence``), nor that another sample of
-prompts gives the same one. Everything here is a pure function of tensors.
+What it does not promise: that this stationary point is the only one (other initial gates, or another
+optimiser from the same gates, may reach others: the paper's many sufficient circuits; see
+``CHGResult.confidence``), nor that another sample of prompts gives the same one, nor that a tighter
+``gradient`` tolerance keeps every role where the loss can be driven towards 0 (on 8 sva prompts a 10x
+tighter one moved 14 stage-1 gates across 0.5 and changed 26% of roles: ``benchmarks/optimiser_study.py``,
+variant ``lbfgs_3x_tight``). Everything here is a pure function of tensors.
 """
 
 from __future__ import annotations
