@@ -412,13 +412,13 @@ def eap_interval(values: np.ndarray, n_boot: int) -> Any:
     return bootstrap([np.asarray(values, dtype=float)[:, None, None]], lambda rows: rows[:, 0], n_boot=n_boot)
 
 
-def exact_summary(frame: pd.DataFrame) -> dict[str, Any]:
-    """How far ``circuit``'s fast edges (first order beyond the receiver) are from exact path patching."""
+def exact_summary(frame: pd.DataFrame, cut: float) -> dict[str, Any]:
+    """How far ``circuit``'s fast edges (first order beyond the receiver) are from exact path patching;
+    ``cut``: the effect an edge needs to be kept (the circuit's threshold x its total effect)."""
     heads = frame[frame["input"] != LOGITS]
     gap = (heads["effect"] - heads["effect_exact"]).abs()
     kept_fast = set(heads.index[heads["kept"]])
-    cut = frame.attrs.get("cut", np.nan)
-    kept_exact = set(heads.index[heads["effect_exact"].abs() >= cut]) if np.isfinite(cut) else set()
+    kept_exact = set(heads.index[heads["effect_exact"].abs() >= cut])
     return {"edges": len(heads), "max_abs_difference": float(gap.max()) if len(gap) else np.nan,
             "largest_exact": float(heads["effect_exact"].abs().max()) if len(heads) else np.nan,
             "spearman": float(spearman_rows(heads["effect"].to_numpy()[None],
@@ -457,39 +457,39 @@ def _edge(frame: pd.DataFrame, i: int) -> str:
 # ------------------------------------------------------------------------------------------ runs
 def run_case(model: Any, data: GateData, nodes: list[Head] | HeadScores, counterfactual: str, folder: Path,
              args: argparse.Namespace, top_k: int | None) -> tuple[Circuit, EdgeScores, Circuit | None]:
-    """One circuit, its EAP scores and (``--exact``) its exact twin, read back from ``folder`` when an
-    earlier call saved them."""
-    exact = None
-    if args.exact:
-        exact_file = folder / "circuit_exact.json"
-        if exact_file.is_file():
-            exact = Circuit.load(exact_file)
-        elif (folder / "circuit.json").is_file():
-            found = Circuit.load(folder / "circuit.json")
-            exact = circuit(model, data, found.nodes, counterfactual=counterfactual, threshold=args.threshold,
-                            n_boot=args.n_boot, exact=True)
-            exact.save(exact_file)
-            print(f"  {folder.parent.name}/{folder.name} exact: {exact.passes} passes, {exact.seconds:.0f} s",
-                  flush=True)
+    """One circuit, its EAP scores and (``--exact``) its exact twin, each read back from ``folder`` when an
+    earlier call saved it."""
     if (folder / "eap.json").is_file():
+        found = Circuit.load(folder / "circuit.json")
         raw = json.loads((folder / "eap.json").read_text())
-        return Circuit.load(folder / "circuit.json"), {e: {_key(k): np.array(v) for k, v in s.items()}
-                                                        for e, s in raw.items()}, exact
-    started = time.time()
-    found = circuit(model, data, nodes, top_k=top_k, counterfactual=counterfactual, threshold=args.threshold,
-                    n_boot=args.n_boot)
-    eap = eap_edges(model, data, found.nodes, counterfactual)
-    folder.mkdir(parents=True, exist_ok=True)
-    found.save(folder / "circuit.json")
-    found.write_html(folder / "circuit.html", title=f"{folder.parent.name}: {folder.name}")
-    write_json({e: {json.dumps(_plain(k)): v.tolist() for k, v in s.items()} for e, s in eap.items()},
-               folder / "eap.json")
-    print(f"  {folder.parent.name}/{folder.name}: {len(found.nodes)} nodes, "
-          f"{len(found.kept_edges())} kept edges, {found.passes} passes, circuit {found.seconds:.0f} s, "
-          f"all {time.time() - started:.0f} s", flush=True)
-    if args.exact:
-        return run_case(model, data, nodes, counterfactual, folder, args, top_k)
-    return found, eap, None
+        eap = {e: {_key(k): np.array(v) for k, v in s.items()} for e, s in raw.items()}
+    else:
+        started = time.time()
+        found = circuit(model, data, nodes, top_k=top_k, counterfactual=counterfactual,
+                        threshold=args.threshold, n_boot=args.n_boot)
+        eap = eap_edges(model, data, found.nodes, counterfactual)
+        folder.mkdir(parents=True, exist_ok=True)
+        found.save(folder / "circuit.json")
+        found.write_html(folder / "circuit.html", title=f"{folder.parent.name}: {folder.name}")
+        write_json({e: {json.dumps(_plain(k)): v.tolist() for k, v in s.items()} for e, s in eap.items()},
+                   folder / "eap.json")
+        print(f"  {folder.parent.name}/{folder.name}: {len(found.nodes)} nodes, "
+              f"{len(found.kept_edges())} kept edges, {found.passes} passes, circuit {found.seconds:.0f} s, "
+              f"all {time.time() - started:.0f} s", flush=True)
+    return found, eap, exact_twin(model, data, found, folder, args) if args.exact else None
+
+
+def exact_twin(model: Any, data: GateData, found: Circuit, folder: Path, args: argparse.Namespace) -> Circuit:
+    """``found``'s nodes measured again by exact path patching (one pass per edge), cached in ``folder``."""
+    exact_file = folder / "circuit_exact.json"
+    if exact_file.is_file():
+        return Circuit.load(exact_file)
+    exact = circuit(model, data, found.nodes, counterfactual=found.counterfactual, threshold=args.threshold,
+                    n_boot=args.n_boot, exact=True)
+    exact.save(exact_file)
+    print(f"  {folder.parent.name}/{folder.name} exact: {exact.passes} passes, {exact.seconds:.0f} s",
+          flush=True)
+    return exact
 
 
 def _plain(key: EdgeKey) -> list[Any]:
@@ -536,8 +536,8 @@ def run_task(model: Any, task: str, args: argparse.Namespace, out: Path) -> dict
                              "seconds": found.seconds, "n_boot": found.n_boot},
                 "edges": frame.to_dict(orient="records"), "agreement": agreement}
             if exact is not None:
-                frame.attrs["cut"] = found.threshold * abs(found.total_effect)
-                case["exact"] = exact_summary(frame) | {"passes": exact.passes, "seconds": exact.seconds}
+                case["exact"] = (exact_summary(frame, found.threshold * abs(found.total_effect))
+                                 | {"passes": exact.passes, "seconds": exact.seconds})
             if nodes_name == "attention":
                 case["mechanism"] = mechanism(frame, groups, GROUPS[task]).to_dict(orient="records")
                 if counterfactual == "corrupt" and parity_source is None:
