@@ -43,6 +43,35 @@ def test_a_long_trace_with_a_late_flip_is_not_certified():
     assert not row["certified"] and row["flips"] == 1 and "no_flips" in row["failed"], row
 
 
+def test_a_mask_is_read_up_to_where_the_optimiser_stopped_moving_it():
+    # Rejects reading a frozen mask's certificate at the stage's end: a head flips at update 35 of 40
+    # and the optimiser then freezes the mask; 60 repeated updates later the last window would see
+    # nothing move. Read up to update 40, the flip is in the window. The other mask moved to the end.
+    steps, gates, loss, grad = still_trace(100)
+    gates = gates.repeat(1, 2, 1, 1)
+    loss, grad = loss.repeat(1, 2), grad.repeat(2, 1, 1)
+    gates[35:, 0, 0, 1] = 0.3
+    codes = convergence.open_codes(gates)
+    args = (steps, gates, steps, codes, loss, None, torch.zeros(2), grad, 4.0, "one_sided", TOL)
+    at_end = certificate.certify(*args)
+    assert at_end[0]["certified"], at_end[0]
+    frozen, moving = certificate.certify_settled(*args, settled_at=torch.tensor([40, -1]))
+    assert not frozen["certified"] and frozen["flips"] == 1 and frozen["updates"] == 40, frozen
+    assert moving == at_end[1]
+
+
+def test_flips_at_a_stationary_point_are_undetermined_gates_not_gradient_noise():
+    # Rejects advice that always asks for a bigger batch: a head that crosses 0.5 late while the
+    # gradient is zero and the loss flat is one the prompts do not decide; with a large gradient the
+    # crossing is the optimiser still moving.
+    steps, gates, loss, grad = still_trace(400)
+    gates[395:, 0, 0, 1] = 0.3
+    stationary = verdict(steps, gates, loss, grad)
+    assert "undetermined" in stationary["advice"] and "batch" not in stationary["advice"], stationary
+    moving = verdict(steps, gates, loss, torch.full_like(grad, 1.0))
+    assert "batch_size" in moving["advice"] and "undetermined" not in moving["advice"], moving
+
+
 def test_a_stationary_head_on_the_threshold_is_borderline_not_a_flip():
     # Rejects a flip rule blind to how far the gate moved: a head at G = 0.5 +- 0.003, its gradient 0,
     # crosses the threshold every update (the optimum sits on it) and the stage is still finished.

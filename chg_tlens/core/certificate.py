@@ -194,6 +194,43 @@ def certify(
     return rows
 
 
+def certify_settled(
+    steps: Int[Tensor, " snapshot"],
+    gates: Float[Tensor, "snapshot mask layer head"],
+    code_steps: Int[Tensor, " code_snapshot"],
+    codes: Int[Tensor, "code_snapshot mask layer head"],
+    loss: Float[Tensor, "step mask"],
+    initial: Float[Tensor, "mask layer head"] | None,
+    lams: Float[Tensor, " mask"],
+    task_grad: Float[Tensor, "mask layer head"] | None,
+    clamp: float,
+    mode: str,
+    tolerances: Tolerances,
+    theta: Float[Tensor, "mask layer head"] | None = None,
+    settled_at: Int[Tensor, " mask"] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`certify` with each mask read on its trace up to ``settled_at`` (the update where the
+    optimiser stopped moving it; -1 or None: the end). The updates after it repeat one state, and would
+    pass the window checks by construction. ``task_grad`` and ``theta`` are each mask's final ones,
+    which for a mask that stopped moving are those at its ``settled_at``."""
+    cuts = torch.full((gates.shape[1],), -1) if settled_at is None else settled_at.clone()
+    stopped = cuts >= 0
+    cuts[~stopped] = int(steps[-1])
+    rows: list[dict[str, Any] | None] = [None] * gates.shape[1]
+    for cut in cuts.unique().tolist():
+        keep, keep_codes = steps <= cut, code_steps <= cut
+        part = certify(steps[keep], gates[keep], code_steps[keep_codes], codes[keep_codes], loss[:cut],
+                       initial, lams, task_grad, clamp, mode, tolerances, theta)
+        for m in torch.nonzero(cuts == cut).flatten().tolist():
+            rows[m] = part[m]
+            if stopped[m] and not part[m]["certified"]:
+                rows[m]["advice"] = (
+                    f"the optimiser stopped at update {cut}, where no step lowered the objective beyond its "
+                    "float rounding; " + part[m]["advice"].replace(": more steps",
+                                                                   ": more steps would only follow rounding"))
+    return [row for row in rows if row is not None]
+
+
 def advice(checks: dict[str, bool], row: dict[str, Any], tolerances: Tolerances) -> str:
     """What to change, from which checks failed and which way the loss moves."""
     if all(checks.values()):
@@ -214,6 +251,10 @@ def advice(checks: dict[str, bool], row: dict[str, Any], tolerances: Tolerances)
         return (f"{row['undecided_at_initial']:.0%} of gates still undecided at their initial draw: "
                 "more steps")
     if not (checks["no_flips"] and checks["still"]):
+        if row["gradient"] is not None and row["gradient"] < tolerances.gradient:
+            return (f"{row['flips']} head(s) still crossed the threshold where the objective is stationary "
+                    f"(gradient {row['gradient']:.2g} units) and the loss flat: these prompts leave those "
+                    "gates undetermined; use more prompts, and read roles with the seeds' error bars")
         return ("heads still change while the loss is flat within its noise: a bigger batch_size "
                 "(or optimizer='lbfgs', which uses all the data)")
     return (f"the gradient is {row['gradient']:.2g} units of the regulariser's pull (needs < "

@@ -113,17 +113,19 @@ def stage_report(
         if lams is None:
             lam = STAGE_LAMBDA_SIGN.get(stage, 0.0) * float(config.get("lam", 0.1))
             lams = torch.full((gates.shape[1],), lam)
-        checked = certificate.certify(
+        checked = certificate.certify_settled(
             steps, gates, code_steps, codes, losses[stage]["loss"], initial, lams, record.get("task_grad"),
             float(config.get("clamp", 4.0)), str(config.get("clamp_mode", "one_sided")), tolerances,
-            record.get("theta"))
+            record.get("theta"), record.get("settled_at"))
         stopped = int(record["stopped_at"])
-        passes = record.get("passes")
+        passes, settled = record.get("passes"), record.get("settled_at")
         for seed, row in enumerate(checked):
             rows.append({"stage": stage, "seed": seed, "stopped_early": stopped >= 0,
                          "stopped_at": stopped if stopped >= 0 else None,
                          "flips_of": "role" if roles is not None and stage in ("plus", "minus")
                          else "open/closed",
+                         "settled_at": int(settled[seed]) if settled is not None and settled[seed] >= 0
+                         else None,
                          "example_passes": int(passes[seed]) if passes is not None else None} | row)
     return rows
 
@@ -155,7 +157,8 @@ def in_words(rows: list[dict]) -> str:
     for stage in dict.fromkeys(row["stage"] for row in rows):
         mine = [row for row in rows if row["stage"] == stage]
         stopped = [row["stopped_at"] for row in mine if row["stopped_early"]]
-        where = f", stopped at update {stopped[0]}" if stopped else f", {mine[0]['updates']} updates"
+        where = (f", stopped at update {int(stopped[0])}" if stopped
+                 else f", {max(int(row['updates']) for row in mine)} updates")
         failed = [row for row in mine if not row["certified"]]
         if not failed:
             lines.append(f"stage {stage}: certified in every seed{where}.")

@@ -300,6 +300,7 @@ def run_stages(
                 state["logs"][stage.name] = {"loss": [], "nll": []}
                 state["trace"][stage.name] = {"steps": [0], "gates": [torch.sigmoid(theta).clone()],
                                               "stopped_at": -1, "passes": torch.zeros(theta.shape[0]),
+                                              "settled_at": torch.full((theta.shape[0],), -1),
                                               "lams": stage.mask_lams(config.n_seeds)}
             run = StageRun(model, data, stage, config, state, folder, started, device,
                            layout.n_layers * layout.n_heads, example_weights)
@@ -321,7 +322,8 @@ def _split_outputs(stages: list[Stage], state: dict[str, Any], seconds: float) -
         curves = {k: torch.stack(v) for k, v in state["logs"][stage.name].items()}
         record = state["trace"][stage.name]
         gates = torch.stack(record["gates"])
-        per_mask = {key: record[key] for key in ("passes", "lams", "task_grad", "theta") if key in record}
+        per_mask = {key: record[key] for key in ("passes", "lams", "task_grad", "theta", "settled_at")
+                    if key in record}
         for i, name in enumerate(stage.outputs):
             losses[name] = {k: v.chunk(n, dim=1)[i] for k, v in curves.items()}
             trace[name] = {"steps": torch.tensor(record["steps"]), "gates": gates.chunk(n, dim=1)[i],
@@ -441,8 +443,13 @@ class StageRun:
 
     # ------------------------------------------------------------------ L-BFGS
     def lbfgs(self, theta: Float[Tensor, "mask layer head"]) -> Tensor:
-        """Full-data L-BFGS per mask (own history, own Armijo backtracking); a mask whose gradient is
-        below the certificate's tolerance stops moving, and the stage stops once it is certified."""
+        """Full-data L-BFGS per mask (own history, own Armijo backtracking). With early stopping a mask
+        stops moving once its own certificate holds on the trace so far, so the certificate's window
+        checks are earned while it still moves (a mask frozen at a small gradient alone would pass them by
+        construction); the stage stops once every mask has. A mask no step can improve stops too, and so,
+        with early stopping, does one whose objective no longer falls by more than its float rounding
+        (:meth:`_at_float_precision`), certified or not. ``settled_at`` records, per mask, the update
+        where it stopped (-1: it moved to the end), and the certificate is read on the trace up to there."""
         config, stage, index = self.config, self.stage, self.full_index()
         n_masks, shape = theta.shape[0], theta.shape
         saved = self.state["optimizer"]
@@ -456,6 +463,7 @@ class StageRun:
             current, active = self.evaluate(theta, index), torch.ones(n_masks, dtype=torch.bool)
             self._check_finite(current["loss"], 0, index, theta, None)
             self.held = torch.zeros(n_masks, shape[1] * shape[2], dtype=torch.bool)
+        settled = self.trace.setdefault("settled_at", torch.full((n_masks,), -1))
         x = theta.detach().clone()
         first = self.state["step"]
         for step in tqdm(range(first, config.steps), desc=f"CHG {stage.name} (L-BFGS)",
@@ -463,16 +471,25 @@ class StageRun:
             if self.folder is not None and step > first and step % config.checkpoint_every == 0:
                 self._checkpoint(step, x, {"memory": memory.as_dict(), "current": current, "active": active,
                                            "held": self.held})
+            moving = active.clone()
             x, current = self._lbfgs_step(x, current, memory, active, index, step)
             self._log(current)
             done = step + 1
-            active &= self._stationarity(x, current["task_grad"]) >= self.tolerances.gradient
+            if config.early_stop:  # progress below the loss's float rounding cannot be seen: stop there
+                active &= ~self._at_float_precision(done)
+            settled[moving & ~active] = done  # stuck: no step decreases the objective, or none visibly
             if done % config.trace_every == 0 or done == config.steps or not active.any():
                 self._snapshot(done, x)
                 self.trace["task_grad"], self.trace["theta"] = current["task_grad"].clone(), x.clone()
-                if config.early_stop and done < config.steps and self._certified():
-                    self.trace["stopped_at"] = done
-                    break
+                if config.early_stop and done < config.steps:
+                    certified = torch.tensor([row["certified"] for row in self._rows(with_gradient=True)])
+                    settled[active & certified] = done
+                    active &= ~certified
+                    if certified.all():
+                        self.trace["stopped_at"] = done
+                        break
+            if not active.any():  # nothing left to move: more updates would only repeat the last state
+                break
         self.trace["task_grad"], self.trace["theta"] = current["task_grad"].clone(), x.clone()
         return x
 
@@ -519,6 +536,17 @@ class StageRun:
         memory.push(active & ~pending, (new_x - x).flatten(1), y)
         return new_x, new
 
+    def _at_float_precision(self, done: int) -> Tensor:
+        """Masks whose objective fell by less than its float rounding over the last ``patience``
+        updates: the optimiser can no longer tell a better point from rounding, and the steps it still
+        takes are driven by rounding (on 8 sva prompts stage 1's loss reaches 5e-7 and L-BFGS then walks
+        heads across 0.5 for hundreds of updates at 4 s each). The role of L-BFGS-B's ``ftol``."""
+        patience = self.tolerances.patience
+        if done <= patience:
+            return torch.zeros(len(self.lams), dtype=torch.bool)
+        before, now = self.log["loss"][-patience - 1], self.log["loss"][-1]
+        return before - now < lbfgs.FLOAT_NOISE * torch.maximum(before.abs(), now.abs()).clamp(min=1.0)
+
     def _box(self, theta: Tensor) -> Tensor:
         """L-BFGS searches the box [-c, c] of the gate logits (see :mod:`chg_tlens.core.lbfgs`)."""
         return lbfgs.project(theta.flatten(1), self.config.clamp).view_as(theta)
@@ -544,10 +572,10 @@ class StageRun:
                                    self.open_threshold)
         codes = codes.repeat(1, gates.shape[1] // codes.shape[1], 1, 1)  # a seed's roles for G+ and G-
         initial = self.initial.repeat(gates.shape[1] // self.initial.shape[0], 1, 1)
-        return certificate.certify(steps, gates, steps, codes, torch.stack(self.log["loss"]), initial,
-                                   self.lams, self.trace.get("task_grad") if with_gradient else None,
-                                   self.config.clamp, self.config.clamp_mode, self.tolerances,
-                                   self.trace.get("theta") if with_gradient else None)
+        return certificate.certify_settled(
+            steps, gates, steps, codes, torch.stack(self.log["loss"]), initial, self.lams,
+            self.trace.get("task_grad") if with_gradient else None, self.config.clamp, self.config.clamp_mode,
+            self.tolerances, self.trace.get("theta") if with_gradient else None, self.trace.get("settled_at"))
 
     # ------------------------------------------------------------------ bookkeeping
     def _log(self, out: dict[str, Tensor]) -> None:

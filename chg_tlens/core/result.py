@@ -37,7 +37,9 @@ class CHGResult:
     provenance: dict[str, Any] = field(default_factory=dict)
     trace: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     """Per stage: ``steps [snapshot]`` (updates done), ``gates [snapshot, seed, layer, head]``,
-    ``stopped_at`` (update of an early stop, -1 if none): what :meth:`convergence` reads."""
+    ``stopped_at`` (update of an early stop, -1 if none), per seed ``settled_at`` (the update where L-BFGS
+    stopped moving the seed's gates, -1 if never: its certificate is read up to there), the full-data
+    ``task_grad`` and ``theta`` where the stage ended, and ``passes``: what :meth:`convergence` reads."""
 
     # ----------------------------------------------------------------- gates and scores
     @property
