@@ -28,8 +28,10 @@ What it does not promise: that this stationary point is the only one (other init
 optimiser from the same gates, may reach others: the paper's many sufficient circuits; see
 ``CHGResult.confidence``), nor that another sample of prompts gives the same one, nor that a tighter
 ``gradient`` tolerance keeps every role where the loss can be driven towards 0 (on 8 sva prompts a 10x
-tighter one moved 14 stage-1 gates across 0.5 and changed 26% of roles: ``benchmarks/optimiser_study.py``,
-variant ``lbfgs_3x_tight``). Everything here is a pure function of tensors.
+tighter one moved 14 stage-1 gates across 0.5 and changed 26% of roles:
+``docs/results/before_settled_at/optimiser_study_n8``). An optimiser that stops moving a mask must
+have the certificate read up to there (:func:`certify_settled`): the repeated states after it pass the
+window checks by construction. Everything here is a pure function of tensors.
 """
 
 from __future__ import annotations

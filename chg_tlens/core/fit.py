@@ -447,8 +447,8 @@ class StageRun:
         stops moving once its own certificate holds on the trace so far, so the certificate's window
         checks are earned while it still moves (a mask frozen at a small gradient alone would pass them by
         construction); the stage stops once every mask has. A mask no step can improve stops too, and so,
-        with early stopping, does one whose objective no longer falls by more than its float rounding
-        (:meth:`_at_float_precision`), certified or not. ``settled_at`` records, per mask, the update
+        with early stopping, does one whose objective fell by less than its float rounding over the
+        certificate's window (:meth:`_at_float_precision`), certified or not. ``settled_at`` records, per mask, the update
         where it stopped (-1: it moved to the end), and the certificate is read on the trace up to there."""
         config, stage, index = self.config, self.stage, self.full_index()
         n_masks, shape = theta.shape[0], theta.shape
@@ -475,7 +475,7 @@ class StageRun:
             x, current = self._lbfgs_step(x, current, memory, active, index, step)
             self._log(current)
             done = step + 1
-            if config.early_stop:  # progress below the loss's float rounding cannot be seen: stop there
+            if config.early_stop:  # progress below the loss's float rounding over a window: stop there
                 active &= ~self._at_float_precision(done)
             settled[moving & ~active] = done  # stuck: no step decreases the objective, or none visibly
             if done % config.trace_every == 0 or done == config.steps or not active.any():
@@ -537,14 +537,15 @@ class StageRun:
         return new_x, new
 
     def _at_float_precision(self, done: int) -> Tensor:
-        """Masks whose objective fell by less than its float rounding over the last ``patience``
-        updates: the optimiser can no longer tell a better point from rounding, and the steps it still
-        takes are driven by rounding (on 8 sva prompts stage 1's loss reaches 5e-7 and L-BFGS then walks
-        heads across 0.5 for hundreds of updates at 4 s each). The role of L-BFGS-B's ``ftol``."""
-        patience = self.tolerances.patience
-        if done <= patience:
+        """Masks whose objective fell by less than its float rounding over the certificate's window:
+        the optimiser can no longer tell a better point from rounding, and the steps it still takes are
+        driven by rounding (on 8 sva prompts stage 1's loss reaches 5e-7 and L-BFGS then walks heads
+        across 0.5 for hundreds of updates at 4 s each). The role of L-BFGS-B's ``ftol``, read over the
+        window rather than one update: L-BFGS in the box stalls for a few updates and then moves on."""
+        length = certificate.window_updates(done, self.tolerances)
+        if done <= self.tolerances.patience or length >= done:
             return torch.zeros(len(self.lams), dtype=torch.bool)
-        before, now = self.log["loss"][-patience - 1], self.log["loss"][-1]
+        before, now = self.log["loss"][-length - 1], self.log["loss"][-1]
         return before - now < lbfgs.FLOAT_NOISE * torch.maximum(before.abs(), now.abs()).clamp(min=1.0)
 
     def _box(self, theta: Tensor) -> Tensor:
