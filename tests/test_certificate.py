@@ -169,6 +169,22 @@ def test_confidence_needs_both_stability_and_agreement_between_seeds():
     assert torch.allclose(confidence[:, 0, 1], torch.tensor([0.5, 0.5]))
 
 
+def test_confidence_of_a_seed_the_optimiser_stopped_is_read_up_to_where_it_stopped():
+    # Rejects reading the optimiser's confidence over the repeated states of a frozen seed: seed 0's
+    # head 0 turns facilitating at snapshot 38, both its gate sets stop at 40, and 60 repeated states
+    # follow. Read at the end, the head held its role the whole window; read up to 40, for 3 of 11.
+    n = 101
+    plus, minus = torch.full((n, 2, 1, 1), 0.9), torch.full((n, 2, 1, 1), 0.9)
+    plus[:38, 0, 0, 0], minus[:38, 0, 0, 0] = 0.05, 0.05
+    trace = _paired_trace(plus, minus)
+    config = {"lam": 0.1, "patience": 10}
+    assert float(convergence.head_confidence(trace, config, source="optimiser")[0, 0, 0]) == 1.0
+    for stage, settled in (("plus", [40, -1]), ("minus", [35, -1])):
+        trace[stage]["settled_at"] = torch.tensor(settled)
+    confidence = convergence.head_confidence(trace, config, source="optimiser")
+    assert abs(float(confidence[0, 0, 0]) - 3 / 11) < 1e-6 and float(confidence[1, 0, 0]) == 1.0
+
+
 def test_a_saturated_gate_counts_only_a_push_back_towards_the_middle():
     # Stage 1 has no regulariser: a head the task wants closed runs off towards -inf with a gradient that
     # shrinks but never vanishes. That gate is decided; one the task pulls back from saturation is not.

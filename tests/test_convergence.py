@@ -123,6 +123,7 @@ def test_an_lbfgs_mask_stops_moving_only_where_its_own_certificate_holds(recall,
     assert frame["settled_at"].notna().all(), frame.to_string()
     assert (frame["updates"] == frame["settled_at"]).all() and frame["certified"].all()
     assert (frame["window"] >= lbfgs_fit.config["patience"]).all() and (frame["drift"] > 0).all()
+    assert frame["settled_at"].nunique() > 1  # each mask on its own, not all at the stage's stop
 
 
 def test_lbfgs_stops_a_mask_whose_objective_no_longer_falls_beyond_float_rounding(recall):
@@ -216,12 +217,13 @@ def _forward_counter(model):
     return calls, model.register_forward_pre_hook(count)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+@pytest.mark.parametrize(("optimizer", "early_stop"), [("adam", False), ("lbfgs", False), ("lbfgs", True)])
 def test_resume_runs_only_the_remaining_updates_and_ends_where_an_uninterrupted_fit_does(
-        varied, tmp_path, optimizer):
+        varied, tmp_path, optimizer, early_stop):
+    # With early stopping L-BFGS freezes masks one by one: the resumed fit must know which, and where.
     model, data = varied
     config = CHGConfig(n_seeds=2, batch_size=8, steps=20, optimizer=optimizer, checkpoint_every=5,
-                       early_stop=False, grad_tolerance=1e-9, progress=False)  # no mask stops moving
+                       early_stop=early_stop, progress=False)
     calls, handle = _forward_counter(model)
     try:
         reference = fit_chg(model, data, config, run_dir=tmp_path / "reference")
@@ -246,6 +248,8 @@ def test_resume_runs_only_the_remaining_updates_and_ends_where_an_uninterrupted_
         assert torch.allclose(getattr(reference, name), getattr(resumed, name), atol=1e-6, rtol=0), name
     for stage in ("zero", "plus", "minus"):
         assert torch.equal(reference.trace[stage]["steps"], resumed.trace[stage]["steps"])
+        if optimizer == "lbfgs":
+            assert torch.equal(reference.trace[stage]["settled_at"], resumed.trace[stage]["settled_at"])
         assert torch.allclose(reference.losses[stage]["loss"], resumed.losses[stage]["loss"], atol=1e-6)
     # A silent restart would run about as many forwards as the whole fit; a resume runs the rest only
     # (at most one checkpoint interval again, plus the logit check).

@@ -141,14 +141,31 @@ def head_confidence(
     trace: dict[str, dict[str, Tensor]], config: dict[str, Any], threshold: float = 0.5,
     source: str = "optimiser+seeds",
 ) -> Float[Tensor, "seed layer head"]:
-    """How far to trust each head's role, from the sources ``source`` names (see ``CONFIDENCE_SOURCES``)."""
+    """How far to trust each head's role, from the sources ``source`` names (see ``CONFIDENCE_SOURCES``).
+    A seed whose G+ and G- the optimiser stopped moving (``settled_at``) is read up to the later of the
+    two, as its certificate is: the repeated states after it would count as held roles."""
     steps, codes = paired_roles(trace["plus"], trace["minus"], threshold)
     n_gates = codes.shape[-1] * codes.shape[-2]
     tolerances = certificate.Tolerances.from_config(config, n_gates)
-    length = certificate.window_updates(int(steps[-1]), tolerances)
-    stability = temporal_stability(codes, certificate.window_opening(steps, length))
+    stability = torch.empty(codes.shape[1:])
+    for seed, cut in enumerate(_role_cuts(trace, int(steps[-1]), codes.shape[1])):
+        keep = steps <= cut
+        length = certificate.window_updates(cut, tolerances)
+        opening = certificate.window_opening(steps[keep], length)
+        stability[seed] = temporal_stability(codes[keep][:, seed : seed + 1], opening)[0]
     agreement = seed_agreement(codes[-1])
     return {"optimiser": stability, "seeds": agreement, "optimiser+seeds": stability * agreement}[source]
+
+
+def _role_cuts(trace: dict[str, dict[str, Tensor]], last: int, n_seeds: int) -> list[int]:
+    """Per seed, the update its roles stopped changing: the later ``settled_at`` of its G+ and G-, or
+    ``last`` where either moved to the end (or the trace predates ``settled_at``)."""
+    cuts = []
+    for seed in range(n_seeds):
+        ends = [int(trace[stage]["settled_at"][seed]) if "settled_at" in trace[stage] else -1
+                for stage in ("plus", "minus")]
+        cuts.append(last if min(ends) < 0 else max(ends))
+    return cuts
 
 
 def in_words(rows: list[dict]) -> str:

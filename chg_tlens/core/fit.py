@@ -448,8 +448,9 @@ class StageRun:
         checks are earned while it still moves (a mask frozen at a small gradient alone would pass them by
         construction); the stage stops once every mask has. A mask no step can improve stops too, and so,
         with early stopping, does one whose objective fell by less than its float rounding over the
-        certificate's window (:meth:`_at_float_precision`), certified or not. ``settled_at`` records, per mask, the update
-        where it stopped (-1: it moved to the end), and the certificate is read on the trace up to there."""
+        certificate's window (:meth:`_at_float_precision`), certified or not. ``settled_at`` records, per
+        mask, the update where it stopped (-1: it moved to the end; a snapshot is taken there), and the
+        certificate is read on the trace up to there."""
         config, stage, index = self.config, self.stage, self.full_index()
         n_masks, shape = theta.shape[0], theta.shape
         saved = self.state["optimizer"]
@@ -478,7 +479,8 @@ class StageRun:
             if config.early_stop:  # progress below the loss's float rounding over a window: stop there
                 active &= ~self._at_float_precision(done)
             settled[moving & ~active] = done  # stuck: no step decreases the objective, or none visibly
-            if done % config.trace_every == 0 or done == config.steps or not active.any():
+            settling = (moving & ~active).any()  # its certificate is read up to here: snapshot it
+            if done % config.trace_every == 0 or done == config.steps or not active.any() or settling:
                 self._snapshot(done, x)
                 self.trace["task_grad"], self.trace["theta"] = current["task_grad"].clone(), x.clone()
                 if config.early_stop and done < config.steps:
@@ -553,12 +555,6 @@ class StageRun:
         return lbfgs.project(theta.flatten(1), self.config.clamp).view_as(theta)
 
     # ------------------------------------------------------------------ certificate
-    def _stationarity(self, theta: Tensor, task_grad: Tensor) -> Tensor:
-        """Per mask, the largest stationarity residual over heads, in units of the regulariser's pull."""
-        residual = certificate.stationarity(task_grad, theta, self.lams, self.config.clamp,
-                                            self.config.clamp_mode, self.tolerances.unit)
-        return residual.flatten(1).amax(dim=1)
-
     def _cheap_checks_pass(self) -> bool:
         """The certificate's trace-only checks (no new gradient needed) on the stage so far."""
         return all(row["passes_trace_checks"] for row in self._rows(with_gradient=False))
