@@ -433,7 +433,7 @@ class StageRun:
                 if config.early_stop and done < config.steps and self._cheap_checks_pass():
                     self.trace["task_grad"] = self.evaluate(param.detach(), self.full_index())["task_grad"]
                     self.trace["theta"] = param.detach().clone()
-                    if self._certified():
+                    if self._certified().all():
                         self.trace["stopped_at"] = done
                         return param.detach().clone()
         # The certificate needs the full-data gradient where the stage ended.
@@ -478,13 +478,14 @@ class StageRun:
             done = step + 1
             if config.early_stop:  # progress below the loss's float rounding over a window: stop there
                 active &= ~self._at_float_precision(done)
-            settled[moving & ~active] = done  # stuck: no step decreases the objective, or none visibly
-            settling = (moving & ~active).any()  # its certificate is read up to here: snapshot it
-            if done % config.trace_every == 0 or done == config.steps or not active.any() or settling:
+            stopping = moving & ~active  # stuck: no step decreases the objective, or none visibly
+            settled[stopping] = done
+            # a settled mask's certificate is read up to here: snapshot it
+            if done % config.trace_every == 0 or done == config.steps or not active.any() or stopping.any():
                 self._snapshot(done, x)
                 self.trace["task_grad"], self.trace["theta"] = current["task_grad"].clone(), x.clone()
                 if config.early_stop and done < config.steps:
-                    certified = torch.tensor([row["certified"] for row in self._rows(with_gradient=True)])
+                    certified = self._certified()
                     settled[active & certified] = done
                     active &= ~certified
                     if certified.all():
@@ -559,8 +560,9 @@ class StageRun:
         """The certificate's trace-only checks (no new gradient needed) on the stage so far."""
         return all(row["passes_trace_checks"] for row in self._rows(with_gradient=False))
 
-    def _certified(self) -> bool:
-        return all(row["certified"] for row in self._rows(with_gradient=True))
+    def _certified(self) -> Tensor:
+        """Per mask, whether the full certificate holds on the stage so far."""
+        return torch.tensor([row["certified"] for row in self._rows(with_gradient=True)])
 
     def _rows(self, with_gradient: bool) -> list[dict[str, Any]]:
         """The certificate on the stage so far: the same rule the result reports at the end."""
