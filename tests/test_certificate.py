@@ -72,6 +72,49 @@ def test_flips_at_a_stationary_point_are_undetermined_gates_not_gradient_noise()
     assert "batch_size" in moving["advice"] and "undetermined" not in moving["advice"], moving
 
 
+def late_flips_at_a_tiny_loss(lam: float = 0.0):
+    """Stage 1 on a few prompts: the loss at 1e-7, heads still crossing 0.5 at the end (as on 8 sva
+    prompts, where L-BFGS walks undetermined heads across 0.5 on steps driven by rounding)."""
+    steps, gates, loss, grad = still_trace(200)
+    gates[190:, 0, 0, :2] = 0.2
+    return steps, gates, loss * 1e-7 / 1.5, grad, lam
+
+
+def at_bound(steps, gates, loss, grad, lam, full_loss, floor=0.0, settled_at=None):
+    codes = convergence.open_codes(gates)
+    return certificate.certify_settled(
+        steps, gates, steps, codes, loss, None, torch.tensor([lam]), grad, 4.0, "one_sided", TOL,
+        settled_at=settled_at, full_loss=None if full_loss is None else torch.tensor([full_loss]),
+        loss_floor=None if floor is None else torch.tensor([floor]))[0]
+
+
+def test_an_unregularised_mask_at_the_objectives_lower_bound_is_a_global_minimum():
+    # Rejects a certificate that only knows stationary points: these gates fit the prompts to 1e-7 of
+    # the cross-entropy's bound 0, so no gates do better by more than that, whichever way the heads the
+    # prompts leave undetermined are set. The window checks fail; the bound certifies.
+    row = at_bound(*late_flips_at_a_tiny_loss(), full_loss=1e-7)
+    assert row["flips"] == 2 and "no_flips" in row["failed"], row
+    assert row["certified"] and row["certified_by"] == "lower bound" and row["gap"] == pytest.approx(1e-7)
+    assert "lower bound" in row["advice"]
+    rows = [{"stage": "zero", "seed": 0, "stopped_early": True, "stopped_at": 200, "updates": 200} | row]
+    assert "at the objective's lower bound" in convergence.in_words(rows)
+
+
+@pytest.mark.parametrize("case", ["loose", "regularised", "no full-data loss", "no known bound"])
+def test_the_lower_bound_certifies_only_an_unregularised_full_data_loss_within_a_tenth_unit(case):
+    # Rejects, in turn: a bound test that takes any small loss (tolerance: a tenth of one gate's
+    # regulariser reward, 1e-4 here); one that ignores lambda (a regularised objective's bound is not
+    # attained, and its roles are what users read); one that reads the logged loss, which for Adam is a
+    # minibatch's (the logged loss here is 1e-7 but the whole data's is unknown); one that assumes a
+    # bound the objective does not have (contrastive CHG's data term can be negative).
+    steps, gates, loss, grad, lam = late_flips_at_a_tiny_loss(0.1 if case == "regularised" else 0.0)
+    full_loss = {"loose": 2e-4, "no full-data loss": None}.get(case, 1e-7)
+    row = at_bound(steps, gates, loss, grad, lam, full_loss, floor=None if case == "no known bound" else 0.0)
+    assert not row["certified"] and row["certified_by"] == "", row
+    just_inside = at_bound(steps, gates, loss, grad, 0.0, 0.9e-4)
+    assert just_inside["certified"], just_inside
+
+
 def test_a_stationary_head_on_the_threshold_is_borderline_not_a_flip():
     # Rejects a flip rule blind to how far the gate moved: a head at G = 0.5 +- 0.003, its gradient 0,
     # crosses the threshold every update (the optimum sits on it) and the stage is still finished.

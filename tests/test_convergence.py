@@ -14,6 +14,7 @@ from models_for_tests import random_bridge
 from chg_tlens import CHGConfig, CHGResult, GateData, fit_chg
 from chg_tlens.core.forward import score_gates
 from chg_tlens.core.gates import HeadGates, initial_theta
+from chg_tlens.testbeds.planted import recall_circuit
 
 pytestmark = pytest.mark.tl39  # runs again on TransformerLens 3.9: make pytest-tl39
 
@@ -136,6 +137,26 @@ def test_lbfgs_stops_a_mask_whose_objective_no_longer_falls_beyond_float_roundin
     assert (minus["updates"] < 100).all() and not minus["certified"].any(), minus.to_string()
     assert (minus["settled_at"] == minus["updates"]).all()
     assert minus["advice"].str.contains("float rounding").all()
+
+
+def test_stage_one_stops_once_it_fits_the_data_to_the_objectives_lower_bound():
+    # A recall circuit whose answer head writes 14 logits: stage 1 can fit every example to within
+    # float rounding of NLL 0. Rejects early stopping that knows only stationary points (no stage may
+    # certify by the window before `patience` updates; here it stops well before) and a bound read off
+    # anything but the objective on all the data where the stage stopped.
+    circuit = recall_circuit(alpha=14.0)
+    data = circuit.data(64, 0)
+    fit = fit_chg(circuit.model, data, CHGConfig(optimizer="lbfgs", steps=100, **QUICK))
+    zero = fit.convergence().query("stage == 'zero'")
+    patience = fit.config["patience"]
+    assert zero["certified"].all() and (zero["certified_by"] == "lower bound").all(), zero.to_string()
+    assert (zero["updates"] < patience).all() and zero["stopped_early"].all()
+    logprob, _ = score_gates(circuit.model, data, HeadGates.fixed(torch.sigmoid(fit.theta_zero)))
+    assert torch.allclose(torch.tensor(zero["gap"].tolist()), -logprob.mean(dim=1), rtol=1e-3, atol=1e-7)
+    assert (zero["gap"] <= 0.1 * 0.1 / 4).all()  # a tenth of one gate's reward, lambda / n_heads
+    # the regularised stages have no bound to stop at: they certify by their stationary point
+    regularised = fit.convergence().query("stage != 'zero'")
+    assert regularised["gap"].isna().all() and (regularised["certified_by"] != "lower bound").all()
 
 
 def test_without_early_stopping_lbfgs_moves_every_mask_to_the_ceiling(varied):

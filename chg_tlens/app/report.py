@@ -280,7 +280,7 @@ def _convergence_html(result: CHGResult | ContrastiveResult, threshold: float) -
     words = "".join(f"<li>{_e(line)}</li>" for line in result.convergence_text(threshold).splitlines())
     columns = ["stage", "seed", "updates", "stopped_at", "settled_at", "example_passes", "window", "flips",
                "borderline", "flips_of", "drift", "loss_change", "loss_noise", "undecided_at_initial",
-               "gradient", "certified", "advice"]
+               "gradient", "gap", "certified", "certified_by", "advice"]
     table = frame[columns].to_html(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-")
     return f"<ul>{words}</ul>{table}"
 

@@ -20,12 +20,24 @@ objective's full-data gradient where the stage ended). A mask is *certified* whe
                   objective's (sub)gradient in its logit, is below ``gradient`` units; a saturated gate
                   (|logit| beyond the clamp c) counts only a push back towards the middle
 
+or, for an unregularised mask (lam = 0) whose objective has a known lower bound (the data terms of
+:mod:`chg_tlens.core.fit` are cross-entropies, >= 0):
+
+    at the bound  on the whole data, the objective where the mask stopped is within ``gradient`` x
+                  ``unit`` of that bound: a global minimum to within a tenth of what the regulariser
+                  pays for one gate, so no other gates fit these prompts better by more than that.
+                  Stage 1 on a few prompts drives the NLL to float rounding (5e-7 on 8 sva prompts),
+                  where many gate settings fit the prompts exactly and L-BFGS walks undetermined heads
+                  across 0.5 on steps driven by rounding: no window ever holds still there, yet the
+                  stage has done its job (a starting point that performs the task). Which of those
+                  minima G+ and G- start from is part of the initial-gates error source.
+
 The unit is the regulariser's pull on one gate logit, ``lam / n_heads`` (lam floored at 0.01 for fits
 with lam = 0): the force that decides whether an unimportant head ends open or closed. A residual
 below a tenth of it means no head's logit is being pushed by more than a tenth of that force: the gates
 sit at a stationary point of the objective on this data, whatever optimiser and schedule got them there.
-What it does not promise: that this stationary point is the only one (other initial gates, or another
-optimiser from the same gates, may reach others: the paper's many sufficient circuits; see
+What it does not promise: that this stationary point (or minimum) is the only one (other initial
+gates, or another optimiser from the same gates, may reach others: the paper's many sufficient circuits; see
 ``CHGResult.confidence``), nor that another sample of prompts gives the same one, nor that a tighter
 ``gradient`` tolerance keeps every role where the loss can be driven towards 0 (on 8 sva prompts a 10x
 tighter one moved 14 stage-1 gates across 0.5 and changed 26% of roles:
@@ -145,13 +157,18 @@ def certify(
     mode: str,
     tolerances: Tolerances,
     theta: Float[Tensor, "mask layer head"] | None = None,
+    full_loss: Float[Tensor, " mask"] | None = None,
+    loss_floor: Float[Tensor, " mask"] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per mask: each check's figure and verdict, ``certified``, ``passes_trace_checks`` (all but
-    the gradient, which costs a full-data pass) and what to change when not certified.
+    """One row per mask: each check's figure and verdict, ``certified`` (and ``certified_by``: a
+    stationary point or the objective's lower bound), ``passes_trace_checks`` (all but the gradient,
+    which costs a full-data pass) and what to change when not certified.
 
     ``codes`` are the heads' states at ``code_steps`` (roles may be read at other updates than the
     gates); ``initial`` is the fit's initial draw (None: do not run the undecided test); ``theta`` the
-    final gate logits the gradient was taken at (None: read back from the last gates)."""
+    final gate logits the gradient was taken at (None: read back from the last gates); ``full_loss``
+    the objective on the whole data there and ``loss_floor`` its lower bound (NaN or None: unknown, no
+    test at the bound)."""
     updates = int(steps[-1])
     length = window_updates(updates, tolerances)
     long_enough = updates >= tolerances.patience
@@ -172,6 +189,7 @@ def certify(
         if theta is None:
             theta = torch.logit(gates[-1].double().clamp(1e-12, 1 - 1e-12)).float()
         gradient = stationarity(task_grad, theta, lams, clamp, mode, tolerances.unit).flatten(1).amax(dim=1)
+    gap = optimality_gap(full_loss, loss_floor, gates.shape[1])
     rows = []
     for m in range(gates.shape[1]):
         regularised = float(lams[m]) != 0.0
@@ -187,13 +205,26 @@ def certify(
                "loss_change": float(change[m]), "loss_noise": float(noise[m]),
                "undecided_at_initial": float(undecided[m]),
                "gradient": float(gradient[m]) if task_grad is not None else None}
+        row["gap"] = None if regularised or math.isnan(gap[m]) else gap[m]
+        at_bound = row["gap"] is not None and row["gap"] <= tolerances.gradient * tolerances.unit
         row["passes_trace_checks"] = all(checks.values())
         checks["stationary"] = task_grad is not None and float(gradient[m]) < tolerances.gradient
         row["failed"] = ", ".join(name for name, ok in checks.items() if not ok)
-        row["certified"] = all(checks.values())
+        row["certified"] = all(checks.values()) or at_bound
+        row["certified_by"] = ("stationary point" if all(checks.values()) else "lower bound" if at_bound
+                               else "")
         row["advice"] = advice(checks, row, tolerances)
         rows.append(row)
     return rows
+
+
+def optimality_gap(full_loss: Float[Tensor, " mask"] | None, loss_floor: Float[Tensor, " mask"] | None,
+                   n_masks: int) -> list[float]:
+    """Per mask, how far the objective on the whole data sits above its known lower bound (NaN where
+    either is unknown, e.g. a result saved before both were recorded)."""
+    if full_loss is None or loss_floor is None:
+        return [math.nan] * n_masks
+    return (full_loss.double() - loss_floor.double()).tolist()
 
 
 def certify_settled(
@@ -210,11 +241,13 @@ def certify_settled(
     tolerances: Tolerances,
     theta: Float[Tensor, "mask layer head"] | None = None,
     settled_at: Int[Tensor, " mask"] | None = None,
+    full_loss: Float[Tensor, " mask"] | None = None,
+    loss_floor: Float[Tensor, " mask"] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`certify` with each mask read on its trace up to ``settled_at`` (the update where the
     optimiser stopped moving it; -1 or None: the end). The updates after it repeat one state, and would
-    pass the window checks by construction. ``task_grad`` and ``theta`` are each mask's final ones,
-    which for a mask that stopped moving are those at its ``settled_at``."""
+    pass the window checks by construction. ``task_grad``, ``theta`` and ``full_loss`` are each mask's
+    final ones, which for a mask that stopped moving are those at its ``settled_at``."""
     cuts = torch.full((gates.shape[1],), -1) if settled_at is None else settled_at.clone()
     stopped = cuts >= 0
     cuts[~stopped] = int(steps[-1])
@@ -222,7 +255,7 @@ def certify_settled(
     for cut in cuts.unique().tolist():
         keep, keep_codes = steps <= cut, code_steps <= cut
         part = certify(steps[keep], gates[keep], code_steps[keep_codes], codes[keep_codes], loss[:cut],
-                       initial, lams, task_grad, clamp, mode, tolerances, theta)
+                       initial, lams, task_grad, clamp, mode, tolerances, theta, full_loss, loss_floor)
         for m in torch.nonzero(cuts == cut).flatten().tolist():
             rows[m] = part[m]
             if stopped[m] and not part[m]["certified"]:
@@ -237,6 +270,10 @@ def advice(checks: dict[str, bool], row: dict[str, Any], tolerances: Tolerances)
     """What to change, from which checks failed and which way the loss moves."""
     if all(checks.values()):
         return "certified"
+    if row["certified"]:
+        return (f"certified at the objective's lower bound (within {row['gap']:.2g} of it): a global "
+                "minimum; the heads these prompts leave undetermined take whichever state the optimiser "
+                "left them in")
     if row["gradient"] is None and not checks["stationary"] and all(
             ok for name, ok in checks.items() if name != "stationary"):
         return "no full-data gradient recorded (fitted by an older chg_tlens): refit to certify"

@@ -116,7 +116,7 @@ def stage_report(
         checked = certificate.certify_settled(
             steps, gates, code_steps, codes, losses[stage]["loss"], initial, lams, record.get("task_grad"),
             float(config.get("clamp", 4.0)), str(config.get("clamp_mode", "one_sided")), tolerances,
-            record.get("theta"), record.get("settled_at"))
+            record.get("theta"), record.get("settled_at"), record.get("full_loss"), record.get("loss_floor"))
         stopped = int(record["stopped_at"])
         passes, settled = record.get("passes"), record.get("settled_at")
         for seed, row in enumerate(checked):
@@ -178,7 +178,12 @@ def in_words(rows: list[dict]) -> str:
                  else f", {max(int(row['updates']) for row in mine)} updates")
         failed = [row for row in mine if not row["certified"]]
         if not failed:
-            lines.append(f"stage {stage}: certified in every seed{where}.")
+            bound = [row for row in mine if row.get("certified_by") == "lower bound"]
+            which = ("every seed" if len(bound) == len(mine)
+                     else "seed(s) " + ", ".join(str(row["seed"]) for row in bound))
+            how = (f" ({which} at the objective's lower bound, within {max(row['gap'] for row in bound):.2g}:"
+                   " a global minimum)" if bound else "")
+            lines.append(f"stage {stage}: certified in every seed{where}{how}.")
             continue
         advice = "; ".join(dict.fromkeys(row["advice"] for row in failed))
         seeds = ", ".join(str(row["seed"]) for row in failed)

@@ -76,7 +76,8 @@ def fit_chg(
     if config.objective == "contrast":
         objective = contrast_objective
         require_contrast_twin(checks.gate_data(data, model))
-    stages = [Stage("zero", "init", config.lr_zero, objective, lams=(0.0,))]
+    # both data terms are cross-entropies: stage 1 (lambda = 0) is certified at 0 if it fits the prompts
+    stages = [Stage("zero", "init", config.lr_zero, objective, lams=(0.0,), loss_floor=0.0)]
     if config.fuse_regularised:
         stages.append(Stage("regularised", "zero", config.lr_reg, objective, lams=(+lam, -lam),
                             outputs=("plus", "minus"), salt=_REGULARISED_SALT))
@@ -216,7 +217,8 @@ class Stage:
 
     ``outputs`` names the gate sets its masks hold, in order: a stage of several outputs starts each
     from a copy of ``start_from`` (the fused G+/G- stage), and ``lams[i]`` is output ``i``'s lambda.
-    ``salt`` picks its batch order; stages with the same salt see the same batches.
+    ``salt`` picks its batch order; stages with the same salt see the same batches. ``loss_floor`` is
+    the objective's lower bound where one is known (the certificate's test at the bound), else None.
     """
 
     name: str
@@ -226,6 +228,7 @@ class Stage:
     lams: tuple[float, ...] = (0.0,)
     outputs: tuple[str, ...] = ()
     salt: int = 1
+    loss_floor: float | None = None
 
     def __post_init__(self) -> None:
         self.outputs = self.outputs or (self.name,)
@@ -302,6 +305,8 @@ def run_stages(
                                               "stopped_at": -1, "passes": torch.zeros(theta.shape[0]),
                                               "settled_at": torch.full((theta.shape[0],), -1),
                                               "lams": stage.mask_lams(config.n_seeds)}
+                if stage.loss_floor is not None:
+                    state["trace"][stage.name]["loss_floor"] = torch.full((theta.shape[0],), stage.loss_floor)
             run = StageRun(model, data, stage, config, state, folder, started, device,
                            layout.n_layers * layout.n_heads, example_weights)
             theta = run.lbfgs(theta) if config.optimizer == "lbfgs" else run.adam(theta)
@@ -322,8 +327,8 @@ def _split_outputs(stages: list[Stage], state: dict[str, Any], seconds: float) -
         curves = {k: torch.stack(v) for k, v in state["logs"][stage.name].items()}
         record = state["trace"][stage.name]
         gates = torch.stack(record["gates"])
-        per_mask = {key: record[key] for key in ("passes", "lams", "task_grad", "theta", "settled_at")
-                    if key in record}
+        per_mask = {key: record[key] for key in ("passes", "lams", "task_grad", "theta", "settled_at",
+                                                 "full_loss", "loss_floor") if key in record}
         for i, name in enumerate(stage.outputs):
             losses[name] = {k: v.chunk(n, dim=1)[i] for k, v in curves.items()}
             trace[name] = {"steps": torch.tensor(record["steps"]), "gates": gates.chunk(n, dim=1)[i],
@@ -431,14 +436,12 @@ class StageRun:
             if done % config.trace_every == 0 or done == config.steps:
                 self._snapshot(done, param.detach())
                 if config.early_stop and done < config.steps and self._cheap_checks_pass():
-                    self.trace["task_grad"] = self.evaluate(param.detach(), self.full_index())["task_grad"]
-                    self.trace["theta"] = param.detach().clone()
+                    self._record_end(param.detach(), self.evaluate(param.detach(), self.full_index()))
                     if self._certified().all():
                         self.trace["stopped_at"] = done
                         return param.detach().clone()
-        # The certificate needs the full-data gradient where the stage ended.
-        self.trace["task_grad"] = self.evaluate(param.detach(), self.full_index())["task_grad"]
-        self.trace["theta"] = param.detach().clone()
+        # The certificate needs the full-data gradient and loss where the stage ended.
+        self._record_end(param.detach(), self.evaluate(param.detach(), self.full_index()))
         return param.detach().clone()
 
     # ------------------------------------------------------------------ L-BFGS
@@ -483,7 +486,7 @@ class StageRun:
             # a settled mask's certificate is read up to here: snapshot it
             if done % config.trace_every == 0 or done == config.steps or not active.any() or stopping.any():
                 self._snapshot(done, x)
-                self.trace["task_grad"], self.trace["theta"] = current["task_grad"].clone(), x.clone()
+                self._record_end(x, current)
                 if config.early_stop and done < config.steps:
                     certified = self._certified()
                     settled[active & certified] = done
@@ -493,7 +496,7 @@ class StageRun:
                         break
             if not active.any():  # nothing left to move: more updates would only repeat the last state
                 break
-        self.trace["task_grad"], self.trace["theta"] = current["task_grad"].clone(), x.clone()
+        self._record_end(x, current)
         return x
 
     def _lbfgs_step(self, x: Tensor, current: dict[str, Tensor], memory: lbfgs.LBFGSState,
@@ -557,8 +560,14 @@ class StageRun:
 
     # ------------------------------------------------------------------ certificate
     def _cheap_checks_pass(self) -> bool:
-        """The certificate's trace-only checks (no new gradient needed) on the stage so far."""
-        return all(row["passes_trace_checks"] for row in self._rows(with_gradient=False))
+        """The certificate's trace-only checks (no new gradient needed) on the stage so far, or, for a
+        stage with a known lower bound, a last minibatch loss within the bound's tolerance (worth a
+        full-data pass to see whether the whole data is there too)."""
+        if all(row["passes_trace_checks"] for row in self._rows(with_gradient=False)):
+            return True
+        floor = self.trace.get("loss_floor")
+        return floor is not None and bool(((self.log["loss"][-1] - floor <= self.tolerances.gradient
+                                            * self.tolerances.unit) & (self.lams == 0)).all())
 
     def _certified(self) -> Tensor:
         """Per mask, whether the full certificate holds on the stage so far."""
@@ -574,12 +583,19 @@ class StageRun:
         return certificate.certify_settled(
             steps, gates, steps, codes, torch.stack(self.log["loss"]), initial, self.lams,
             self.trace.get("task_grad") if with_gradient else None, self.config.clamp, self.config.clamp_mode,
-            self.tolerances, self.trace.get("theta") if with_gradient else None, self.trace.get("settled_at"))
+            self.tolerances, self.trace.get("theta") if with_gradient else None, self.trace.get("settled_at"),
+            self.trace.get("full_loss") if with_gradient else None, self.trace.get("loss_floor"))
 
     # ------------------------------------------------------------------ bookkeeping
     def _log(self, out: dict[str, Tensor]) -> None:
         self.log["loss"].append(out["loss"].clone())
         self.log["nll"].append(out["nll"].clone())
+
+    def _record_end(self, theta: Tensor, out: dict[str, Tensor]) -> None:
+        """Where the stage stands on the whole data (``out`` from a full-data :meth:`evaluate`): what the
+        certificate's gradient test and its test at the lower bound read."""
+        self.trace["task_grad"], self.trace["full_loss"] = out["task_grad"].clone(), out["loss"].clone()
+        self.trace["theta"] = theta.detach().clone()
 
     def _snapshot(self, done: int, theta: Tensor) -> None:
         self.trace["steps"].append(done)
