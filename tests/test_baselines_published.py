@@ -250,7 +250,9 @@ def test_subnetwork_probing_sweep_trains_on_kl_and_scores_by_the_pressure_a_head
     strongest weight only heads the output depends on survive; every planted facilitating head of the
     composite model outranks every irrelevant head. Rejects a KL taken against the masked model itself
     (0 for any mask, so every head closes under any weight and the facilitating heads tie with the
-    rest) and a score that ignores how many runs keep a head."""
+    rest) and a score that ignores how many runs keep a head. Heads the output does not depend on are free
+    under no sparsity weight: 0.2 shifts every logit alike, so its KL gradient is float rounding, which
+    Adam's normalised steps turn into a random walk (with transformers 5.25 it closes)."""
     from chg_tlens.analysis.compare import OPT_IN_METHODS, method_names
     from chg_tlens.testbeds.composite import composite_circuit
 
@@ -258,8 +260,8 @@ def test_subnetwork_probing_sweep_trains_on_kl_and_scores_by_the_pressure_a_head
     scored = baselines.subnetwork_probing_sweep(circuit.model, circuit.data(48, 0),
                                                 l0_weights=(0.0, 0.3, 3.0, 30.0), steps=80, batch_size=16)
     kept = [point["kept"] for point in scored.details["sweep"]]
-    assert bool(kept[0].all())
     roles = circuit.true_roles()
+    assert bool(kept[0][torch.as_tensor(roles != "irrelevant")].all())
     strongest = kept[-1].numpy()
     assert 0 < strongest.sum() < 8 and (roles[strongest] != "irrelevant").all()
     facilitating = torch.as_tensor(roles == "facilitating")
