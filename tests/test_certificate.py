@@ -265,3 +265,14 @@ def test_the_residual_is_the_objectives_gradient_away_from_kinks_and_saturation(
     expected = (task_grad + torch.autograd.grad(reward, theta)[0]).abs() if lam else task_grad.abs()
     residual = certificate.stationarity(task_grad, theta.detach(), lams, 4.0, mode, unit=1.0)
     assert torch.allclose(residual, expected, atol=1e-7)
+
+
+def test_the_verdict_names_where_each_gate_set_stopped_not_where_its_fused_stage_did():
+    # Rejects reading the stage's stop: in the fused G+/G- stage G+ settled at 323 while G- ran to 727,
+    # and its line must say 323 (its certificate is read there), not the stage's 727.
+    rows = [{"stage": stage, "seed": 0, "stopped_early": True, "stopped_at": 727, "updates": updates,
+             "certified": True, "certified_by": "stationary point", "advice": "certified"}
+            for stage, updates in (("plus", 323), ("minus", 727))]
+    assert convergence.in_words(rows).splitlines() == [
+        "stage plus: certified in every seed, stopped at update 323.",
+        "stage minus: certified in every seed, stopped at update 727."]

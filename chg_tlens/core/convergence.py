@@ -173,9 +173,10 @@ def in_words(rows: list[dict]) -> str:
     lines = []
     for stage in dict.fromkeys(row["stage"] for row in rows):
         mine = [row for row in rows if row["stage"] == stage]
-        stopped = [row["stopped_at"] for row in mine if row["stopped_early"]]
-        where = (f", stopped at update {int(stopped[0])}" if stopped
-                 else f", {max(int(row['updates']) for row in mine)} updates")
+        # a row's updates end where its gate set stopped moving (G+ of a fused stage may stop before G-)
+        last = max(int(row["updates"]) for row in mine)
+        where = (f", stopped at update {last}" if any(row["stopped_early"] for row in mine)
+                 else f", {last} updates")
         failed = [row for row in mine if not row["certified"]]
         if not failed:
             bound = [row for row in mine if row.get("certified_by") == "lower bound"]
