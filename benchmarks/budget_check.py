@@ -135,6 +135,7 @@ def compare(result: CHGResult, continued: dict[str, dict[str, Any]], ceiling: in
         for stage, record in continued.items():
             gates = getattr(result, f"g_{stage}")[seed]
             row[f"same_side_{stage}"] = float(((gates > 0.5) == (g_after[stage][seed] > 0.5)).float().mean())
+            row[f"largest_gate_change_{stage}"] = f"{float((gates - g_after[stage][seed]).abs().max()):.2g}"
             stuck = (record["trace"] is not None and int(record["trace"]["settled_at"][seed]) >= 0)
             row[f"updates_{stage}"] = f"{record['from_update']} + {record['ran']}" + (
                 " (partial)" if record["partial"] else " (no step lowers the objective)" if stuck else "")
@@ -160,11 +161,11 @@ def write_tables(folders: list[Path], rows: list[dict[str, Any]], args: argparse
             "certified regularised stage; L-BFGS's curvature memory restarts there). same_role: share of "
             "heads whose role (from G+ and G- of the seed) is the same after the extra budget; updates_*: "
             "the update where the stage was certified + updates run on from there (partial: still under "
-            "way, read at its last checkpoint; no step lowers the objective: L-BFGS stopped the gate set "
-            "because even a steepest-descent step found no decrease, the one stop left with early stopping "
-            "off); "
-            "rerun the command to continue it); same_side_*: "
-            "share of gates on the same side of 0.5; objective_*: the stage's objective (lower is better) "
+            "way, read at its last checkpoint, and rerun the command to continue it; no step lowers the "
+            "objective: L-BFGS stopped the gate set because even a steepest-descent step found no "
+            "decrease, the one stop left with early stopping off); same_side_*: "
+            "share of gates on the same side of 0.5; largest_gate_change_*: the largest |change| of a gate; "
+            "objective_*: the stage's objective (lower is better) "
             "at the certificate and after; continued_*_certified: the continued stage's own certificate, "
             "read on its trace (its window now covers the extra updates).", "",
             markdown_table(pd.DataFrame(rows)), ""]
