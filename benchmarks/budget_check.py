@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from optimiser_study import parse_study_args  # benchmarks/ is on the path
 
 from chg_tlens import CHGConfig, CHGResult, load_model
 from chg_tlens.app.markdown import markdown_table
@@ -61,18 +61,18 @@ def main() -> None:
             raise SystemExit(f"rebuilt {run['task']} prompts differ from those {args.run_dir} was fitted on")
         for stage in args.stages:
             continue_stage(model, data, result, stage, ceiling, out / stage)
-    continued = {stage: so_far(result, out / stage) for stage in STAGE_SIGN}
+    continued = {stage: so_far(result, out / stage, stage) for stage in STAGE_SIGN}
     rows = compare(result, continued, ceiling)
     write_tables([out] + ([Path(args.docs_dir)] if args.docs else []), rows, args, ceiling)
 
 
-def continue_stage(model: Any, data: Any, result: CHGResult, stage: str, ceiling: int, folder: Path
-                   ) -> dict[str, Any]:
+def continue_stage(model: Any, data: Any, result: CHGResult, stage: str, ceiling: int, folder: Path) -> None:
     """Run ``stage`` on from its certified gates with early stopping off, up to ``ceiling`` updates in all
-    (counting the certified ones); returns its gates, trace and losses (cached in ``folder``)."""
+    (counting the stage's logged ones); saves its gates, trace and losses in ``folder`` (:func:`so_far`
+    reads them)."""
     saved = folder / "continued.pt"
     if saved.is_file():
-        return torch.load(saved)  # tensors and ints only
+        return
     done = int(result.losses[stage]["loss"].shape[0])
     keep = ("optimizer", "lam", "clamp", "clamp_mode", "lbfgs_memory", "grad_tolerance", "stop_tolerance",
             "patience", "trace_every", "lr_reg", "micro_batch_size", "seed", "role_threshold")
@@ -89,31 +89,32 @@ def continue_stage(model: Any, data: Any, result: CHGResult, stage: str, ceiling
     run = fitting.run_stages(model, data, config, [fitting.Stage(stage, "init", config.lr_reg,
                                                                  fitting.nll_objective, lams=(lam,))],
                              "chg", theta, checkpoint, resume)
-    record = {"theta": run.theta[stage], "trace": run.trace[stage], "losses": run.losses[stage],
-              "from_update": done}
-    torch.save(record, saved)
+    torch.save({"theta": run.theta[stage], "trace": run.trace[stage], "losses": run.losses[stage]}, saved)
     shutil.rmtree(checkpoint)
-    return record
 
 
-def so_far(result: CHGResult, folder: Path, stage: str | None = None) -> dict[str, Any]:
+def so_far(result: CHGResult, folder: Path, stage: str) -> dict[str, Any]:
     """A continued stage as far as it has run: finished (its saved record), under way (its last
     checkpoint, ``partial``), or not started (the certified gates, no updates)."""
-    stage = stage or folder.name
-    settled = int(result.trace[stage]["settled_at"][0]) if "settled_at" in result.trace[stage] else -1
-    done = settled if settled >= 0 else int(result.losses[stage]["loss"].shape[0])  # where it was certified
     if (folder / "continued.pt").is_file():
-        record = torch.load(folder / "continued.pt")
-        return record | {"partial": False, "from_update": done, "ran": int(record["losses"]["loss"].shape[0])}
+        record = torch.load(folder / "continued.pt")  # tensors only
+        return record | {"partial": False, "ran": int(record["losses"]["loss"].shape[0])}
     checkpoint = folder / "checkpoint" / CHECKPOINT_FILE
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)  # our own checkpoint: the fit's state dict
         if state.get("theta") is not None:
             losses = {key: torch.stack(value) for key, value in state["logs"][stage].items()}
-            return {"theta": state["theta"], "trace": None, "losses": losses, "from_update": done,
-                    "partial": True, "ran": int(state["step"])}
-    return {"theta": getattr(result, f"theta_{stage}"), "trace": None, "losses": None, "from_update": done,
-            "partial": True, "ran": 0}
+            return {"theta": state["theta"], "trace": None, "losses": losses, "partial": True,
+                    "ran": int(state["step"])}
+    return {"theta": getattr(result, f"theta_{stage}"), "trace": None, "losses": None, "partial": True,
+            "ran": 0}
+
+
+def certified_at(result: CHGResult, stage: str, seed: int) -> int:
+    """The update where the certified fit stopped moving this seed's gate set (its last logged one if it
+    moved to the stage's end, or the result predates ``settled_at``)."""
+    settled = int(result.trace[stage]["settled_at"][seed]) if "settled_at" in result.trace[stage] else -1
+    return settled if settled >= 0 else int(result.losses[stage]["loss"].shape[0])
 
 
 def compare(result: CHGResult, continued: dict[str, dict[str, Any]], ceiling: int) -> list[dict[str, Any]]:
@@ -137,7 +138,7 @@ def compare(result: CHGResult, continued: dict[str, dict[str, Any]], ceiling: in
             row[f"same_side_{stage}"] = float(((gates > 0.5) == (g_after[stage][seed] > 0.5)).float().mean())
             row[f"largest_gate_change_{stage}"] = f"{float((gates - g_after[stage][seed]).abs().max()):.2g}"
             stuck = (record["trace"] is not None and int(record["trace"]["settled_at"][seed]) >= 0)
-            row[f"updates_{stage}"] = f"{record['from_update']} + {record['ran']}" + (
+            row[f"updates_{stage}"] = f"{certified_at(result, stage, seed)} + {record['ran']}" + (
                 " (partial)" if record["partial"] else " (no step lowers the objective)" if stuck else "")
             row[f"objective_{stage}_certified"] = float(result.losses[stage]["loss"][-1, seed])
             row[f"objective_{stage}_after"] = (float(record["losses"]["loss"][-1, seed])
@@ -183,16 +184,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("run_dir", help="a run folder whose G+ and G- are certified (e.g. runs/demo)")
     parser.add_argument("out", help="where the continued stages are cached (rerun to resume)")
     parser.add_argument("--factor", type=int, default=3, help="updates in all, x the longest certified stage")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stages", nargs="+", choices=list(STAGE_SIGN), default=list(STAGE_SIGN),
                         help="which continued stages to run in this call (default both)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the tables from what has run so far")
-    parser.add_argument("--docs", action="store_true", help="also write the tables to --docs-dir")
-    parser.add_argument("--docs-dir", default="docs/results/budget_check")
-    args = parser.parse_args()
-    args.command = " ".join(["python", "benchmarks/budget_check.py", *sys.argv[1:]])
-    return args
+    return parse_study_args(parser, "budget_check.py", "docs/results/budget_check")
 
 
 if __name__ == "__main__":

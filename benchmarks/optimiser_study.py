@@ -244,13 +244,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lbfgs-steps", type=int, default=300)
     parser.add_argument("--lbfgs-memory", type=int, default=100, help="curvature pairs L-BFGS keeps")
     parser.add_argument("--micro-batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget-minutes", type=float, default=120.0,
                         help="start no new fit after this long (finished fits are kept; rerun to continue)")
+    return parse_study_args(parser, "optimiser_study.py", "docs/results/optimiser_study")
+
+
+def parse_study_args(parser: argparse.ArgumentParser, script: str, docs_dir: str) -> argparse.Namespace:
+    """Add the arguments the SmolLM2 studies share (CPU threads, ``--docs`` / ``--docs-dir``) and parse;
+    ``args.command`` is the command line that reproduces the run, which every report prints."""
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--docs", action="store_true", help="also write the tables to --docs-dir")
-    parser.add_argument("--docs-dir", default="docs/results/optimiser_study")
+    parser.add_argument("--docs-dir", default=docs_dir)
     args = parser.parse_args()
-    args.command = " ".join(["python", "benchmarks/optimiser_study.py", *sys.argv[1:]])
+    args.command = " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]])
     return args
 
 

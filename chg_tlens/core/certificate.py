@@ -77,6 +77,12 @@ class Tolerances:
     share: float = 0.25
     flip_margin: float = 0.05
 
+    @property
+    def bound_gap(self) -> float:
+        """Largest distance above the objective's lower bound that certifies: ``gradient`` units of loss,
+        a tenth of what the regulariser pays for one gate."""
+        return self.gradient * self.unit
+
     @classmethod
     def from_config(cls, config: Any, n_gates: int) -> Tolerances:
         """From a config (dataclass or its JSON record) and the gates per mask (layers x heads)."""
@@ -206,7 +212,7 @@ def certify(
                "undecided_at_initial": float(undecided[m]),
                "gradient": float(gradient[m]) if task_grad is not None else None}
         row["gap"] = None if regularised or math.isnan(gap[m]) else gap[m]
-        at_bound = row["gap"] is not None and row["gap"] <= tolerances.gradient * tolerances.unit
+        at_bound = row["gap"] is not None and row["gap"] <= tolerances.bound_gap
         row["passes_trace_checks"] = all(checks.values())
         checks["stationary"] = task_grad is not None and float(gradient[m]) < tolerances.gradient
         row["failed"] = ", ".join(name for name, ok in checks.items() if not ok)

@@ -566,8 +566,8 @@ class StageRun:
         if all(row["passes_trace_checks"] for row in self._rows(with_gradient=False)):
             return True
         floor = self.trace.get("loss_floor")
-        return floor is not None and bool(((self.log["loss"][-1] - floor <= self.tolerances.gradient
-                                            * self.tolerances.unit) & (self.lams == 0)).all())
+        return floor is not None and bool(((self.log["loss"][-1] - floor <= self.tolerances.bound_gap)
+                                           & (self.lams == 0)).all())
 
     def _certified(self) -> Tensor:
         """Per mask, whether the full certificate holds on the stage so far."""
